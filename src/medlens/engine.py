@@ -1,0 +1,327 @@
+"""The engine: (model, images, target) -> explanation maps.
+
+One forward pass serves every target. Gradients are taken with ``torch.autograd.grad``
+with respect to the captured activations only (or the input, for methods that need it),
+and the graph starts at the first captured layer, so nothing is spent on the layers before it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from medlens.capture import LayerCapture, auto_layer, preserved_modes
+from medlens.errors import MedlensError
+from medlens.targets import Region, TargetSpec, is_segmentation_output, pool_scores, resolve_targets
+
+
+@dataclass
+class Explanation:
+    """The result of :func:`explain`.
+
+    Attributes:
+        maps: (B, K, *spatial) maps at input resolution, each min-max normalised to [0, 1].
+        raw: (B, K, *spatial_layer) maps at the method's own resolution, not normalised.
+        targets: (B, K) class indices explained.
+        scores: (B, K) the model's score (logit, or pooled logit) for each target.
+        logits: (B, N) all class scores.
+        method: method name.
+        layers: layers the maps were computed from (empty for input-space methods).
+        task: ``"classification"`` or ``"segmentation"``.
+        info: method-specific extras (e.g. the automatically chosen layer).
+    """
+
+    maps: Tensor
+    raw: Tensor
+    targets: Tensor
+    scores: Tensor
+    logits: Tensor
+    method: str
+    layers: list[str]
+    task: str
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def to(self, device: str | torch.device) -> "Explanation":
+        moved = {k: getattr(self, k).to(device) for k in ("maps", "raw", "targets", "scores", "logits")}
+        return Explanation(**moved, method=self.method, layers=self.layers, task=self.task, info=self.info)
+
+    @property
+    def predictions(self) -> Tensor:
+        """(B,) predicted class per image."""
+        return self.logits.argmax(dim=1)
+
+
+@dataclass
+class Context:
+    """What a method may read. Tensors stay on the model's device.
+
+    Attributes:
+        model: the model, in eval mode for the duration of the call.
+        x: (B, C_in, *S) input.
+        targets: (B, K) class indices; scores: (B, K) their scores; logits: (B, N).
+        layers: captured layer names, in order.
+        activations: layer -> (B, C, *s) activation (detached).
+        gradients: layer -> (B, K, C, *s) gradient of each target score w.r.t. the activation.
+        input_gradients: (B, K, C_in, *S) gradient of each target score w.r.t. the input.
+        region: segmentation pooling region, if any.
+        options: the method's keyword options.
+    """
+
+    model: nn.Module
+    x: Tensor
+    targets: Tensor
+    scores: Tensor
+    logits: Tensor
+    layers: list[str]
+    activations: dict[str, Tensor]
+    gradients: dict[str, Tensor]
+    input_gradients: Tensor | None
+    region: Region
+    task: str
+
+    def score(self, x: Tensor, targets: Tensor | None = None, batch_size: int = 64) -> Tensor:
+        """Scores (b, K) of ``targets`` (default: the explained ones, repeated to match) for inputs
+        ``x`` (b, C_in, *S), in no-grad chunks of ``batch_size``. For perturbation methods."""
+        return score_batches(self.model, x, self.targets if targets is None else targets, self.region, batch_size)
+
+
+def score_batches(model: nn.Module, x: Tensor, targets: Tensor, region: Region = None, batch_size: int = 64) -> Tensor:
+    """Target scores (b, K) for a stack of inputs, chunked, without autograd.
+
+    ``targets`` is (b, K), or (B, K) with b a multiple of B (each image's perturbations
+    contiguous), or (1, K) for the same classes everywhere.
+    """
+    if targets.shape[0] != x.shape[0]:
+        targets = targets.repeat_interleave(x.shape[0] // targets.shape[0], dim=0) if targets.shape[0] > 1 else targets.expand(x.shape[0], -1)
+    out = []
+    with torch.no_grad():
+        for start in range(0, x.shape[0], batch_size):
+            chunk = x[start : start + batch_size]
+            logits = pool_scores(model(chunk), chunk, region)
+            out.append(logits.gather(1, targets[start : start + batch_size]))
+    return torch.cat(out)
+
+
+class Method:
+    """Base of all methods: a short function of what the engine captured.
+
+    Subclasses set ``name`` and what they use, and implement :meth:`compute` returning
+    (B, K, *s) maps. Methods that fuse per-layer maps implement :meth:`layer_map` instead.
+    """
+
+    name: str = ""
+    uses_layer: bool = True
+    uses_gradients: bool = True
+    uses_input_gradients: bool = False
+    classification_only: bool = False
+
+    def __init__(self, **options: Any) -> None:
+        self.options = options
+
+    def check(self, model: nn.Module, x: Tensor, task: str) -> None:
+        """Raise MedlensError if the method cannot apply to this model and input."""
+        if self.classification_only and task != "classification":
+            raise MedlensError(f"{self.name} applies to classifiers only, not {task} outputs")
+
+    def layer_map(self, activation: Tensor, gradient: Tensor | None, ctx: Context, layer: str) -> Tensor:
+        raise NotImplementedError
+
+    def compute(self, ctx: Context) -> Tensor:
+        maps = [self.layer_map(ctx.activations[l], ctx.gradients.get(l), ctx, l) for l in ctx.layers]
+        if len(maps) == 1:
+            return maps[0]
+        return fuse_layer_maps(maps, ctx.x.shape[2:], self.options.get("fusion", "mean"))
+
+
+METHODS: dict[str, type[Method]] = {}
+
+
+def register(cls: type[Method]) -> type[Method]:
+    """Class decorator: make a method available by its ``name`` (CLI and :func:`explain`)."""
+    METHODS[cls.name] = cls
+    return cls
+
+
+def get_method(method: str | Method, **options: Any) -> Method:
+    if isinstance(method, Method):
+        return method
+    import medlens.methods  # noqa: F401  (registers the built-in methods)
+
+    key = method.lower().replace("-", "").replace("_", "")
+    for name, cls in METHODS.items():
+        if name.replace("-", "").replace("_", "") == key:
+            return cls(**options)
+    raise MedlensError(f"unknown method {method!r}; available: {', '.join(sorted(METHODS))}")
+
+
+def upsample(maps: Tensor, size: Sequence[int]) -> Tensor:
+    """(B, K, *s) -> (B, K, *size), bilinear in 2D, trilinear in 3D, linear in 1D."""
+    if tuple(maps.shape[2:]) == tuple(size):
+        return maps
+    mode = {1: "linear", 2: "bilinear", 3: "trilinear"}[len(size)]
+    return F.interpolate(maps.float(), size=tuple(size), mode=mode, align_corners=False)
+
+
+def normalise(maps: Tensor) -> Tensor:
+    """Min-max normalise each (b, k) map to [0, 1]; a flat map becomes zeros, never NaN."""
+    flat = maps.flatten(2)
+    lo = flat.amin(dim=2, keepdim=True)
+    span = flat.amax(dim=2, keepdim=True) - lo
+    out = torch.where(span > 0, (flat - lo) / span.clamp_min(torch.finfo(flat.dtype).tiny), torch.zeros_like(flat))
+    return out.view_as(maps)
+
+
+def fuse_layer_maps(maps: Sequence[Tensor], size: Sequence[int], fusion: str = "mean") -> Tensor:
+    """Fuse per-layer maps: each upsampled to ``size`` and normalised, then mean, max or product."""
+    stacked = torch.stack([normalise(upsample(m, size)) for m in maps])
+    if fusion == "mean":
+        return stacked.mean(0)
+    if fusion == "max":
+        return stacked.amax(0)
+    if fusion in ("product", "prod"):
+        return stacked.prod(0)
+    raise MedlensError(f"unknown layer fusion {fusion!r}: use mean, max or product")
+
+
+def target_gradients(scores: Tensor, inputs: Sequence[Tensor], names: Sequence[str], chunk: int = 128) -> list[Tensor]:
+    """Gradient of each target score w.r.t. each input, (B, K, *input.shape[1:]).
+
+    Each image's score depends on its own sample only (eval mode), so one backward of
+    ``scores[:, k].sum()`` yields every image's gradient for target k; the K targets are
+    batched with ``is_grads_batched`` (vmap), falling back to a loop where an op has no
+    batching rule.
+    """
+    batch, k = scores.shape
+    eye = torch.eye(k, device=scores.device, dtype=scores.dtype)
+    per_chunk: list[list[Tensor]] = [[] for _ in inputs]
+    for start in range(0, k, chunk):
+        one_hot = eye[start : start + chunk].unsqueeze(1).expand(-1, batch, -1)  # (k', B, K)
+        try:
+            grads = torch.autograd.grad(scores, inputs, grad_outputs=one_hot, retain_graph=True, allow_unused=True, is_grads_batched=one_hot.shape[0] > 1)
+            if one_hot.shape[0] == 1:
+                grads = tuple(None if g is None else g.unsqueeze(0) for g in grads)
+        except RuntimeError:
+            rows = [torch.autograd.grad(scores, inputs, grad_outputs=g, retain_graph=True, allow_unused=True) for g in one_hot]
+            grads = tuple(None if rows[0][i] is None else torch.stack([r[i] for r in rows]) for i in range(len(inputs)))
+        for i, g in enumerate(grads):
+            if g is None:
+                raise MedlensError(f"no gradient reaches {names[i]!r} from the target score; choose a layer the output depends on")
+            per_chunk[i].append(g.detach())
+    return [torch.cat(parts).transpose(0, 1) for parts in per_chunk]
+
+
+def check_input(model: nn.Module, x: Tensor) -> None:
+    """Raise a one-line MedlensError for inputs the model cannot take."""
+    if not isinstance(x, Tensor):
+        raise MedlensError(f"input must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() not in (3, 4, 5):
+        raise MedlensError(f"input has shape {tuple(x.shape)}; expected (B, C, H, W) or (B, C, D, H, W)")
+    if not x.is_floating_point():
+        raise MedlensError(f"input dtype is {x.dtype}; convert images to float")
+    if not bool(torch.isfinite(x).all()):
+        raise MedlensError("input contains NaN or Inf values")
+    first = next((m for m in model.modules() if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d))), None)
+    if first is not None:
+        dims = {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3}[type(first)]
+        if x.dim() - 2 != dims:
+            raise MedlensError(f"model expects {dims}D inputs but got a {x.dim() - 2}D input of shape {tuple(x.shape)}")
+        if x.shape[1] != first.in_channels:
+            raise MedlensError(f"model expects {first.in_channels} input channel(s) but the input has {x.shape[1]}")
+
+
+def _as_feature_maps(ctx: Context, model: nn.Module) -> None:
+    """Reshape token activations (B, N, C) and their gradients (B, K, N, C) to (B, C, *grid)."""
+    from medlens.tokens import tokens_to_grid
+
+    for layer, act in ctx.activations.items():
+        if act.dim() == ctx.x.dim() and not (act.dim() == 4 and act.shape[-1] != act.shape[1] and act.shape[1] == act.shape[2]):
+            continue
+        grid = tokens_to_grid(act, model, ctx.x)
+        ctx.activations[layer] = grid
+        if layer in ctx.gradients:
+            g = ctx.gradients[layer]
+            ctx.gradients[layer] = tokens_to_grid(g.flatten(0, 1), model, ctx.x).unflatten(0, g.shape[:2])
+
+
+def explain(
+    model: nn.Module,
+    x: Tensor,
+    method: str | Method = "gradcam",
+    target: TargetSpec = "pred",
+    layer: str | Sequence[str] | None = None,
+    region: Region = None,
+    **options: Any,
+) -> Explanation:
+    """Explain ``model``'s decision on ``x``.
+
+    Args:
+        model: any ``nn.Module`` (classifier with (B, N) output or segmentation network with
+            (B, N, *S) output). Its modes, flags and hooks are left as they were.
+        x: (B, C, H, W) or (B, C, D, H, W) float input on the model's device.
+        method: a registered method name (see ``medlens.METHODS``) or a :class:`Method`.
+        target: what to explain; see :func:`medlens.targets.resolve_targets`.
+        layer: dotted module path(s) for layer methods; None picks the last spatial layer.
+        region: for segmentation outputs, the mask or box whose mean logit is explained.
+        **options: method options (e.g. ``fusion="product"`` for several layers).
+
+    Returns:
+        An :class:`Explanation` with maps (B, K, *S) in [0, 1] on the model's device.
+    """
+    check_input(model, x)
+    if options.pop("aug_smooth", False):
+        from medlens.methods.smoothing import aug_smooth
+
+        return aug_smooth(model, x, method, target=target, layer=layer, region=region, **options)
+    algo = get_method(method, **options)
+    info: dict[str, Any] = {}
+    layers: list[str] = []
+    if algo.uses_layer:
+        if layer is None:
+            layers = [auto_layer(model, x)]
+            info["auto_layer"] = layers[0]
+        else:
+            layers = [layer] if isinstance(layer, str) else list(layer)
+    with preserved_modes(model), LayerCapture(model, layers, grad_from_first=algo.uses_gradients and not algo.uses_input_gradients) as cap:
+        grad_mode = torch.is_grad_enabled()
+        try:
+            x_in = x.detach().requires_grad_(True) if algo.uses_input_gradients else x
+            torch.set_grad_enabled(algo.uses_input_gradients)
+            output = model(x_in)
+            task = "segmentation" if is_segmentation_output(output, x) else "classification"
+            algo.check(model, x, task)
+            logits = pool_scores(output, x, region)
+            targets = resolve_targets(target, logits.detach())
+            scores = logits.gather(1, targets)
+            missing = [l for l in layers if l not in cap.activations]
+            if missing:
+                raise MedlensError(f"layer {missing[0]!r} was not called during the forward pass")
+            grad_inputs = [cap.activations[l] for l in layers] if algo.uses_gradients and layers else []
+            grad_names = list(layers) if grad_inputs else []
+            if algo.uses_input_gradients:
+                grad_inputs.append(x_in)
+                grad_names.append("input")
+            grads = target_gradients(scores, grad_inputs, grad_names) if grad_inputs else []
+        finally:
+            torch.set_grad_enabled(grad_mode)
+        ctx = Context(
+            model=model,
+            x=x.detach(),
+            targets=targets,
+            scores=scores.detach(),
+            logits=logits.detach(),
+            layers=layers,
+            activations={l: cap.activations[l].detach() for l in layers},
+            gradients=dict(zip(layers, grads[: len(layers)])) if algo.uses_gradients else {},
+            input_gradients=grads[-1] if algo.uses_input_gradients else None,
+            region=region,
+            task=task,
+        )
+        cap.close()
+        _as_feature_maps(ctx, model)
+        raw = algo.compute(ctx)
+    maps = normalise(upsample(raw, x.shape[2:]))
+    return Explanation(maps, raw, targets, ctx.scores, ctx.logits, algo.name, layers, task, info)

@@ -1,0 +1,128 @@
+"""The class activation map family: maps from a layer's activations A (B, C, *s) and the
+gradients G (B, K, C, *s) of each target score with respect to them. Every formula works
+unchanged on 2D and 3D feature maps ("spatial" means all dims after the channel)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from medlens.engine import Context, Method, register
+from medlens.errors import MedlensError
+
+
+def _space(t: Tensor, lead: int) -> tuple[int, ...]:
+    """The spatial dims of ``t`` after ``lead`` leading (batch/target/channel) dims."""
+    return tuple(range(lead, t.dim()))
+
+
+def weighted_sum(weights: Tensor, activation: Tensor) -> Tensor:
+    """sum_c w[b, k, c] * A[b, c, *s] -> (B, K, *s)."""
+    return torch.einsum("bkc,bc...->bk...", weights, activation)
+
+
+class _WeightedCAM(Method):
+    """ReLU(sum_c w_c A_c), with channel weights w (B, K, C) given by :meth:`weights`."""
+
+    def weights(self, activation: Tensor, gradient: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def layer_map(self, activation: Tensor, gradient: Tensor | None, ctx: Context, layer: str) -> Tensor:
+        return F.relu(weighted_sum(self.weights(activation, gradient), activation))
+
+
+@register
+class GradCAM(_WeightedCAM):
+    """Grad-CAM (Selvaraju et al., ICCV 2017): w_c = mean_s dY/dA_c(s)."""
+
+    name = "gradcam"
+
+    def weights(self, activation: Tensor, gradient: Tensor) -> Tensor:
+        return gradient.mean(dim=_space(gradient, 3))
+
+
+@register
+class GradCAMPlusPlus(_WeightedCAM):
+    """Grad-CAM++ (Chattopadhay et al., WACV 2018), with the exponential-score closed form:
+    alpha_c(s) = g^2 / (2 g^2 + sum_s' A_c(s') g^3), w_c = sum_s alpha_c(s) ReLU(g_c(s)).
+    Where g = 0, alpha is 0 (the limit taken by the reference implementation)."""
+
+    name = "gradcam++"
+
+    def weights(self, activation: Tensor, gradient: Tensor) -> Tensor:
+        g2, g3 = gradient.pow(2), gradient.pow(3)
+        act_sum = activation.sum(dim=_space(activation, 2)).unsqueeze(1)  # (B, 1, C)
+        act_sum = act_sum.view(*act_sum.shape, *([1] * (gradient.dim() - 3)))
+        alpha = g2 / (2 * g2 + act_sum * g3 + 1e-7)
+        alpha = torch.where(gradient != 0, alpha, torch.zeros_like(alpha))
+        return (alpha * F.relu(gradient)).sum(dim=_space(gradient, 3))
+
+
+@register
+class XGradCAM(_WeightedCAM):
+    """XGrad-CAM (Fu et al., BMVC 2020): w_c = sum_s A_c(s) g_c(s) / (sum_s A_c(s) + eps)."""
+
+    name = "xgradcam"
+
+    def weights(self, activation: Tensor, gradient: Tensor) -> Tensor:
+        space = _space(activation, 2)
+        norm = activation / (activation.sum(dim=space, keepdim=True) + 1e-7)
+        return (norm.unsqueeze(1) * gradient).sum(dim=_space(gradient, 3))
+
+
+@register
+class HiResCAM(Method):
+    """HiResCAM (Draelos & Carin, 2020): ReLU(sum_c g_c(s) A_c(s)), element-wise, so the map
+    is exactly the target score's first-order attribution at the layer's resolution."""
+
+    name = "hirescam"
+
+    def layer_map(self, activation: Tensor, gradient: Tensor | None, ctx: Context, layer: str) -> Tensor:
+        return F.relu((gradient * activation.unsqueeze(1)).sum(dim=2))
+
+
+@register
+class LayerCAM(Method):
+    """LayerCAM (Jiang et al., IEEE TIP 2021): ReLU(sum_c ReLU(g_c(s)) A_c(s)); fusing
+    shallow and deep layers (pass several layers) is the paper's intended use."""
+
+    name = "layercam"
+
+    def layer_map(self, activation: Tensor, gradient: Tensor | None, ctx: Context, layer: str) -> Tensor:
+        return F.relu((F.relu(gradient) * activation.unsqueeze(1)).sum(dim=2))
+
+
+def linear_head(model: nn.Module, channels: int) -> nn.Linear:
+    """The last ``nn.Linear`` taking ``channels`` features: the head of a GAP + linear model."""
+    head = None
+    for module in model.modules():
+        if isinstance(module, nn.Linear) and module.in_features == channels:
+            head = module
+    if head is None:
+        raise MedlensError(
+            f"CAM needs a global-average-pool + linear head over the layer's {channels} channels, "
+            f"and {type(model).__name__} has none; use gradcam (equal to CAM on such models)"
+        )
+    return head
+
+
+@register
+class CAM(Method):
+    """CAM (Zhou et al., CVPR 2016): M_k(s) = sum_c W[k, c] A_c(s), with W the linear head's
+    weights after global average pooling. No gradients are needed. With ``top_k_channels=n``
+    only the n channels with the largest mean activation contribute (per image)."""
+
+    name = "cam"
+    uses_gradients = False
+    classification_only = True
+
+    def layer_map(self, activation: Tensor, gradient: Tensor | None, ctx: Context, layer: str) -> Tensor:
+        head = linear_head(ctx.model, activation.shape[1])
+        weights = head.weight.detach()[ctx.targets]  # (B, K, C)
+        top_k = self.options.get("top_k_channels")
+        if top_k:
+            mean_act = activation.mean(dim=_space(activation, 2))
+            keep = torch.zeros_like(mean_act).scatter_(1, mean_act.topk(int(top_k), dim=1).indices, 1.0)
+            weights = weights * keep.unsqueeze(1)
+        return weighted_sum(weights.to(activation.dtype), activation)

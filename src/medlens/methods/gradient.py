@@ -1,0 +1,20 @@
+"""Attributions from the gradient of the target score with respect to the input pixels."""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from medlens.engine import Context, Method, register
+
+
+@register
+class Saliency(Method):
+    """Vanilla gradient saliency (Simonyan et al., ICLR workshop 2014): M(s) = max_c |dY/dx_c(s)|."""
+
+    name = "saliency"
+    uses_layer = False
+    uses_gradients = False
+    uses_input_gradients = True
+
+    def compute(self, ctx: Context) -> Tensor:
+        return ctx.input_gradients.abs().amax(dim=2)

@@ -1,0 +1,114 @@
+"""Turn a target specification into class indices, and a model output into class scores.
+
+A classifier's output is (B, N) logits. A segmentation network's output (B, N, *spatial) is
+pooled to (B, N) by the mean logit over a region (the whole image, a mask or a box), as in
+MONAI's tutorials, so a U-Net explains like a classifier.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Sequence, Union
+
+import torch
+from torch import Tensor
+
+from medlens.errors import MedlensError
+
+TargetSpec = Union[int, str, Sequence[int], Sequence[Sequence[int]], Tensor, None]
+Box = tuple[Sequence[int], Sequence[int]]  # (lower corner, upper corner), exclusive upper, in pixels
+Region = Union[Tensor, Box, None]
+
+
+def resolve_targets(spec: TargetSpec, logits: Tensor) -> Tensor:
+    """Class indices to explain, shape (B, K).
+
+    Args:
+        spec: ``None`` or ``"pred"`` (argmax), an int class, ``"all"``, ``"top3"``/``"topk:3"``,
+            a numeric string, a list with one class per image, a list of equal-length class
+            lists per image, or a (B,) / (B, K) integer tensor.
+        logits: (B, N) class scores.
+    """
+    batch, n_classes = logits.shape
+    device = logits.device
+    if spec is None or spec == "pred":
+        idx = logits.argmax(dim=1, keepdim=True)
+    elif isinstance(spec, str):
+        idx = _from_string(spec, logits)
+    elif isinstance(spec, int):
+        idx = torch.full((batch, 1), spec, dtype=torch.long, device=device)
+    elif isinstance(spec, Tensor):
+        idx = spec.to(device=device, dtype=torch.long)
+        idx = idx.view(-1, 1) if idx.dim() <= 1 else idx
+        if idx.shape[0] == 1 and batch > 1:
+            idx = idx.expand(batch, -1)
+    else:
+        rows = [[int(c)] if isinstance(c, (int, Tensor)) else [int(v) for v in c] for c in spec]
+        if len(rows) != batch:
+            raise MedlensError(f"target list has {len(rows)} entries for a batch of {batch} images")
+        if len({len(r) for r in rows}) != 1:
+            raise MedlensError("per-image target lists must all have the same length")
+        idx = torch.tensor(rows, dtype=torch.long, device=device)
+    if idx.shape[0] != batch:
+        raise MedlensError(f"targets have {idx.shape[0]} rows for a batch of {batch} images")
+    bad = (idx < 0) | (idx >= n_classes)
+    if bool(bad.any()):
+        raise MedlensError(f"target class {int(idx[bad][0])} is out of range: the model has {n_classes} classes (0..{n_classes - 1})")
+    return idx
+
+
+def _from_string(spec: str, logits: Tensor) -> Tensor:
+    batch, n_classes = logits.shape
+    text = spec.strip().lower()
+    if text == "all":
+        return torch.arange(n_classes, device=logits.device).expand(batch, -1)
+    match = re.fullmatch(r"top[-_:]?k?[-_:]?(\d+)", text)
+    if match:
+        k = int(match.group(1))
+        if not 1 <= k <= n_classes:
+            raise MedlensError(f"target {spec!r}: k must be between 1 and {n_classes}")
+        return logits.topk(k, dim=1).indices
+    if re.fullmatch(r"\d+(,\d+)*", text):
+        classes = [int(v) for v in text.split(",")]
+        return torch.tensor(classes, device=logits.device).expand(batch, -1)
+    raise MedlensError(f"target {spec!r} not understood: use pred, all, topK (e.g. top3), or class numbers like 2 or 0,2")
+
+
+def is_segmentation_output(output: Tensor, x: Tensor) -> bool:
+    """True when the model outputs a dense map (B, N, *spatial) of the input's rank."""
+    return output.dim() == x.dim() and output.dim() > 2
+
+
+def region_weights(region: Region, spatial: Sequence[int], batch: int, device: torch.device) -> Tensor | None:
+    """A (B, 1, *spatial) float weight map for ``region``, or None for the whole image."""
+    if region is None:
+        return None
+    if isinstance(region, Tensor):
+        mask = region.to(device=device, dtype=torch.float32)
+        while mask.dim() < len(spatial) + 2:
+            mask = mask.unsqueeze(0)
+        if tuple(mask.shape[2:]) != tuple(spatial):
+            mask = torch.nn.functional.interpolate(mask, size=tuple(spatial), mode="nearest")
+        return mask.expand(batch, 1, *spatial)
+    lower, upper = region
+    if len(lower) != len(spatial) or len(upper) != len(spatial):
+        raise MedlensError(f"box corners must have {len(spatial)} coordinates for a {len(spatial)}D output")
+    mask = torch.zeros((batch, 1, *spatial), device=device)
+    mask[(slice(None), slice(None), *(slice(int(a), int(b)) for a, b in zip(lower, upper)))] = 1.0
+    return mask
+
+
+def pool_scores(output: Tensor, x: Tensor, region: Region = None) -> Tensor:
+    """Class scores (B, N): the logits themselves, or a segmentation map's mean logit over ``region``."""
+    if not is_segmentation_output(output, x):
+        if output.dim() != 2:
+            raise MedlensError(f"model output has shape {tuple(output.shape)}; expected (B, classes) or (B, classes, *spatial)")
+        return output
+    spatial_dims = tuple(range(2, output.dim()))
+    weights = region_weights(region, output.shape[2:], output.shape[0], output.device)
+    if weights is None:
+        return output.mean(dim=spatial_dims)
+    total = weights.sum(dim=spatial_dims)
+    if bool((total == 0).any()):
+        raise MedlensError("the region to pool the segmentation scores over is empty")
+    return (output * weights).sum(dim=spatial_dims) / total
