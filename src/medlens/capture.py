@@ -92,19 +92,20 @@ _AUTO_SKIP = (nn.ReLU, nn.ReLU6, nn.SiLU, nn.GELU, nn.Identity, nn.Dropout, nn.D
 def auto_layer(model: nn.Module, x: Tensor) -> str:
     """The last layer whose output is still a feature map of the input's rank (B, C, *spatial).
 
+    Transformers get their last block's first norm (see :func:`medlens.tokens.default_token_layer`).
     Containers whose output equals a later child's are preferred over activation-only leaves,
     so a ResNet gives ``layer4`` and a VGG gives its last ``features`` block. For a
     segmentation network the output layer itself is spatial: the deepest spatial layer
     (smallest map) is chosen instead, the bottleneck that holds the semantics.
     """
+    from medlens.tokens import default_token_layer
+
+    token_layer = default_token_layer(model)
+    if token_layer is not None:
+        return token_layer
     layers = trace_layers(model, x[:1])
     spatial = [info for info in layers if info.spatial]
     if not spatial:
-        from medlens.tokens import default_token_layer
-
-        token_layer = default_token_layer(model)
-        if token_layer is not None:
-            return token_layer
         raise MedlensError(
             f"no layer of {type(model).__name__} outputs a {x.dim() - 2}D feature map; name one with --layer"
         )
