@@ -18,6 +18,7 @@ import difflib
 import importlib
 import inspect
 import pickle
+import re
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -209,10 +210,9 @@ def read_state_dict(path: str | Path) -> dict[str, Tensor]:
     try:
         content = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        raise MedlensError(
-            f"weights file {path}: refused, it holds Python objects that are not plain tensors "
-            f"(torch.load weights_only=True: {_first_line(err)[:160]})"
-        ) from None
+        found = re.search(r"(?:unsupported|Unsupported global:) GLOBAL ([\w.]+)", str(err))
+        what = f"it pickles {found.group(1)}" if found else "it holds Python objects that are not plain tensors"
+        raise MedlensError(f"weights file {path}: refused to unpickle, {what} (only tensors load, weights_only=True)") from None
     except (RuntimeError, EOFError, OSError, ValueError) as err:
         raise MedlensError(f"weights file {path}: not a readable torch file ({_first_line(err)[:160]})") from None
     return _unwrap(content, path)
