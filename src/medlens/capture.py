@@ -86,15 +86,11 @@ def trace_layers(model: nn.Module, x: Tensor) -> list[LayerInfo]:
     return list(seen.values())
 
 
-_AUTO_SKIP = (nn.ReLU, nn.ReLU6, nn.SiLU, nn.GELU, nn.Identity, nn.Dropout, nn.Dropout2d, nn.Dropout3d)
-
-
 def auto_layer(model: nn.Module, x: Tensor) -> str:
     """The last layer whose output is still a feature map of the input's rank (B, C, *spatial).
 
     Transformers get their last block's first norm (see :func:`medlens.tokens.default_token_layer`).
-    Containers whose output equals a later child's are preferred over activation-only leaves,
-    so a ResNet gives ``layer4`` and a VGG gives its last ``features`` block. For a
+    Adaptive pooling heads are skipped. A ResNet gives ``layer4``, a VGG its ``features``. For a
     segmentation network the output layer itself is spatial: the deepest spatial layer
     (smallest map) is chosen instead, the bottleneck that holds the semantics.
     """
@@ -104,28 +100,17 @@ def auto_layer(model: nn.Module, x: Tensor) -> str:
     if token_layer is not None:
         return token_layer
     layers = trace_layers(model, x[:1])
-    spatial = [info for info in layers if info.spatial]
+    spatial = [info for info in layers if info.spatial and not info.kind.startswith("Adaptive")]
     if not spatial:
         raise MedlensError(
             f"no layer of {type(model).__name__} outputs a {x.dim() - 2}D feature map; name one with --layer"
         )
-    modules = dict(model.named_modules())
-    out_shape = layers[-1].shape if layers else None
-    if out_shape is not None and len(out_shape) == x.dim() and tuple(out_shape[2:]) == tuple(x.shape[2:]):
+    out_shape = layers[-1].shape
+    if len(out_shape) == x.dim() and tuple(out_shape[2:]) == tuple(x.shape[2:]):
         smallest = min(spatial, key=lambda i: (torch.Size(i.shape[2:]).numel(), -spatial.index(i)))
         return smallest.name
-    for info in reversed(spatial):
-        if not isinstance(modules[info.name], _AUTO_SKIP):
-            # climb to the outermost container that produces the same tensor shape last
-            parts = info.name.split(".")
-            best = info.name
-            for k in range(len(parts) - 1, 0, -1):
-                parent = ".".join(parts[:k])
-                parent_info = next((i for i in spatial if i.name == parent), None)
-                if parent_info is None or parent_info.shape != info.shape:
-                    break
-                best = parent
-            return best
+    # Hooks fire after a container's children, so the last entry is the outermost module
+    # producing the last feature map (``layer4`` rather than ``layer4.1.relu``).
     return spatial[-1].name
 
 
