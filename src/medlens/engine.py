@@ -171,8 +171,8 @@ def normalise(maps: Tensor) -> Tensor:
     flat = maps.flatten(2)
     lo = flat.amin(dim=2, keepdim=True)
     span = flat.amax(dim=2, keepdim=True) - lo
-    out = torch.where(span > 0, (flat - lo) / span.clamp_min(torch.finfo(flat.dtype).tiny), torch.zeros_like(flat))
-    return out.view_as(maps)
+    scale = torch.where(span > 0, 1.0 / span, torch.zeros_like(span))  # (B, K, 1): cheap
+    return ((flat - lo) * scale).view_as(maps)
 
 
 def fuse_layer_maps(maps: Sequence[Tensor], size: Sequence[int], fusion: str = "mean") -> Tensor:
@@ -187,31 +187,42 @@ def fuse_layer_maps(maps: Sequence[Tensor], size: Sequence[int], fusion: str = "
     raise MedlensError(f"unknown layer fusion {fusion!r}: use mean, max or product")
 
 
-def target_gradients(scores: Tensor, inputs: Sequence[Tensor], names: Sequence[str], chunk: int = 128) -> list[Tensor]:
-    """Gradient of each target score w.r.t. each input, (B, K, *input.shape[1:]).
+def target_gradients(
+    logits: Tensor, targets: Tensor, inputs: Sequence[Tensor], names: Sequence[str], budget: int = 2**27
+) -> list[Tensor]:
+    """Gradient of each target's score w.r.t. each input, (B, K, *input.shape[1:]).
 
-    Each image's score depends on its own sample only (eval mode), so one backward of
-    ``scores[:, k].sum()`` yields every image's gradient for target k; the K targets are
-    batched with ``is_grads_batched`` (vmap), falling back to a loop where an op has no
-    batching rule.
+    Each image's score depends on its own sample only (eval mode), so one backward pass whose
+    output gradient is one-hot at ``targets[:, k]`` yields every image's gradient for target k.
+    The K passes are batched with ``is_grads_batched`` (vmap), in chunks of at most ``budget``
+    gradient elements, falling back to a loop where an op has no batching rule.
+
+    Args:
+        logits: (B, N) scores, still attached to the graph.
+        targets: (B, K) class indices.
+        inputs: tensors in the graph (captured activations or the input).
+        names: their names, for the error raised when no gradient reaches one.
     """
-    batch, k = scores.shape
-    eye = torch.eye(k, device=scores.device, dtype=scores.dtype)
-    per_chunk: list[list[Tensor]] = [[] for _ in inputs]
+    batch, k = targets.shape
+    per_target = batch * sum(t[0].numel() for t in inputs)
+    chunk = max(1, budget // max(per_target, 1))
+    one_hot = F.one_hot(targets.t(), logits.shape[1]).to(logits.dtype)  # (K, B, N)
+    parts: list[list[Tensor]] = [[] for _ in inputs]
     for start in range(0, k, chunk):
-        one_hot = eye[start : start + chunk].unsqueeze(1).expand(-1, batch, -1)  # (k', B, K)
+        grad_out = one_hot[start : start + chunk]
         try:
-            grads = torch.autograd.grad(scores, inputs, grad_outputs=one_hot, retain_graph=True, allow_unused=True, is_grads_batched=one_hot.shape[0] > 1)
-            if one_hot.shape[0] == 1:
+            grads = torch.autograd.grad(logits, inputs, grad_outputs=grad_out if len(grad_out) > 1 else grad_out[0],
+                                        retain_graph=True, allow_unused=True, is_grads_batched=len(grad_out) > 1)
+            if len(grad_out) == 1:
                 grads = tuple(None if g is None else g.unsqueeze(0) for g in grads)
         except RuntimeError:
-            rows = [torch.autograd.grad(scores, inputs, grad_outputs=g, retain_graph=True, allow_unused=True) for g in one_hot]
+            rows = [torch.autograd.grad(logits, inputs, grad_outputs=g, retain_graph=True, allow_unused=True) for g in grad_out]
             grads = tuple(None if rows[0][i] is None else torch.stack([r[i] for r in rows]) for i in range(len(inputs)))
         for i, g in enumerate(grads):
             if g is None:
                 raise MedlensError(f"no gradient reaches {names[i]!r} from the target score; choose a layer the output depends on")
-            per_chunk[i].append(g.detach())
-    return [torch.cat(parts).transpose(0, 1) for parts in per_chunk]
+            parts[i].append(g)
+    return [(p[0] if len(p) == 1 else torch.cat(p)).transpose(0, 1) for p in parts]
 
 
 def check_input(model: nn.Module, x: Tensor) -> None:
@@ -295,7 +306,7 @@ def explain(
             algo.check(model, x, task)
             logits = pool_scores(output, x, region)
             targets = resolve_targets(target, logits.detach())
-            scores = logits.gather(1, targets)
+            scores = logits.detach().gather(1, targets)
             missing = [l for l in layers if l not in cap.activations]
             if missing:
                 raise MedlensError(f"layer {missing[0]!r} was not called during the forward pass")
@@ -304,7 +315,7 @@ def explain(
             if algo.uses_input_gradients:
                 grad_inputs.append(x_in)
                 grad_names.append("input")
-            grads = target_gradients(scores, grad_inputs, grad_names) if grad_inputs else []
+            grads = target_gradients(logits, targets, grad_inputs, grad_names) if grad_inputs else []
         finally:
             torch.set_grad_enabled(grad_mode)
         ctx = Context(
