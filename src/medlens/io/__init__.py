@@ -9,9 +9,10 @@ from medlens.io.dicom import CHEST_RADIOGRAPH, POLICIES, HeaderPolicy, read_dico
 from medlens.io.images import read_picture, write_picture
 from medlens.io.loading import Loaded, expand_inputs, is_readable, iter_inputs, read_image
 from medlens.io.nifti import read_nifti, write_nifti
+from medlens.io.report import BadFilesReport, write_bad_files
 
 __all__ = [
-    "CHEST_RADIOGRAPH", "POLICIES", "HeaderPolicy", "Loaded", "atomic_path", "expand_inputs", "is_readable",
+    "BadFilesReport", "CHEST_RADIOGRAPH", "POLICIES", "HeaderPolicy", "Loaded", "atomic_path", "expand_inputs", "is_readable",
     "iter_inputs", "read_dicom", "read_dicom_series", "read_image", "read_nifti", "read_picture",
-    "write_bytes", "write_nifti", "write_picture", "write_text",
+    "write_bad_files", "write_bytes", "write_nifti", "write_picture", "write_text",
 ]
