@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 from medlens.engine import Context, Method, register
 from medlens.errors import MedlensError
+from medlens.methods.smoothing import principal_component
 
 
 def _space(t: Tensor, lead: int) -> tuple[int, ...]:
@@ -22,14 +23,25 @@ def weighted_sum(weights: Tensor, activation: Tensor) -> Tensor:
     return torch.einsum("bkc,bc...->bk...", weights, activation)
 
 
+def weighted_cam(weights: Tensor, activation: Tensor, options: dict) -> Tensor:
+    """ReLU(sum_c w[b, k, c] A[b, c]) -> (B, K, *s); with ``options["eigen_smooth"]`` the
+    sum is replaced by the first principal component of the weighted activations w_c A_c
+    (pytorch-grad-cam's eigen_smooth), its sign fixed to agree with the plain sum."""
+    if options.get("eigen_smooth"):
+        shape = (*weights.shape, *([1] * (activation.dim() - 2)))
+        return F.relu(principal_component(weights.view(shape) * activation.unsqueeze(1)))
+    return F.relu(weighted_sum(weights, activation))
+
+
 class _WeightedCAM(Method):
-    """ReLU(sum_c w_c A_c), with channel weights w (B, K, C) given by :meth:`weights`."""
+    """ReLU(sum_c w_c A_c), with channel weights w (B, K, C) given by :meth:`weights`.
+    Option ``eigen_smooth=True`` uses the first principal component instead of the sum."""
 
     def weights(self, activation: Tensor, gradient: Tensor) -> Tensor:
         raise NotImplementedError
 
     def layer_map(self, activation: Tensor, gradient: Tensor | None, ctx: Context, layer: str) -> Tensor:
-        return F.relu(weighted_sum(self.weights(activation, gradient), activation))
+        return weighted_cam(self.weights(activation, gradient), activation, self.options)
 
 
 @register
@@ -91,6 +103,21 @@ class LayerCAM(Method):
 
     def layer_map(self, activation: Tensor, gradient: Tensor | None, ctx: Context, layer: str) -> Tensor:
         return F.relu((F.relu(gradient) * activation.unsqueeze(1)).sum(dim=2))
+
+
+@register
+class GradCAMElementwise(Method):
+    """Grad-CAM element-wise (pytorch-grad-cam's GradCAMElementWise): ReLU(sum_c ReLU(g_c(s) A_c(s))),
+    the positive part of each channel's first-order contribution. ``eigen_smooth=True`` takes
+    the first principal component of ReLU(g A) instead of the channel sum."""
+
+    name = "gradcam-elementwise"
+
+    def layer_map(self, activation: Tensor, gradient: Tensor | None, ctx: Context, layer: str) -> Tensor:
+        contribution = F.relu(gradient * activation.unsqueeze(1))  # (B, K, C, *s)
+        if self.options.get("eigen_smooth"):
+            return F.relu(principal_component(contribution))
+        return contribution.sum(dim=2)
 
 
 def linear_head(model: nn.Module, channels: int) -> nn.Linear:

@@ -1,0 +1,250 @@
+"""Gradient attributions in input space: SmoothGrad, Integrated Gradients, Input x Gradient,
+Guided Backprop and Guided Grad-CAM.
+
+Gradients are taken with ``torch.autograd.grad`` with respect to the (perturbed) inputs only,
+never the parameters, for all targets of an image at once. Gradient-like methods (SmoothGrad,
+Guided Backprop) reduce the input channels by max |.| as the saliency map does; attribution
+methods (Integrated Gradients, Input x Gradient) by a signed sum, so the map of a pixel is its
+total contribution to the score. The per-channel attributions of the last call are kept on
+the method object as ``attributions`` (B, K, C_in, *S).
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from medlens.engine import Context, Method, register, target_gradients, upsample
+from medlens.errors import MedlensError
+from medlens.methods.cam import GradCAM
+from medlens.targets import pool_scores
+
+
+def input_gradients(ctx: Context, x: Tensor, targets: Tensor) -> Tensor:
+    """Gradients (b, K, C_in, *S) of the ``targets`` (b, K) scores w.r.t. inputs ``x`` (b, C_in, *S)."""
+    x = x.detach().requires_grad_(True)
+    with torch.enable_grad():
+        logits = pool_scores(ctx.model(x), x, ctx.region)
+        return target_gradients(logits, targets, [x], ["input"])[0].detach()
+
+
+def _broadcast(values: Tensor, like: Tensor) -> Tensor:
+    return values.view(*values.shape, *([1] * (like.dim() - values.dim())))
+
+
+def path_gradients(ctx: Context, point: Callable[[Tensor, Tensor], Tensor], n: int, weights: Tensor, batch_size: int) -> Tensor:
+    """sum_j weights[j] * grad(point(b, j)) per image, (B, K, C_in, *S).
+
+    The B * n inputs (image-major) are built ``batch_size`` at a time by
+    ``point(image_index (b,), step_index (b,)) -> (b, C_in, *S)``, so memory stays bounded.
+    """
+    batch = ctx.x.shape[0]
+    total = ctx.x.new_zeros(batch, ctx.targets.shape[1], *ctx.x.shape[1:])
+    flat = torch.arange(batch * n, device=ctx.x.device)
+    for chunk in flat.split(max(1, int(batch_size))):
+        image, step = chunk // n, chunk % n
+        grads = input_gradients(ctx, point(image, step), ctx.targets[image])
+        total.index_add_(0, image, grads * _broadcast(weights[step], grads))
+    return total
+
+
+# ----------------------------------------------------------------------------- SmoothGrad
+
+
+@register
+class SmoothGrad(Method):
+    """SmoothGrad (Smilkov et al., 2017): the gradient averaged over noisy copies
+    x + N(0, sigma^2), M(s) = max_c mean_n |dY/dx_c(s)| (with ``absolute=True``, as Captum's
+    NoiseTunnel over Saliency) or max_c |mean_n dY/dx_c(s)|.
+
+    Options:
+        samples (int, 25); noise_level (float, 0.15): sigma as a fraction of each image's
+        intensity range, or stdev (float) in absolute units; absolute (bool, True);
+        seed (int, 0); batch_size (int, 32).
+    The noise of image b is drawn as ``torch.normal(0, sigma, (samples, C, *S))`` from a
+    generator seeded with ``seed`` (the same draw Captum makes for one image after
+    ``torch.manual_seed(seed)``).
+    """
+
+    name = "smoothgrad"
+    uses_layer = False
+    uses_gradients = False
+
+    def compute(self, ctx: Context) -> Tensor:
+        x = ctx.x
+        samples = int(self.options.get("samples", 25))
+        if samples < 1:
+            raise MedlensError(f"smoothgrad option samples={samples} must be at least 1")
+        absolute = bool(self.options.get("absolute", True))
+        generator = torch.Generator(device=x.device).manual_seed(int(self.options.get("seed", 0)))
+        if "stdev" in self.options:
+            sigma = torch.full((x.shape[0],), float(self.options["stdev"]), device=x.device, dtype=x.dtype)
+        else:
+            flat = x.flatten(1)
+            sigma = float(self.options.get("noise_level", 0.15)) * (flat.amax(1) - flat.amin(1))
+        per_image = []
+        for b in range(x.shape[0]):
+            noise = torch.normal(0.0, sigma[b].expand(samples, *x.shape[1:]), generator=generator)
+            noisy = x[b : b + 1] + noise
+            grads = torch.cat([input_gradients(ctx, part, ctx.targets[b : b + 1].expand(part.shape[0], -1)) for part in noisy.split(int(self.options.get("batch_size", 32)))])
+            per_image.append((grads.abs() if absolute else grads).mean(dim=0))
+        self.attributions = torch.stack(per_image)  # (B, K, C_in, *S)
+        return self.attributions.abs().amax(dim=2)
+
+
+# ----------------------------------------------------------------------------- Integrated Gradients
+
+
+def quadrature(steps: int, rule: str) -> tuple[Tensor, Tensor]:
+    """Points alpha in [0, 1] and weights (summing to 1) of the path integral's quadrature."""
+    if steps < 1:
+        raise MedlensError(f"integrated-gradients option steps={steps} must be at least 1")
+    if rule == "gausslegendre":
+        nodes, weights = np.polynomial.legendre.leggauss(steps)
+        return torch.tensor(0.5 * (nodes + 1)), torch.tensor(0.5 * weights)
+    if rule == "riemann_trapezoid":
+        if steps < 2:
+            raise MedlensError("riemann_trapezoid needs steps >= 2")
+        weights = torch.full((steps,), 1.0 / (steps - 1), dtype=torch.float64)
+        weights[[0, -1]] /= 2
+        return torch.linspace(0, 1, steps, dtype=torch.float64), weights
+    offsets = {"riemann_left": 0.0, "riemann_middle": 0.5, "riemann_right": 1.0}
+    if rule not in offsets:
+        raise MedlensError(f"unknown integration rule {rule!r}: use gausslegendre, riemann_trapezoid, riemann_left, riemann_middle or riemann_right")
+    return (torch.arange(steps, dtype=torch.float64) + offsets[rule]) / steps, torch.full((steps,), 1.0 / steps, dtype=torch.float64)
+
+
+def _baseline(option: object, x: Tensor) -> Tensor:
+    baseline = torch.as_tensor(0.0 if option is None else option, dtype=x.dtype, device=x.device)
+    try:
+        return torch.broadcast_to(baseline, x.shape)
+    except RuntimeError:
+        raise MedlensError(f"baseline of shape {tuple(baseline.shape)} does not broadcast to the input {tuple(x.shape)}") from None
+
+
+@register
+class IntegratedGradients(Method):
+    """Integrated Gradients (Sundararajan et al., ICML 2017):
+    IG_i(x) = (x_i - x'_i) * int_0^1 dY/dx_i(x' + a (x - x')) da, computed with a quadrature
+    (Gauss-Legendre by default, as Captum). The map is sum_c IG_c(s); summed over all pixels
+    it approximates Y(x) - Y(x') (completeness).
+
+    Options:
+        baseline (float | Tensor, 0.0), steps (int, 32), rule (str, "gausslegendre"),
+        internal_batch_size (int, 32): interpolated inputs per forward/backward pass.
+    """
+
+    name = "integrated-gradients"
+    uses_layer = False
+    uses_gradients = False
+
+    def compute(self, ctx: Context) -> Tensor:
+        x = ctx.x
+        baseline = _baseline(self.options.get("baseline"), x)
+        alphas, weights = quadrature(int(self.options.get("steps", 32)), str(self.options.get("rule", "gausslegendre")))
+        alphas, weights = alphas.to(x.device, x.dtype), weights.to(x.device, x.dtype)
+        delta = x - baseline
+
+        def point(image: Tensor, step: Tensor) -> Tensor:
+            return baseline[image] + _broadcast(alphas[step], delta) * delta[image]
+
+        mean_grad = path_gradients(ctx, point, len(alphas), weights, self.options.get("internal_batch_size", 32))
+        self.attributions = delta.unsqueeze(1) * mean_grad
+        return self.attributions.sum(dim=2)
+
+
+@register
+class InputXGradient(Method):
+    """Input x Gradient (Shrikumar et al., 2016): x_c(s) * dY/dx_c(s), summed over channels."""
+
+    name = "inputxgradient"
+    uses_layer = False
+    uses_gradients = False
+    uses_input_gradients = True
+
+    def compute(self, ctx: Context) -> Tensor:
+        self.attributions = ctx.x.unsqueeze(1) * ctx.input_gradients
+        return self.attributions.sum(dim=2)
+
+
+# ----------------------------------------------------------------------------- Guided Backprop
+
+
+class _PositiveGradient(torch.autograd.Function):
+    """Identity forward; backward passes only the positive part of the gradient."""
+
+    @staticmethod
+    def forward(ctx: object, x: Tensor) -> Tensor:
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx: object, grad: Tensor) -> Tensor:
+        return grad.clamp_min(0)
+
+
+def _guide(_module: nn.Module, _inp: object, out: Tensor) -> Tensor:
+    return _PositiveGradient.apply(out)
+
+
+@contextmanager
+def guided_relus(model: nn.Module) -> Iterator[int]:
+    """Make every ``nn.ReLU`` module of ``model`` backpropagate guided gradients while inside.
+
+    A forward hook passes the ReLU's output through an identity whose backward keeps only
+    positive gradients; with ReLU's own backward (the mask x > 0) this is guided backprop's
+    rule R_in = (x > 0) * ReLU(R_out). Works with ``inplace=True`` ReLUs (the mask is read
+    from the output, > 0 exactly where the input is). Not covered: ``F.relu``/``torch.relu``
+    called inside a module's forward (e.g. torchvision's DenseNet tail, some timm blocks):
+    those keep the plain ReLU gradient. Captum and pytorch-grad-cam have the same coverage.
+    Hooks are removed on exit, exceptions included. Yields the number of hooked modules.
+    """
+    handles = []
+    try:
+        for module in model.modules():
+            if isinstance(module, nn.ReLU):
+                handles.append(module.register_forward_hook(_guide))
+        if not handles:
+            raise MedlensError(f"guided backprop needs nn.ReLU modules and {type(model).__name__} has none (functional relu and other activations are not guided)")
+        yield len(handles)
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def guided_gradients(ctx: Context, batch_size: int = 32) -> Tensor:
+    """Guided-backprop gradients (B, K, C_in, *S) of the explained targets."""
+    with guided_relus(ctx.model):
+        ones = ctx.x.new_ones(1)
+        return path_gradients(ctx, lambda image, _step: ctx.x[image], 1, ones, batch_size)
+
+
+@register
+class GuidedBackprop(Method):
+    """Guided Backpropagation (Springenberg et al., ICLR-W 2015): the input gradient with
+    negative gradients zeroed at every ReLU on the way back; M(s) = max_c |R_c(s)|.
+    The user's modules are not changed (see :func:`guided_relus`)."""
+
+    name = "guided-backprop"
+    uses_layer = False
+    uses_gradients = False
+
+    def compute(self, ctx: Context) -> Tensor:
+        self.attributions = guided_gradients(ctx, self.options.get("batch_size", 32))
+        return self.attributions.abs().amax(dim=2)
+
+
+@register
+class GuidedGradCAM(Method):
+    """Guided Grad-CAM (Selvaraju et al., ICCV 2017): guided backprop R times the Grad-CAM map
+    upsampled to the input (bilinear; Captum's default is nearest), M(s) = max_c |R_c(s)| * L(s)."""
+
+    name = "guided-gradcam"
+
+    def compute(self, ctx: Context) -> Tensor:
+        cam = upsample(GradCAM(**self.options).compute(ctx), ctx.x.shape[2:])  # (B, K, *S)
+        self.attributions = guided_gradients(ctx, self.options.get("batch_size", 32)) * cam.unsqueeze(2)
+        return self.attributions.abs().amax(dim=2)

@@ -1,0 +1,345 @@
+"""Perturbation methods: the model is run on masked or ablated copies of the input and the
+maps come from how the target scores change. Every perturbed copy is built as a batched
+tensor (broadcasting and ``F.interpolate``, never a Python loop over pixels or samples) and
+scored in chunks of ``batch_size`` through one forward pass per chunk; all targets of an image
+come from the same perturbed forward passes, and no score leaves the device mid-run.
+
+All methods take 2D (B, C, H, W) and 3D (B, C, D, H, W) inputs, classifier and segmentation
+(pooled-region) targets.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from medlens.capture import resolve_layer
+from medlens.engine import Context, Method, normalise, register, upsample
+from medlens.errors import MedlensError
+from medlens.methods.cam import weighted_cam
+from medlens.targets import pool_scores
+
+
+def _per_dim(value: int | Sequence[int], ndim: int, name: str) -> tuple[int, ...]:
+    values = (value,) * ndim if isinstance(value, int) else tuple(int(v) for v in value)
+    if len(values) != ndim or any(v < 1 for v in values):
+        raise MedlensError(f"option {name}={value!r} must be a positive int or {ndim} positive ints")
+    return values
+
+
+def _chunk(batch_size: int, images: int) -> int:
+    """How many perturbations per image fit in one forward pass of ``batch_size`` inputs."""
+    return max(1, int(batch_size) // images)
+
+
+# ----------------------------------------------------------------------------- channel choice
+
+
+def select_channels(activation: Tensor, top_k: int | float | None = None) -> tuple[Tensor, Tensor]:
+    """Channels worth perturbing, per image, strongest mean activation first.
+
+    Channels that are identically zero are dropped (perturbing them is provably useless: a
+    zero map masks the input to the zero baseline, and ablating a zero channel changes
+    nothing); with ``top_k`` (a count, or a fraction in (0, 1)) only that many are kept.
+
+    Args:
+        activation: (B, C, *s) layer activation.
+    Returns:
+        channels: (B, n) long indices; live: (B, n) bool, False where an image has fewer
+        live channels than the batch's busiest image (those entries must be ignored).
+    """
+    batch, n_channels = activation.shape[:2]
+    flat = activation.flatten(2)
+    alive = flat.abs().amax(dim=2) > 0
+    rank = torch.where(alive, flat.mean(dim=2), torch.full_like(flat[..., 0], -math.inf))
+    n_keep = int(alive.sum(dim=1).max())  # the one sync of the method: how many to run
+    if top_k:
+        wanted = int(round(top_k * n_channels)) if 0 < float(top_k) < 1 else int(top_k)
+        n_keep = min(n_keep, max(1, wanted))
+    n_keep = max(n_keep, 1)
+    order = rank.topk(n_keep, dim=1).indices
+    return order, alive.gather(1, order)
+
+
+def _scatter_weights(weights: Tensor, channels: Tensor, live: Tensor, n_channels: int) -> Tensor:
+    """(B, n, K) weights of the selected channels -> (B, K, C) with zeros elsewhere."""
+    weights = torch.where(live.unsqueeze(2), weights, torch.zeros_like(weights))
+    full = weights.new_zeros(weights.shape[0], n_channels, weights.shape[2])
+    full.scatter_(1, channels.unsqueeze(2).expand_as(weights), weights)
+    return full.transpose(1, 2)
+
+
+# ----------------------------------------------------------------------------- Score-CAM
+
+
+@register
+class ScoreCAM(Method):
+    """Score-CAM (Wang et al., CVPR-W 2020).
+
+    Each channel map A_c, upsampled to the input and min-max normalised to H_c in [0, 1],
+    masks the input; the target score of X * H_c gives the channel weight
+    w_c = softmax_c(Y(X * H_c)), and the map is ReLU(sum_c w_c A_c). The softmax over channels
+    follows pytorch-grad-cam (the paper's "increase of confidence" with softmax outputs differs
+    only in scale for classifiers).
+
+    Options:
+        batch_size (int, 32): masked inputs per forward pass.
+        top_k_channels (int | float, None): fast mode, perturb only the k (or fraction) most
+            active channels. Channels that are identically zero are always skipped; their
+            softmax share is accounted for exactly with one forward pass of the zero image.
+        eigen_smooth (bool): first principal component of the weighted activations.
+    """
+
+    name = "scorecam"
+    uses_gradients = False
+
+    def layer_map(self, activation: Tensor, gradient: Tensor | None, ctx: Context, layer: str) -> Tensor:
+        batch, n_channels = activation.shape[:2]
+        channels, live = select_channels(activation, self.options.get("top_k_channels"))
+        per_pass = _chunk(self.options.get("batch_size", 32), batch)
+        x = ctx.x
+        scores = []
+        for start in range(0, channels.shape[1], per_pass):
+            idx = channels[:, start : start + per_pass]  # (B, c)
+            picked = activation.gather(1, idx.view(*idx.shape, *([1] * (activation.dim() - 2))).expand(-1, -1, *activation.shape[2:]))
+            masks = normalise(upsample(picked, x.shape[2:]))  # (B, c, *S)
+            masked = (x.unsqueeze(1) * masks.unsqueeze(2)).flatten(0, 1)  # (B*c, C_in, *S)
+            scores.append(ctx.score(masked, batch_size=masked.shape[0]).view(batch, idx.shape[1], -1))
+        logit = torch.cat(scores, dim=1)  # (B, n, K)
+        logit = torch.where(live.unsqueeze(2), logit, torch.full_like(logit, -math.inf))
+        log_norm = torch.logsumexp(logit, dim=1, keepdim=True)
+        if not self.options.get("top_k_channels"):
+            log_norm = self._with_dead_channels(log_norm, activation, ctx)
+        weights = torch.exp(logit - log_norm)
+        return weighted_cam(_scatter_weights(weights, channels, live, n_channels), activation, self.options)
+
+    def _with_dead_channels(self, log_norm: Tensor, activation: Tensor, ctx: Context) -> Tensor:
+        """Add the softmax share of the skipped all-zero channels: each masks the input to zero,
+        so one forward pass of the zero image scores them all."""
+        n_dead = (activation.flatten(2).abs().amax(dim=2) == 0).sum(dim=1)  # (B,)
+        if not bool(n_dead.any()):
+            return log_norm
+        zero_score = ctx.score(torch.zeros_like(ctx.x)).unsqueeze(1)  # (B, 1, K)
+        dead = zero_score + n_dead.clamp_min(1).log().view(-1, 1, 1).to(zero_score.dtype)
+        dead = torch.where(n_dead.view(-1, 1, 1) > 0, dead, torch.full_like(dead, -math.inf))
+        return torch.logaddexp(log_norm, dead)
+
+
+# ----------------------------------------------------------------------------- Ablation-CAM
+
+
+class _Ablate:
+    """Forward hook that replaces a layer's output (B, C, *s) by ``copies`` ablated versions of
+    each image's output, (B * copies, C, *s), channel ``channels[b, j]`` zeroed in copy j.
+    Whether the layer sees the batch of B images (the prefix ran once) or the input repeated
+    (B * copies) is handled alike."""
+
+    def __init__(self, channels: Tensor) -> None:
+        self.channels = channels  # (B, c)
+
+    def __call__(self, _module: object, _inp: object, out: Tensor) -> Tensor:
+        batch, copies = self.channels.shape
+        if not isinstance(out, Tensor) or out.dim() < 3:
+            raise MedlensError("ablationcam needs a layer that outputs a (B, C, *spatial) feature map")
+        if out.shape[0] == batch:
+            out = out.repeat_interleave(copies, dim=0)
+        keep = torch.ones(batch * copies, out.shape[1], device=out.device, dtype=out.dtype)
+        keep.scatter_(1, self.channels.reshape(-1, 1), 0.0)
+        return out * keep.view(*keep.shape, *([1] * (out.dim() - 2)))
+
+
+@register
+class AblationCAM(Method):
+    """Ablation-CAM (Desai & Ramaswamy, WACV 2020): w_c = (Y - Y_c) / Y, with Y_c the target score
+    when channel c of the layer is set to zero, and the map ReLU(sum_c w_c A_c).
+
+    The ablated copies are made at the layer itself: by default the network before the layer
+    runs once per chunk on the B images and only the rest of it on the B * c ablated copies;
+    models whose later layers reuse earlier tensors of batch B (U-Net skips) fall back to
+    running the whole network on the repeated input.
+
+    Options:
+        batch_size (int, 32): ablated copies per forward pass.
+        top_k_channels (int | float, None): ablate only the k (or fraction) most active
+            channels; the others get weight 0. All-zero channels are skipped (exactly weight 0).
+        eigen_smooth (bool): first principal component of the weighted activations.
+    """
+
+    name = "ablationcam"
+    uses_gradients = False
+
+    def layer_map(self, activation: Tensor, gradient: Tensor | None, ctx: Context, layer: str) -> Tensor:
+        if activation.dim() != ctx.x.dim():
+            raise MedlensError(f"ablationcam needs a convolutional feature map at {layer!r}, not tokens")
+        batch, n_channels = activation.shape[:2]
+        channels, live = select_channels(activation, self.options.get("top_k_channels"))
+        per_pass = _chunk(self.options.get("batch_size", 32), batch)
+        module = resolve_layer(ctx.model, layer)
+        ablated = [self._ablated_scores(ctx, module, channels[:, s : s + per_pass]) for s in range(0, channels.shape[1], per_pass)]
+        scores = torch.cat(ablated, dim=1)  # (B, n, K)
+        original = ctx.scores.unsqueeze(1)
+        drop = original - scores
+        weights = torch.where(original != 0, drop / original, drop)
+        return weighted_cam(_scatter_weights(weights, channels, live, n_channels), activation, self.options)
+
+    def _ablated_scores(self, ctx: Context, module: torch.nn.Module, channels: Tensor) -> Tensor:
+        batch, copies = channels.shape
+        targets = ctx.targets.repeat_interleave(copies, dim=0)
+        handle = module.register_forward_hook(_Ablate(channels))
+        try:
+            with torch.no_grad():
+                output = self._run_from_layer(ctx, batch * copies)
+                if output is None:  # a later layer mixes in batch-B tensors: repeat the input instead
+                    output = ctx.model(ctx.x.repeat_interleave(copies, dim=0))
+        finally:
+            handle.remove()
+        logits = pool_scores(output, ctx.x, ctx.region)
+        return logits.gather(1, targets).view(batch, copies, -1)
+
+    @staticmethod
+    def _run_from_layer(ctx: Context, expected: int) -> Tensor | None:
+        """The model on the B images, the hook expanding the batch at the layer; None when the
+        network after the layer cannot take the expanded batch."""
+        if ctx.x.shape[0] == expected:
+            return ctx.model(ctx.x)
+        try:
+            output = ctx.model(ctx.x)
+        except RuntimeError:
+            return None
+        return output if output.shape[0] == expected else None
+
+
+# ----------------------------------------------------------------------------- Occlusion
+
+
+def _window_masks(size: Sequence[int], window: Sequence[int], stride: Sequence[int], device: torch.device) -> list[Tensor]:
+    """Per spatial dim, (n_d, size_d) 0/1 masks of the window positions start = k * stride,
+    k = 0..ceil((size - window) / stride) (the last window is clipped at the border, as in
+    Captum, so every pixel is covered)."""
+    masks = []
+    for n, w, s in zip(size, window, stride):
+        if w > n:
+            raise MedlensError(f"occlusion window {w} is larger than the input size {n}")
+        starts = torch.arange(math.ceil((n - w) / s) + 1, device=device) * s
+        pos = torch.arange(n, device=device)
+        masks.append(((pos >= starts[:, None]) & (pos < starts[:, None] + w)).float())
+    return masks
+
+
+def _outer_masks(axis_masks: Sequence[Tensor], flat_index: Tensor) -> Tensor:
+    """Masks (c, *S) of the windows with flat indices ``flat_index`` (row-major over the
+    per-dim window positions), as the outer product of the per-dim 1D masks."""
+    counts = [m.shape[0] for m in axis_masks]
+    out = None
+    rest = flat_index
+    for d in reversed(range(len(axis_masks))):
+        pos = rest % counts[d]
+        rest = rest // counts[d]
+        m = axis_masks[d][pos]  # (c, size_d)
+        m = m.view(m.shape[0], *([1] * d), m.shape[1], *([1] * (len(axis_masks) - d - 1)))
+        out = m if out is None else out * m
+    return out
+
+
+@register
+class Occlusion(Method):
+    """Occlusion (Zeiler & Fergus, ECCV 2014): slide a window filled with ``baseline`` over the
+    input (all channels); a pixel's attribution is the mean drop Y(X) - Y(X_occluded) over the
+    windows that cover it (the definition Captum's ``Occlusion`` implements).
+
+    Options:
+        window (int | tuple, size // 8): window size per spatial dim.
+        stride (int | tuple, window // 2): step between windows.
+        baseline (float | Tensor, 0.0): value put in the window (a tensor broadcastable to x).
+        batch_size (int, 64): occluded inputs per forward pass.
+    """
+
+    name = "occlusion"
+    uses_layer = False
+    uses_gradients = False
+
+    def compute(self, ctx: Context) -> Tensor:
+        x = ctx.x
+        size = x.shape[2:]
+        ndim = len(size)
+        window = _per_dim(self.options.get("window", max(1, min(size) // 8)), ndim, "window")
+        stride = _per_dim(self.options.get("stride", tuple(max(1, w // 2) for w in window)), ndim, "stride")
+        baseline = torch.as_tensor(self.options.get("baseline", 0.0), dtype=x.dtype, device=x.device)
+        axis_masks = _window_masks(size, window, stride, x.device)
+        n_windows = math.prod(m.shape[0] for m in axis_masks)
+        batch = x.shape[0]
+        per_pass = _chunk(self.options.get("batch_size", 64), batch)
+        total = x.new_zeros(batch, ctx.targets.shape[1], *size)
+        for start in range(0, n_windows, per_pass):
+            masks = _outer_masks(axis_masks, torch.arange(start, min(start + per_pass, n_windows), device=x.device))  # (c, *S)
+            m = masks.unsqueeze(1).unsqueeze(0)  # (1, c, 1, *S)
+            occluded = (x.unsqueeze(1) * (1 - m) + baseline * m).flatten(0, 1)
+            drop = ctx.scores.unsqueeze(1) - ctx.score(occluded, batch_size=occluded.shape[0]).view(batch, masks.shape[0], -1)
+            total += torch.einsum("bck,c...->bk...", drop, masks)
+        return total / _outer_coverage(axis_masks).clamp_min(1)
+
+
+def _outer_coverage(axis_masks: Sequence[Tensor]) -> Tensor:
+    """(*S) number of windows covering each pixel: the outer product of per-dim counts."""
+    out = None
+    for d, m in enumerate(axis_masks):
+        c = m.sum(0).view(*([1] * d), -1, *([1] * (len(axis_masks) - d - 1)))
+        out = c if out is None else out * c
+    return out
+
+
+# ----------------------------------------------------------------------------- RISE
+
+
+def rise_masks(count: int, size: Sequence[int], cells: int, p_keep: float, generator: torch.Generator, device: torch.device) -> Tensor:
+    """RISE masks (count, *size): a random ``cells``^d binary grid (keep probability p_keep),
+    upsampled (bi/trilinear) to (cells + 1) * cell_size and cropped at a random shift."""
+    ndim = len(size)
+    cell = [math.ceil(s / cells) for s in size]
+    grid = (torch.rand((count, 1, *([cells] * ndim)), generator=generator) < p_keep).float().to(device)
+    up = upsample(grid, [(cells + 1) * c for c in cell])[:, 0]  # (count, *up)
+    shifts = torch.stack([torch.randint(0, c, (count,), generator=generator) for c in cell], dim=1).to(device)
+    for d, s in enumerate(size):
+        index = shifts[:, d].view(-1, *([1] * ndim)) + torch.arange(s, device=device).view(*([1] * (d + 1)), s, *([1] * (ndim - d - 1)))
+        index = index.expand(*up.shape[: d + 1], s, *up.shape[d + 2 :])
+        up = up.gather(d + 1, index)
+    return up
+
+
+@register
+class RISE(Method):
+    """RISE (Petsiuk et al., BMVC 2018): M(s) = sum_i Y(X * M_i) M_i(s) / (N p), with N random
+    smooth masks M_i that keep each coarse cell with probability p.
+
+    Options:
+        n_masks (int, 1000), cells (int, 7), p_keep (float, 0.5), seed (int, 0),
+        baseline (float, 0.0) put where the mask is 0, batch_size (int, 64).
+    """
+
+    name = "rise"
+    uses_layer = False
+    uses_gradients = False
+
+    def compute(self, ctx: Context) -> Tensor:
+        x = ctx.x
+        n_masks = int(self.options.get("n_masks", 1000))
+        cells = int(self.options.get("cells", 7))
+        p_keep = float(self.options.get("p_keep", 0.5))
+        if n_masks < 1 or cells < 1 or not 0 < p_keep <= 1:
+            raise MedlensError("rise needs n_masks >= 1, cells >= 1 and 0 < p_keep <= 1")
+        baseline = float(self.options.get("baseline", 0.0))
+        generator = torch.Generator().manual_seed(int(self.options.get("seed", 0)))
+        batch = x.shape[0]
+        per_pass = _chunk(self.options.get("batch_size", 64), batch)
+        total = x.new_zeros(batch, ctx.targets.shape[1], *x.shape[2:])
+        for start in range(0, n_masks, per_pass):
+            masks = rise_masks(min(per_pass, n_masks - start), x.shape[2:], cells, p_keep, generator, x.device)
+            m = masks.unsqueeze(1).unsqueeze(0)  # (1, c, 1, *S)
+            masked = (x.unsqueeze(1) * m + baseline * (1 - m)).flatten(0, 1)
+            scores = ctx.score(masked, batch_size=masked.shape[0]).view(batch, masks.shape[0], -1)
+            total += torch.einsum("bck,c...->bk...", scores, masks)
+        return total / (n_masks * p_keep)

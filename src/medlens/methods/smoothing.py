@@ -1,0 +1,113 @@
+"""Smoothing usable with any CAM method.
+
+- Test-time augmentation (``explain(..., aug_smooth=True)``): the method runs on flipped and
+  intensity-scaled copies of the input, each map is flipped back, and the maps are averaged
+  (the ``aug_smooth`` of pytorch-grad-cam, which uses horizontal flips x scales 0.9/1/1.1).
+- Eigen-smoothing (option ``eigen_smooth=True`` of the weighted CAMs): the map is the first
+  principal component of the weighted activations w_c A_c instead of their sum (Muhammad &
+  Yeasin, EigenCAM, IJCNN 2020), with a deterministic sign.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from medlens.capture import preserved_modes
+from medlens.engine import Explanation, Method, explain, normalise
+from medlens.errors import MedlensError
+from medlens.targets import Region, TargetSpec, pool_scores, region_weights, resolve_targets
+
+
+def agreeing_sign(projection: Tensor, evidence: Tensor) -> Tensor:
+    """+1/-1 per map so that ``projection`` (..., S) correlates positively with ``evidence``
+    (..., S). Where the correlation is exactly zero the larger-magnitude extreme is made
+    positive (Seg-Eigen-CAM's rule), and +1 where both are zero."""
+    centred_p = projection - projection.mean(dim=-1, keepdim=True)
+    centred_e = evidence - evidence.mean(dim=-1, keepdim=True)
+    corr = (centred_p * centred_e).sum(dim=-1, keepdim=True)
+    extreme = projection.amax(dim=-1, keepdim=True) + projection.amin(dim=-1, keepdim=True)
+    sign = torch.where(corr != 0, corr.sign(), extreme.sign())
+    return torch.where(sign == 0, torch.ones_like(sign), sign)
+
+
+def principal_component(stack: Tensor, evidence: Tensor | None = None) -> Tensor:
+    """Projection of each position's channel vector on the first principal component.
+
+    For each map, the (S, C) matrix of channel vectors is centred over positions and projected
+    on its first right singular vector v_1: P(s) = (a(s) - mean_s a) . v_1. SVD leaves the
+    sign of v_1 arbitrary; it is fixed so that P correlates positively with ``evidence``
+    (default: the channel sum, i.e. the map the projection replaces).
+
+    Args:
+        stack: (B, K, C, *s) per-channel maps (activations, or weighted activations).
+        evidence: (B, K, *s) map the result must agree with, or None.
+    Returns:
+        (B, K, *s) projection, not rectified.
+    """
+    spatial = stack.shape[3:]
+    matrix = stack.flatten(3).transpose(2, 3).float()  # (B, K, S, C)
+    matrix = matrix - matrix.mean(dim=2, keepdim=True)
+    _, _, vh = torch.linalg.svd(matrix, full_matrices=False)
+    projection = (matrix @ vh[..., 0, :].unsqueeze(-1)).squeeze(-1)  # (B, K, S)
+    reference = (stack.sum(dim=2) if evidence is None else evidence).flatten(2).float()
+    projection = projection * agreeing_sign(projection, reference)
+    return projection.view(*projection.shape[:2], *spatial).to(stack.dtype)
+
+
+def _original_targets(model: nn.Module, x: Tensor, target: TargetSpec, region: Region) -> Tensor:
+    """(B, K) classes resolved on the un-augmented images, so every copy explains the same class."""
+    if isinstance(target, Tensor) and target.dim() == 2 and target.shape[0] == x.shape[0]:
+        return target
+    with preserved_modes(model), torch.no_grad():
+        return resolve_targets(target, pool_scores(model(x), x, region))
+
+
+def aug_smooth(
+    model: nn.Module,
+    x: Tensor,
+    method: str | Method,
+    target: TargetSpec = "pred",
+    layer: str | Sequence[str] | None = None,
+    region: Region = None,
+    **options: Any,
+) -> Explanation:
+    """Test-time augmentation smoothing of any method.
+
+    The A = len(flips) * len(scales) augmented copies (flip of the last spatial axis, i.e.
+    left-right, times an intensity factor) are explained in one batched call with the classes
+    of the original images; each map is flipped back and the normalised maps are averaged.
+
+    Args:
+        model, x, method, target, layer, region: as for :func:`medlens.explain`.
+        **options: method options, plus ``aug_flips`` (default ``(False, True)``) and
+            ``aug_scales`` (default ``(0.9, 1.0, 1.1)``).
+    Returns:
+        An Explanation whose ``maps`` are the renormalised average, ``raw`` the average before
+        renormalisation (at input resolution), ``scores``/``logits`` those of the original
+        images, and ``info["augmentations"]`` the number of copies.
+    """
+    flips = tuple(bool(f) for f in options.pop("aug_flips", (False, True)))
+    scales = tuple(float(s) for s in options.pop("aug_scales", (0.9, 1.0, 1.1)))
+    if not flips or not scales:
+        raise MedlensError("aug_smooth needs at least one flip setting and one intensity scale")
+    augmentations = [(flip, scale) for flip in flips for scale in scales]
+    batch, spatial = x.shape[0], x.shape[2:]
+    targets = _original_targets(model, x, target, region)
+    last = x.dim() - 1
+    copies = torch.cat([(x.flip(last) if flip else x) * scale for flip, scale in augmentations])
+    aug_region = region
+    if region is not None:
+        mask = region_weights(region, spatial, batch, x.device)
+        aug_region = torch.cat([mask.flip(last) if flip else mask for flip, _ in augmentations])
+    result = explain(model, copies, method, target=targets.repeat(len(augmentations), 1), layer=layer, region=aug_region, **options)
+    maps = result.maps.view(len(augmentations), batch, *result.maps.shape[1:])
+    restored = torch.stack([m.flip(last) if flip else m for m, (flip, _) in zip(maps, augmentations)])
+    mean = restored.mean(dim=0)
+    identity = augmentations.index((False, 1.0)) if (False, 1.0) in augmentations else 0
+    scores = result.scores.view(len(augmentations), batch, -1)[identity]
+    logits = result.logits.view(len(augmentations), batch, -1)[identity]
+    info = {**result.info, "augmentations": len(augmentations)}
+    return Explanation(normalise(mean), mean, targets, scores, logits, result.method, result.layers, result.task, info)
