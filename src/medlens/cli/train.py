@@ -1,0 +1,40 @@
+"""``medlens train CONFIG.yaml [--set key=value ...] [--out DIR] [--resume]``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from medlens.cli.app import app
+from medlens.errors import MedlensError
+
+
+@app.command("train")
+def train_command(
+    config: str = typer.Argument(..., help="A YAML config file, or the name of a shipped one (brain_mri_resnet18)."),
+    set_: Optional[list[str]] = typer.Option(None, "--set", help="Override a value: --set trainer.max_epochs=2 (repeatable)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Run folder (default: the config's `out`, else runs/<name>)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from OUT/checkpoints/last.ckpt."),
+) -> None:
+    """Train a classifier or segmenter from a YAML config on PyTorch Lightning."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from medlens.train import config_path, load_config, train
+
+    console = Console()
+    try:
+        path = config if Path(config).is_file() or config.endswith((".yaml", ".yml")) else config_path(config)
+        result = train(load_config(path, set_ or []), out_dir=out, resume=resume)
+    except MedlensError as err:
+        console.print(f"[red]error:[/red] {err}")
+        raise typer.Exit(2) from None
+    table = Table(title=f"best model on the validation split ({result.epochs} epochs, {result.seconds:.0f} s)")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for name, value in sorted(result.metrics.items()):
+        table.add_row(name, f"{value:.4f}")
+    console.print(table)
+    console.print(f"best checkpoint: {result.best_checkpoint}\nweights: {result.weights}\nrun folder: {result.out_dir}")

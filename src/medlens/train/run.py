@@ -1,0 +1,243 @@
+"""``train(config) -> TrainResult``: one Lightning run and the files a reviewer looks at afterwards.
+
+The run folder holds::
+
+    config.yaml                   the config as run (after --set overrides)
+    split.csv                     the deterministic train/val split (read back on --resume)
+    checkpoints/best-*.ckpt       best by the monitored metric; checkpoints/last.ckpt to resume
+    best.safetensors              the best weights, loadable with medlens.models.load_weights
+    logs/metrics.csv, tb/         CSV and TensorBoard logs
+    validation_samples.csv        each validation file with its label and the best model's prediction
+    confusion_matrix.csv/.png     rows truth, columns prediction (voxels for segmentation)
+    misclassified.png             a gallery of wrongly classified validation images (classification)
+    metrics.json                  the best model's validation metrics and the run's timings
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+import yaml
+from torch import Tensor, nn
+
+from medlens.errors import MedlensError
+from medlens.io.atomic import atomic_path, write_text
+from medlens.models import build_model, load_weights, save_weights
+from medlens.train.config import TrainConfig, load_config
+from medlens.train.data import MedlensDataModule
+from medlens.train.module import ClassificationModule, SegmentationModule, unfreeze_last
+
+
+@dataclass
+class TrainResult:
+    """What a run produced: paths, the best model's validation metrics, and timings."""
+
+    out_dir: Path
+    best_checkpoint: Path
+    last_checkpoint: Path
+    weights: Path
+    metrics: dict[str, float]
+    epochs: int
+    seconds: float
+    classes: list[str] = field(default_factory=list)
+    files: dict[str, Path] = field(default_factory=dict)
+
+
+def pick_precision(requested: str, accelerator: str) -> str:
+    """``auto``: 16-mixed on CUDA, bf16-mixed on CPU when a bf16 autocast matmul works there, else 32."""
+    if requested != "auto":
+        return requested
+    if accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available():
+        return "16-mixed"
+    try:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            ok = (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.bfloat16
+    except RuntimeError:
+        ok = False
+    return "bf16-mixed" if ok else "32-true"
+
+
+def build_network(config: TrainConfig, num_classes: int) -> nn.Module:
+    """The model of a config, with its initial weights (local file) and its frozen blocks."""
+    mc, dc = config.model, config.data
+    spatial = 3 if config.task == "segmentation" and not dc.slices else 2
+    model = build_model(mc.spec, num_classes=mc.num_classes or num_classes, in_channels=dc.in_channels, spatial_dims=spatial, **mc.kwargs)
+    if mc.init_weights:
+        load_weights(model, mc.init_weights, strict=mc.init_strict)
+    unfreeze_last(model, mc.unfreeze_last)
+    return model
+
+
+def train(config: TrainConfig | str | Path, out_dir: str | Path | None = None, resume: bool = False, **trainer_kwargs: Any) -> TrainResult:
+    """Train the model a config describes and write the run folder.
+
+    Args:
+        config: a :class:`TrainConfig` or a YAML path.
+        out_dir: the run folder (default: ``config.out`` or ``runs/<name>``).
+        resume: continue from ``checkpoints/last.ckpt`` when it exists (same split, epoch counter goes on).
+        **trainer_kwargs: extra ``lightning.Trainer`` arguments (e.g. ``enable_model_summary=False``).
+
+    Returns:
+        TrainResult with the best checkpoint and the best model's validation metrics.
+    """
+    config = load_config(config) if not isinstance(config, TrainConfig) else config
+    out = Path(out_dir or config.out or Path("runs") / config.name)
+    out.mkdir(parents=True, exist_ok=True)
+    tc = config.trainer
+    L.seed_everything(tc.seed, workers=True, verbose=False)
+    started = time.perf_counter()
+
+    data = MedlensDataModule(config.data, config.task, out).prepare()
+    classes = data.classes
+    config_out = config.to_dict() | {"out": str(out)}
+    write_text(out / "config.yaml", yaml.safe_dump(config_out, sort_keys=False))
+    model = build_network(config, len(classes))
+    kind = ClassificationModule if config.task == "classification" else SegmentationModule
+    module = kind(model, config.optim, tc.max_epochs, classes)
+
+    last = out / "checkpoints" / "last.ckpt"
+    if resume and not last.is_file():
+        raise MedlensError(f"--resume: no checkpoint to resume from at {last}")
+    trainer = _trainer(config, out, **trainer_kwargs)
+    trainer.fit(module, datamodule=data, ckpt_path=str(last) if resume else None)
+
+    checkpoint = trainer.checkpoint_callback
+    best = Path(checkpoint.best_model_path) if checkpoint and checkpoint.best_model_path else last
+    load_weights(module.model, best)
+    weights = save_weights(module.model, out / "best.safetensors")
+    metrics = {k: float(v) for k, v in trainer.validate(module, datamodule=data, verbose=False)[0].items()}
+    files = write_reports(module, data, out, precision=trainer.precision, gallery_size=tc.gallery_size)
+    seconds = time.perf_counter() - started
+    summary = {"metrics": metrics, "epochs": trainer.current_epoch, "seconds": round(seconds, 1), "best_checkpoint": str(best),
+               "monitor": config.monitor, "precision": str(trainer.precision), "classes": classes}
+    write_text(out / "metrics.json", json.dumps(summary, indent=2))
+    return TrainResult(out, best, last, weights, metrics, trainer.current_epoch, seconds, classes, files)
+
+
+def _trainer(config: TrainConfig, out: Path, **overrides: Any) -> L.Trainer:
+    from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint, RichProgressBar, TQDMProgressBar
+    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+    tc = config.trainer
+    monitor = config.monitor
+    callbacks: list[Any] = [
+        ModelCheckpoint(dirpath=out / "checkpoints", filename=f"best-{{epoch}}-{{{monitor}:.4f}}", monitor=monitor,
+                        mode="min" if monitor.endswith("loss") else "max", save_last=True, save_top_k=1),
+        EarlyStopping(monitor="val_loss", mode="min", patience=tc.patience),
+        LearningRateMonitor(logging_interval="epoch"),
+    ]
+    if tc.progress == "rich":
+        callbacks.append(RichProgressBar(leave=True))
+    elif tc.progress == "tqdm":
+        callbacks.append(TQDMProgressBar())
+    args: dict[str, Any] = dict(
+        max_epochs=tc.max_epochs, accelerator=tc.accelerator, devices=tc.devices, strategy=tc.strategy,
+        precision=pick_precision(str(tc.precision), tc.accelerator), callbacks=callbacks,
+        logger=[CSVLogger(out, name="logs", version=""), TensorBoardLogger(out, name="tb", version="")],
+        log_every_n_steps=tc.log_every_n_steps, enable_progress_bar=tc.progress != "none",
+        default_root_dir=out, num_sanity_val_steps=0,
+    )
+    for key in ("limit_train_batches", "limit_val_batches"):
+        if getattr(tc, key) is not None:
+            args[key] = getattr(tc, key)
+    args.update(overrides)
+    return L.Trainer(**args)
+
+
+# -------------------------------------------------------------------------------------------- reports
+
+
+@torch.no_grad()
+def predict_validation(module: L.LightningModule, data: MedlensDataModule, precision: Any = None) -> tuple[Tensor, Tensor, list[Tensor]]:
+    """Best-model predictions on the validation split: (truth (N,) or (N,*S), predicted, images)."""
+    model = module.model.eval()
+    device = next(model.parameters()).device
+    data.setup("validate")
+    truth, predicted, images = [], [], []
+    autocast = "bf16" in str(precision) and device.type == "cpu"
+    for x, y in data.val_dataloader():
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+            predicted.append(model(x.to(device)).float().argmax(1).cpu())
+        truth.append(y if isinstance(y, Tensor) else torch.as_tensor(y))
+        images.append(x[:, 0])
+    return torch.cat(truth), torch.cat(predicted), images
+
+
+def write_reports(module: L.LightningModule, data: MedlensDataModule, out: Path, precision: Any = None, gallery_size: int = 16) -> dict[str, Path]:
+    """Write validation_samples.csv, the confusion matrix (CSV, PNG) and the misclassified gallery."""
+    truth, predicted, images = predict_validation(module, data, precision)
+    classes = data.classes
+    n = len(classes)
+    confusion = torch.bincount(truth.flatten() * n + predicted.flatten().long(), minlength=n * n).view(n, n)
+    files = {"validation_samples": out / "validation_samples.csv", "confusion_csv": out / "confusion_matrix.csv",
+             "confusion_png": out / "confusion_matrix.png"}
+    segmentation = truth.dim() > 1
+    with atomic_path(files["validation_samples"]) as tmp, tmp.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        if segmentation:
+            writer.writerow(["path", "mask"])
+            writer.writerows([s.path, s.mask] for s in data.val_samples)
+        else:
+            writer.writerow(["path", "label", "class", "predicted", "predicted_class"])
+            writer.writerows([s.path, s.label, classes[s.label], int(p), classes[int(p)]] for s, p in zip(data.val_samples, predicted.tolist()))
+    with atomic_path(files["confusion_csv"]) as tmp, tmp.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["truth \\ predicted", *classes])
+        writer.writerows([classes[i], *row] for i, row in enumerate(confusion.tolist()))
+    plot_confusion(confusion, classes, files["confusion_png"])
+    if not segmentation:
+        files["misclassified"] = out / "misclassified.png"
+        plot_misclassified(torch.cat(images), truth, predicted, data, files["misclassified"], gallery_size)
+    return files
+
+
+def plot_confusion(confusion: Tensor, classes: list[str], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(1.2 * len(classes) + 2, 1.2 * len(classes) + 1.5))
+    ax.imshow(confusion.numpy(), cmap="Blues")
+    for (i, j), value in zip([(i, j) for i in range(len(classes)) for j in range(len(classes))], confusion.flatten().tolist()):
+        ax.text(j, i, str(value), ha="center", va="center", color="black" if value < confusion.max() * 0.6 else "white")
+    ax.set_xticks(range(len(classes)), classes, rotation=30, ha="right")
+    ax.set_yticks(range(len(classes)), classes)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("truth")
+    ax.set_title(f"accuracy {confusion.diag().sum() / confusion.sum().clamp_min(1):.3f}")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
+    plt.close(fig)
+
+
+def plot_misclassified(images: Tensor, truth: Tensor, predicted: Tensor, data: MedlensDataModule, path: Path, limit: int) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    wrong = (truth != predicted).nonzero().flatten()[:limit].tolist()
+    cols = max(1, min(4, len(wrong)))
+    rows = max(1, -(-len(wrong) // cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(2.6 * cols, 2.8 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, i in zip(axes.flat, wrong):
+        ax.imshow(images[i].float().numpy(), cmap="gray")
+        name = Path(data.val_samples[i].path)
+        ax.set_title(f"{name.parent.name}/{name.name}\ntrue {data.classes[int(truth[i])]} | pred {data.classes[int(predicted[i])]}", fontsize=7)
+    if not wrong:
+        axes[0, 0].text(0.5, 0.5, "no misclassified validation images", ha="center", va="center")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
+    plt.close(fig)
