@@ -40,8 +40,12 @@ def read_nifti(path: str | Path) -> Loaded:
     path = Path(path)
     try:
         loaded = nib.load(str(path))
+        if not isinstance(loaded, nib.spatialimages.SpatialImage) or getattr(loaded, "affine", None) is None:
+            raise MedlensError(f"{path}: {type(loaded).__name__} is not a spatial volume (no affine)")
         canonical = nib.as_closest_canonical(loaded) if len(loaded.shape) >= 3 else loaded
         array = np.asarray(canonical.get_fdata(dtype=np.float32))
+    except MedlensError:
+        raise
     except FileNotFoundError:
         raise MedlensError(f"{path}: no such file") from None
     except (nib.filebasedimages.ImageFileError, EOFError, OSError, ValueError, zlib.error, MemoryError) as error:
