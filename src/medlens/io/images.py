@@ -58,13 +58,12 @@ def _read_tiff(path: Path) -> tuple[np.ndarray, str]:
             array, axes = series.asarray(), series.axes
     except Exception as error:  # tifffile raises many types for a damaged file
         raise MedlensError(f"{path}: cannot read TIFF ({_first_line(error)})") from None
-    # Collapse every non-spatial, non-sample axis (pages, time, ...) into one depth axis.
-    keep = "".join(a for a in axes if a in "YXS")
-    depth_axes = [i for i, a in enumerate(axes) if a not in "YXS"]
-    if depth_axes:
-        depth = int(np.prod([array.shape[i] for i in depth_axes]))
-        order = depth_axes + [i for i in range(array.ndim) if i not in depth_axes]
-        array = array.transpose(order).reshape(depth, *[array.shape[axes.index(a)] for a in keep])
+    # Order the axes as (other...), Y, X, (S), then collapse the other axes (pages, time, ...) into depth.
+    other = [i for i, a in enumerate(axes) if a not in "YXS"]
+    keep = "YX" + ("S" if "S" in axes else "")
+    array = array.transpose(other + [axes.index(a) for a in keep])
+    if other:
+        array = array.reshape(-1, *array.shape[len(other):])
         keep = "Z" + keep
     return array, keep
 
