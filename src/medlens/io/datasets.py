@@ -291,7 +291,7 @@ def write_split(path: str | Path, parts: dict[str, list[Item]], overwrite: bool 
     writer.writerow(SPLIT_COLUMNS)
     for name, items in parts.items():
         for item in items:
-            boxes = ";".join(" ".join(f"{v:.6g}" for v in box) for box in item.boxes)
+            boxes = ";".join(" ".join(repr(float(v)) for v in box) for box in item.boxes)
             writer.writerow([name, item.path, "" if item.label is None else item.label, item.mask or "",
                              item.patient or "", boxes, " ".join(str(v) for v in item.box_labels)])
     return write_text(path, buffer.getvalue(), overwrite=overwrite)
