@@ -1,0 +1,429 @@
+"""Vision Transformer explanations from attention: raw attention, rollout, gradient rollout,
+Chefer et al.'s transformer attribution (LRP) and generic attention explainability.
+
+All of them read the attention each block really uses (see :mod:`medlens.attention`), on the
+unmodified model, batched, for several targets at once. Maps are over the patch grid
+(B, K, *grid); the query is the class token's row (the mean of the patch rows for models
+without a class token). Block order: ``A_1`` is the first block, ``A_L`` the last; rolled-out
+relevance is the query row of ``Ā_L ··· Ā_1``, computed as a row vector, right to left.
+
+Options (also ``medlens explain --block/--head-fusion/--discard-ratio``):
+    block: block of the raw attention map (int, default -1 = last).
+    head_fusion: ``mean`` | ``max`` | ``min`` (and ``none`` for raw attention: one map per head).
+    discard_ratio: fraction of the lowest fused attention entries zeroed per block (rollout).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from medlens.attention import AttentionCapture, AttentionSite, BlockRecord, block_indices, merge_heads, model_output
+from medlens.capture import preserved_modes
+from medlens.engine import Context, Method, register
+from medlens.errors import MedlensError
+from medlens.targets import Region, pool_scores, resolve_targets
+from medlens.tokens import has_class_token, patch_grid
+
+HEAD_FUSIONS = ("mean", "max", "min")
+
+
+# --- shared pieces -----------------------------------------------------------------------------
+def fuse_heads(attn: Tensor, fusion: str = "mean") -> Tensor:
+    """(..., H, N, N) -> (..., N, N) by the mean, max or min over heads."""
+    if fusion == "mean":
+        return attn.mean(dim=-3)
+    if fusion == "max":
+        return attn.amax(dim=-3)
+    if fusion == "min":
+        return attn.amin(dim=-3)
+    raise MedlensError(f"unknown head_fusion {fusion!r}: use mean, max or min")
+
+
+def query_row(model: nn.Module, batch: int, n_tokens: int, n_prefix: int, device: torch.device) -> Tensor:
+    """(batch, N) the row read out of an attention matrix: the class token's one-hot, or the
+    mean over patch tokens for models without a class token."""
+    query = torch.zeros(batch, n_tokens, device=device)
+    if has_class_token(model):
+        query[:, 0] = 1.0
+    else:
+        query[:, n_prefix:] = 1.0 / (n_tokens - n_prefix)
+    return query
+
+
+def patch_map(row: Tensor, model: nn.Module, x: Tensor) -> Tensor:
+    """(..., N) relevance over tokens -> (..., *grid) over patches (extra tokens dropped)."""
+    grid = patch_grid(model, tuple(x.shape[2:]))
+    n_patches = int(torch.Size(grid).numel())
+    return row[..., row.shape[-1] - n_patches :].unflatten(-1, grid)
+
+
+def discard_lowest(attn: Tensor, ratio: float) -> Tensor:
+    """Zero the ``ratio`` fraction of lowest entries of each (N, N) matrix, never entry (0, 0)
+    (Abnar & Zuidema's rollout as popularised by vit-explain). attn: (B, N, N)."""
+    if not 0.0 <= ratio < 1.0:
+        raise MedlensError(f"discard_ratio must be in [0, 1), got {ratio}")
+    n_drop = int(attn[0].numel() * ratio)
+    if n_drop == 0:
+        return attn
+    flat = attn.flatten(1)
+    lowest = flat.topk(n_drop, dim=1, largest=False).indices
+    keep = torch.ones_like(flat).scatter_(1, lowest, 0.0)
+    keep[:, 0] = 1.0
+    return (flat * keep).view_as(attn)
+
+
+def residual_rows(attn: Tensor) -> Tensor:
+    """Abnar & Zuidema's residual correction: 0.5 A + 0.5 I, rows renormalised. (B, N, N)."""
+    eye = torch.eye(attn.shape[-1], device=attn.device, dtype=attn.dtype)
+    mixed = 0.5 * attn + 0.5 * eye
+    return mixed / mixed.sum(dim=-1, keepdim=True)
+
+
+def roll_out(query: Tensor, mats: list[Tensor], identity: bool = False) -> Tensor:
+    """query^T · M_L ··· M_1 for mats in block order [M_1 .. M_L], as vector-matrix products.
+
+    With ``identity=True`` each M is taken as (I + M) (Chefer's rule), without forming I.
+    query: (B, N); mats: (B, N, N). Returns (B, N).
+    """
+    row = query.unsqueeze(1)
+    for mat in reversed(mats):
+        step = row @ mat
+        row = row + step if identity else step
+    return row.squeeze(1)
+
+
+def attention_gradients(logits: Tensor, targets: Tensor, probs: list[Tensor]) -> list[Tensor]:
+    """d logits[b, targets[b, k]] / d A for every block: list of (B, K, H, N, N).
+
+    The K one-hot output gradients run as one vmapped backward pass (``is_grads_batched``).
+    """
+    one_hot = torch.nn.functional.one_hot(targets.t(), logits.shape[1]).to(logits.dtype)  # (K, B, N)
+    batched = one_hot.shape[0] > 1
+    grads = torch.autograd.grad(logits, probs, grad_outputs=one_hot if batched else one_hot[0], is_grads_batched=batched)
+    return [(g if batched else g.unsqueeze(0)).transpose(0, 1) for g in grads]
+
+
+# --- LRP (Chefer et al. 2021), rules for the layers a ViT uses ------------------------------------
+def safe_div(num: Tensor, den: Tensor, eps: float = 1e-9) -> Tensor:
+    """num / (den + eps), and 0 where den == 0 (the stabiliser of Chefer et al.'s LRP code)."""
+    return torch.where(den != 0, num / (den + eps), torch.zeros_like(num))
+
+
+def linear_relevance(x: Tensor, weight: Tensor, relevance: Tensor, xw: Tensor | None = None) -> Tensor:
+    """LRP alpha-beta rule with alpha=1, beta=0 for ``y = x W^T + b`` (bias ignored):
+    R_i = sum_j (x_i^+ w_ji^+ + x_i^- w_ji^-) / z_j R_j,  z_j = sum_i x_i^+ w_ji^+ + x_i^- w_ji^-.
+
+    Using x^± w^± sums = (x w ± |x| |w|)/2, this costs three matmuls of the layer's size:
+    z = (x W^T + |x| |W|^T) / 2 and R = (x (S W) + |x| (S |W|)) / 2 with S = R / z.
+
+    Args:
+        x: (..., C_in) layer input; weight: (C_out, C_in); relevance: (..., C_out).
+        xw: x W^T if already known (the layer's output minus its bias).
+    """
+    if xw is None:
+        xw = x @ weight.t()
+    abs_w = weight.abs()
+    z = 0.5 * (xw + x.abs() @ abs_w.t())
+    s = safe_div(relevance, z)
+    return 0.5 * (x * (s @ weight) + x.abs() * (s @ abs_w))
+
+
+def add_relevance(x0: Tensor, x1: Tensor, relevance: Tensor) -> tuple[Tensor, Tensor]:
+    """LRP for a residual sum z = x0 + x1 (Chefer et al.): z-rule shares, each branch rescaled so
+    the two totals split sum(R) in proportion to |sum R_0| : |sum R_1| (per image)."""
+    s = safe_div(relevance, x0 + x1)
+    r0, r1 = x0 * s, x1 * s
+    dims = tuple(range(1, relevance.dim()))
+    sum0, sum1 = r0.sum(dims, keepdim=True), r1.sum(dims, keepdim=True)
+    total = relevance.sum(dims, keepdim=True)
+    denom = sum0.abs() + sum1.abs()
+    r0 = r0 * safe_div(safe_div(sum0.abs(), denom) * total, sum0)
+    r1 = r1 * safe_div(safe_div(sum1.abs(), denom) * total, sum1)
+    return r0, r1
+
+
+def matmul_relevance(a: Tensor, b: Tensor, relevance: Tensor, ab: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """LRP for z = a @ b: R_a = a * (S b^T), R_b = b * (a^T S), S = R / z, each halved as in
+    Chefer et al. so that the two operands share the relevance."""
+    s = safe_div(relevance, a @ b if ab is None else ab)
+    return 0.5 * a * (s @ b.transpose(-2, -1)), 0.5 * b * (a.transpose(-2, -1) @ s)
+
+
+def _minus_bias(out: Tensor, bias: Tensor | None) -> Tensor:
+    return out if bias is None else out - bias
+
+
+def block_relevance(site: AttentionSite, rec: BlockRecord, relevance: Tensor, to_input: bool = True) -> tuple[Tensor | None, Tensor]:
+    """Propagate relevance (B, N, C) from a pre-norm block's output to its input.
+
+    LayerNorm, GELU, softmax, dropout, LayerScale pass relevance unchanged (Chefer et al.);
+    Linear layers use :func:`linear_relevance`, residual sums :func:`add_relevance`, and the two
+    attention products :func:`matmul_relevance`.
+
+    Returns:
+        (relevance at the block input or None when ``to_input`` is False, relevance of the
+        attention probabilities (B, H, N, N)).
+    """
+    t, lin = rec.tensors, site.linears()
+    x_in, x_mid, x_out = t["x_in"], t["x_mid"], t["x_out"]
+    r_mid, r_mlp = add_relevance(x_mid, x_out - x_mid, relevance)
+    (w1, b1), (w2, b2) = lin["fc1"], lin["fc2"]
+    r_hidden = linear_relevance(t["fc2_in"], w2, r_mlp, _minus_bias(t["fc2_out"], b2))
+    r_mid = r_mid + linear_relevance(t["fc1_in"], w1, r_hidden, _minus_bias(t["fc1_out"], b1))
+    r_in, r_attn_out = add_relevance(x_in, x_mid - x_in, r_mid)
+    probs, q, k, v = rec.probs.detach(), rec.q.detach(), rec.k.detach(), rec.v.detach()
+    context = probs @ v  # (B, H, N, D)
+    w_proj, b_proj = lin["proj"]
+    if w_proj is not None:
+        r_attn_out = linear_relevance(merge_heads(context), w_proj, r_attn_out, _minus_bias(t["proj_out"], b_proj))
+    r_context = r_attn_out.unflatten(-1, (site.num_heads, -1)).transpose(1, 2)
+    r_probs, r_v = matmul_relevance(probs, v, r_context, context)
+    if not to_input:
+        return None, r_probs
+    r_q, r_k = matmul_relevance(q, k.transpose(-2, -1), r_probs)
+    r_k = r_k.transpose(-2, -1)
+    r_qkv = torch.stack([merge_heads(r) for r in (r_q, r_k, r_v)], dim=2).flatten(2)  # (B, N, 3*H*D)
+    w_qkv, b_qkv = lin["qkv"]
+    r_in = r_in + linear_relevance(t["qkv_in"], w_qkv, r_qkv, _minus_bias(t["qkv_out"], b_qkv))
+    return r_in, r_probs
+
+
+class HeadCapture:
+    """Inputs of a classifier head's Linear layers and the final tokens, for LRP.
+
+    Supported heads: timm ViT/DeiT (``global_pool`` token or avg, distilled ``head_dist``),
+    torchvision ``heads``, MONAI ``classification_head``.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.paths = self._paths(model)  # [(weight, token index or "avg", [Linear, ...])]
+        self.inputs: dict[nn.Module, Tensor] = {}
+        self.norm = getattr(model, "norm", None)
+        self.tokens: Tensor | None = None
+        self._handles: list[Any] = []
+
+    @staticmethod
+    def _paths(model: nn.Module) -> list[tuple[float, Any, list[nn.Linear]]]:
+        def linears(module: nn.Module) -> list[nn.Linear]:
+            return [m for m in module.modules() if isinstance(m, nn.Linear)]
+
+        if isinstance(getattr(model, "head", None), nn.Linear) and hasattr(model, "global_pool"):
+            if getattr(model, "attn_pool", None) is not None or model.global_pool not in ("token", "avg"):
+                raise MedlensError(f"chefer supports token or avg pooling heads, not {model.global_pool!r} / attention pooling")
+            if isinstance(getattr(model, "head_dist", None), nn.Linear):
+                return [(0.5, 0, [model.head]), (0.5, 1, [model.head_dist])]
+            return [(1.0, 0 if model.global_pool == "token" else "avg", [model.head])]
+        for attr in ("heads", "classification_head"):
+            head = getattr(model, attr, None)
+            if isinstance(head, nn.Module) and linears(head):
+                return [(1.0, 0, linears(head))]
+        raise MedlensError(f"chefer needs a ViT classifier head (timm head, torchvision heads, MONAI classification_head); {type(model).__name__} has none")
+
+    def __enter__(self) -> "HeadCapture":
+        for _, _, chain in self.paths:
+            for lin in chain:
+                self._handles.append(lin.register_forward_pre_hook(lambda m, inputs: self.inputs.__setitem__(m, inputs[0].detach())))
+        if any(pool == "avg" for _, pool, _ in self.paths):
+            self._handles.append(self.norm.register_forward_hook(lambda _m, _i, out: setattr(self, "tokens", out.detach())))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+    def relevance(self, start: Tensor, n_tokens: int, n_patches: int, repeat: int) -> Tensor:
+        """Relevance (B*K, N, C) at the last block's output from one-hot ``start`` (B*K, classes);
+        the head's inputs were captured for B images, each repeated for its K targets."""
+        out = None
+        for weight, pool, chain in self.paths:
+            r = start * weight
+            for lin in reversed(chain):
+                x = self.inputs[lin].repeat_interleave(repeat, 0)
+                r = linear_relevance(x, lin.weight, r)
+            if out is None:
+                out = r.new_zeros(r.shape[0], n_tokens, r.shape[-1])
+            if pool == "avg":
+                tokens = self.tokens.repeat_interleave(repeat, 0)[:, n_tokens - n_patches :]
+                out[:, n_tokens - n_patches :] += tokens * safe_div(r, tokens.sum(1)).unsqueeze(1)
+            else:
+                out[:, pool] += r
+        return out
+
+
+# --- the functional API ----------------------------------------------------------------------
+def _forward(model: nn.Module, x: Tensor, region: Region, targets: Any) -> tuple[Tensor, Tensor]:
+    logits = pool_scores(model_output(model(x)), x, region)
+    return logits, resolve_targets(targets, logits.detach())
+
+
+def vit_relevance(
+    model: nn.Module,
+    x: Tensor,
+    method: str = "rollout",
+    targets: Any = "pred",
+    region: Region = None,
+    block: int = -1,
+    head_fusion: str = "mean",
+    discard_ratio: float = 0.0,
+) -> Tensor:
+    """Attention-based explanation maps over the patch grid, from one forward pass.
+
+    Args:
+        model: timm / torchvision / MONAI vision transformer (modes restored, nothing changed).
+        x: (B, C, *S) input.
+        method: ``attention`` | ``rollout`` | ``grad-rollout`` | ``chefer`` | ``chefer-generic``.
+        targets: as in :func:`medlens.targets.resolve_targets` (ignored by class-agnostic methods
+            except for the output's K dimension).
+        region: segmentation pooling region, as in :func:`medlens.explain`.
+        block, head_fusion, discard_ratio: see the module docstring.
+
+    Returns:
+        (B, K, *grid) maps (K = number of targets; for ``attention`` with ``head_fusion="none"``,
+        (B, heads, *grid)).
+    """
+    key = method.lower().replace("_", "-")
+    with preserved_modes(model):
+        if key in ("attention", "rollout"):
+            return _class_agnostic(model, x, key, targets, region, block, head_fusion, discard_ratio)
+        if key in ("grad-rollout", "chefer", "chefer-generic"):
+            return _gradient_based(model, x, key, targets, region, head_fusion, discard_ratio)
+    raise MedlensError(f"unknown ViT method {method!r}: use attention, rollout, grad-rollout, chefer or chefer-generic")
+
+
+def _class_agnostic(model, x, key, targets, region, block, head_fusion, discard_ratio) -> Tensor:
+    per_head = key == "attention" and head_fusion in ("none", "per-head", "heads")
+    if not per_head and head_fusion not in HEAD_FUSIONS:
+        raise MedlensError(f"unknown head_fusion {head_fusion!r}: use mean, max, min" + (" or none" if key == "attention" else ""))
+    n_blocks = len(AttentionCapture(model).sites)
+    blocks = block_indices(n_blocks, int(block)) if key == "attention" else None
+    fuse = None if per_head else (lambda a: fuse_heads(a, head_fusion))
+    with AttentionCapture(model, blocks, transform=fuse) as cap, torch.no_grad():
+        logits, targets = _forward(model, x, region, targets)
+    mats = cap.probs()
+    n_tokens = mats[0].shape[-1]
+    n_prefix = n_tokens - int(torch.Size(patch_grid(model, tuple(x.shape[2:]))).numel())
+    query = query_row(model, x.shape[0], n_tokens, n_prefix, x.device)
+    if key == "attention":
+        row = (query[:, None, None, :] @ mats[0].unsqueeze(1) if mats[0].dim() == 3 else query[:, None, None, :] @ mats[0]).squeeze(-2)
+        maps = patch_map(row, model, x)  # (B, 1 or H, *grid)
+        if per_head:
+            return maps
+    else:
+        mats = [residual_rows(discard_lowest(m, float(discard_ratio))) for m in mats]
+        maps = patch_map(roll_out(query, mats), model, x).unsqueeze(1)
+    return maps.expand(-1, targets.shape[1], *maps.shape[2:])
+
+
+def _gradient_based(model, x, key, targets, region, head_fusion, discard_ratio) -> Tensor:
+    if head_fusion not in HEAD_FUSIONS:
+        raise MedlensError(f"unknown head_fusion {head_fusion!r}: use mean, max or min")
+    lrp = key == "chefer"
+    with AttentionCapture(model, grad=True, record=lrp) as cap, HeadCapture(model) if lrp else _Null() as head, torch.enable_grad():
+        logits, targets = _forward(model, x.detach().requires_grad_(True), region, targets)
+    probs = cap.probs()
+    grads = attention_gradients(logits, targets, probs)  # [(B, K, H, N, N)]
+    batch, k = targets.shape
+    n_tokens = probs[0].shape[-1]
+    n_prefix = n_tokens - int(torch.Size(patch_grid(model, tuple(x.shape[2:]))).numel())
+    query = query_row(model, batch * k, n_tokens, n_prefix, x.device)
+    if key == "chefer":
+        with torch.no_grad():
+            row = _chefer_rollout(model, cap, head, logits, targets, grads, query, tuple(x.shape[2:]))
+    else:
+        probs = [p.detach().unsqueeze(1) for p in probs]  # (B, 1, H, N, N)
+        weighted = [(g * p).flatten(0, 1) for g, p in zip(grads, probs)]  # (B*K, H, N, N)
+        if key == "chefer-generic":
+            row = roll_out(query, [w.clamp(min=0).mean(dim=1) for w in weighted], identity=True)
+        else:
+            fused = [residual_rows(discard_lowest(fuse_heads(w, head_fusion).clamp(min=0), float(discard_ratio))) for w in weighted]
+            row = roll_out(query, fused)
+    return patch_map(row, model, x).unflatten(0, (batch, k))
+
+
+def _chefer_rollout(model, cap: AttentionCapture, head: "HeadCapture", logits, targets, grads, query, grid_of) -> Tensor:
+    """Chefer et al. (CVPR 2021) eq. 13-14: Ā_b = I + E_h[(∇A_b ⊙ R^(A_b))^+], C = Ā_L ··· Ā_1
+    (their code's rollout order), read at the class token's row; relevance from LRP started at the
+    one-hot target with alpha=1 rules."""
+    batch, k = targets.shape
+    n_tokens = query.shape[-1]
+    start = torch.nn.functional.one_hot(targets.flatten(), logits.shape[1]).to(logits.dtype)  # (B*K, classes)
+    n_patches = int(torch.Size(patch_grid(model, grid_of)).numel())
+    relevance = head.relevance(start, n_tokens, n_patches, k)
+    row = query.unsqueeze(1)
+    for index in reversed(cap.indices):
+        rec = _repeat(cap.records[index], k)
+        relevance, r_probs = block_relevance(cap.sites[index], rec, relevance, to_input=index > cap.indices[0])
+        cam = (grads[index].flatten(0, 1) * r_probs).clamp(min=0).mean(dim=1)  # (B*K, N, N)
+        row = row + row @ cam
+    return row.squeeze(1)
+
+
+def _repeat(rec: BlockRecord, k: int) -> BlockRecord:
+    if k == 1:
+        return rec
+    rep = lambda t: t.repeat_interleave(k, 0)  # noqa: E731
+    return BlockRecord(rep(rec.probs.detach()), rep(rec.q.detach()), rep(rec.k.detach()), rep(rec.v.detach()), {n: rep(t) for n, t in rec.tensors.items()})
+
+
+class _Null:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+# --- registered methods ----------------------------------------------------------------------
+class _ViTMethod(Method):
+    """A ViT attention method run through :func:`vit_relevance` on the engine's context."""
+
+    uses_layer = False
+    uses_gradients = False
+    key = ""
+
+    def compute(self, ctx: Context) -> Tensor:
+        opts = {k: self.options[k] for k in ("block", "head_fusion", "discard_ratio") if self.options.get(k) is not None}
+        return vit_relevance(ctx.model, ctx.x, self.key, targets=ctx.targets, region=ctx.region, **opts)
+
+
+@register
+class RawAttention(_ViTMethod):
+    """Raw attention (e.g. Chung et al.; Dosovitskiy et al. 2021): the class token's attention
+    row of one block (default: last) over the patch tokens, heads fused by mean/max/min or kept."""
+
+    name = key = "attention"
+
+
+@register
+class AttentionRollout(_ViTMethod):
+    """Attention rollout (Abnar & Zuidema, ACL 2020): Ā_b = norm(0.5 A_b + 0.5 I) with heads fused
+    and optionally the lowest ``discard_ratio`` entries dropped; map = CLS row of Ā_L ··· Ā_1."""
+
+    name = key = "rollout"
+
+
+@register
+class GradientRollout(_ViTMethod):
+    """Gradient-weighted rollout (vit-explain): rollout of fuse_h((∇A ⊙ A)^+) per target."""
+
+    name = key = "grad-rollout"
+
+
+@register
+class CheferAttribution(_ViTMethod):
+    """Transformer attribution (Chefer, Gur & Wolf, CVPR 2021): LRP relevance R^(A_b) of each
+    block's attention (alpha=1) times its gradient, positive part, mean over heads, rolled out
+    with identity Ā_b = I + E_h[(∇A_b ⊙ R^(A_b))^+], CLS row."""
+
+    name = key = "chefer"
+
+
+@register
+class CheferGeneric(_ViTMethod):
+    """Generic attention-model explainability (Chefer, Gur & Wolf, ICCV 2021):
+    R <- R + E_h[(∇A_b ⊙ A_b)^+] R for every block, R initialised to I; CLS row. No LRP."""
+
+    name = key = "chefer-generic"
