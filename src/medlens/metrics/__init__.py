@@ -1,0 +1,22 @@
+"""Evaluating explanations: localisation against annotations, faithfulness to the model,
+sanity checks under model randomisation, and complexity/robustness. All batched and torch-native,
+on (B, *S) maps in 2D and 3D."""
+
+from medlens.metrics.complexity import entropy, gini, max_sensitivity, method_explainer
+from medlens.metrics.faithfulness import (
+    Curve, confidence_change, faithfulness_metrics, noisy_linear_imputation, perturbation_curve, road,
+)
+from medlens.metrics.localisation import (
+    PAPER_PERCENTAGES, auroc, average_precision, box_iou, boxes_to_masks, dice, empty_annotations,
+    energy_pointing_game, localisation_metrics, mask_iou, pointing_game, relevance_mass,
+    relevance_rank_accuracy, topk_box_iou,
+)
+from medlens.metrics.sanity import SanityResult, model_randomisation, spearman, ssim
+
+__all__ = [
+    "Curve", "PAPER_PERCENTAGES", "SanityResult", "auroc", "average_precision", "box_iou", "boxes_to_masks",
+    "confidence_change", "dice", "empty_annotations", "energy_pointing_game", "entropy", "faithfulness_metrics",
+    "gini", "localisation_metrics", "mask_iou", "max_sensitivity", "method_explainer", "model_randomisation",
+    "noisy_linear_imputation", "perturbation_curve", "pointing_game", "relevance_mass",
+    "relevance_rank_accuracy", "road", "spearman", "ssim", "topk_box_iou",
+]
