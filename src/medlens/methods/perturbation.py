@@ -295,18 +295,23 @@ def _outer_coverage(axis_masks: Sequence[Tensor]) -> Tensor:
 # ----------------------------------------------------------------------------- RISE
 
 
-def rise_masks(count: int, size: Sequence[int], cells: int, p_keep: float, generator: torch.Generator, device: torch.device) -> Tensor:
-    """RISE masks (count, *size): a random ``cells``^d binary grid (keep probability p_keep),
-    upsampled (bi/trilinear) to (cells + 1) * cell_size and cropped at a random shift."""
-    ndim = len(size)
+def rise_draws(count: int, ndim: int, cells: int, p_keep: float, cell: Sequence[int], generator: torch.Generator) -> tuple[Tensor, Tensor]:
+    """The random part of ``count`` RISE masks: binary ``cells``^d grids (count, 1, *grid) that
+    keep a cell with probability p_keep, and crop shifts (count, d) in [0, cell_size)."""
+    grid = (torch.rand((count, 1, *([cells] * ndim)), generator=generator) < p_keep).float()
+    shifts = torch.stack([torch.randint(0, c, (count,), generator=generator) for c in cell], dim=1)
+    return grid, shifts
+
+
+def rise_masks(grid: Tensor, shifts: Tensor, size: Sequence[int]) -> Tensor:
+    """RISE masks (count, *size): each grid upsampled (bi/trilinear) to (cells + 1) * cell_size
+    and cropped at its shift, so the masks are smooth and not aligned to the cell borders."""
+    ndim, cells = len(size), grid.shape[-1]
     cell = [math.ceil(s / cells) for s in size]
-    grid = (torch.rand((count, 1, *([cells] * ndim)), generator=generator) < p_keep).float().to(device)
-    up = upsample(grid, [(cells + 1) * c for c in cell])[:, 0]  # (count, *up)
-    shifts = torch.stack([torch.randint(0, c, (count,), generator=generator) for c in cell], dim=1).to(device)
+    up = upsample(grid, [(cells + 1) * c for c in cell])[:, 0].clamp_(0, 1)  # (count, *up)
     for d, s in enumerate(size):
-        index = shifts[:, d].view(-1, *([1] * ndim)) + torch.arange(s, device=device).view(*([1] * (d + 1)), s, *([1] * (ndim - d - 1)))
-        index = index.expand(*up.shape[: d + 1], s, *up.shape[d + 2 :])
-        up = up.gather(d + 1, index)
+        index = shifts[:, d].view(-1, *([1] * ndim)) + torch.arange(s, device=grid.device).view(*([1] * (d + 1)), s, *([1] * (ndim - d - 1)))
+        up = up.gather(d + 1, index.expand(*up.shape[: d + 1], s, *up.shape[d + 2 :]))
     return up
 
 
@@ -336,8 +341,11 @@ class RISE(Method):
         batch = x.shape[0]
         per_pass = _chunk(self.options.get("batch_size", 64), batch)
         total = x.new_zeros(batch, ctx.targets.shape[1], *x.shape[2:])
+        cell = [math.ceil(s / cells) for s in x.shape[2:]]
+        grids, shifts = rise_draws(n_masks, x.dim() - 2, cells, p_keep, cell, generator)  # drawn up front: chunking changes nothing
         for start in range(0, n_masks, per_pass):
-            masks = rise_masks(min(per_pass, n_masks - start), x.shape[2:], cells, p_keep, generator, x.device)
+            part = slice(start, start + per_pass)
+            masks = rise_masks(grids[part].to(x.device), shifts[part].to(x.device), x.shape[2:])
             m = masks.unsqueeze(1).unsqueeze(0)  # (1, c, 1, *S)
             masked = (x.unsqueeze(1) * m + baseline * (1 - m)).flatten(0, 1)
             scores = ctx.score(masked, batch_size=masked.shape[0]).view(batch, masks.shape[0], -1)
