@@ -106,6 +106,26 @@ def test_multi_frame_volume_with_slice_spacing():
     assert loaded.meta["frames"] == 10
 
 
+def test_enhanced_ct_uses_functional_groups():
+    path = get_testdata_file("eCT_Supplemental.dcm")
+    ds = pydicom.dcmread(path)
+    assert "RescaleIntercept" not in ds  # only in the shared functional groups
+    shared = ds.SharedFunctionalGroupsSequence[0]
+    intercept = float(shared.PixelValueTransformationSequence[0].RescaleIntercept)
+    loaded = read_image(path)
+    positions = [float(f.PlanePositionSequence[0].ImagePositionPatient[2]) for f in ds.PerFrameFunctionalGroupsSequence]
+    assert loaded.meta["spacing"][0] == pytest.approx(abs(positions[1] - positions[0]))
+    assert loaded.meta["window"] == (float(shared.FrameVOILUTSequence[0].WindowCenter),
+                                     float(shared.FrameVOILUTSequence[0].WindowWidth))
+    stored = torch.from_numpy(ds.pixel_array.astype(np.float32))
+    frames = {float(loaded.image[0, k].sum()) for k in range(2)}
+    assert frames == {float((stored[k] + intercept).sum()) for k in range(2)}
+    for k in range(2):  # each frame's first voxel sits at its own ImagePositionPatient
+        world = (loaded.meta["affine"] @ [k, 0, 0, 1])[2]
+        match = int(np.argmin([abs(world - z) for z in positions]))
+        assert torch.equal(loaded.image[0, k], stored[match] + intercept)
+
+
 def test_rgb_dicom_has_three_channels():
     ds = _dataset("SC_rgb.dcm")
     loaded = read_image(get_testdata_file("SC_rgb.dcm"))

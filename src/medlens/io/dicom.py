@@ -107,16 +107,52 @@ def _stored_range(ds) -> tuple[float, float]:
     return 0.0, float(2**bits - 1)
 
 
+def _frame_values(ds, sequence: str, keywords: tuple[str, ...]) -> list[tuple[Any, ...]] | None:
+    """Per-frame values from an enhanced multi-frame file's functional groups (per-frame, else shared)."""
+    shared = [_shared_group(ds, sequence, k) for k in keywords]
+    frames = ds.get("PerFrameFunctionalGroupsSequence")
+    if not frames:
+        return None if all(v is None for v in shared) else [tuple(shared)]
+    values = []
+    for frame in frames:
+        entry = frame.get(sequence)
+        item = entry[0] if entry else None
+        values.append(tuple(item[k].value if item is not None and k in item else default
+                            for k, default in zip(keywords, shared)))
+    return None if all(v is None for row in values for v in row) else values
+
+
+def _rescale(ds) -> tuple[np.ndarray, np.ndarray]:
+    """Rescale slope and intercept per frame (1 value for a classic file): top level, else functional groups."""
+    if "RescaleSlope" in ds or "RescaleIntercept" in ds:
+        rows = [(ds.get("RescaleSlope"), ds.get("RescaleIntercept"))]
+    else:
+        rows = _frame_values(ds, "PixelValueTransformationSequence", ("RescaleSlope", "RescaleIntercept")) or [(1, 0)]
+    slopes = np.array([_first_number(s) if _first_number(s) is not None else 1.0 for s, _ in rows])
+    intercepts = np.array([_first_number(i) or 0.0 for _, i in rows])
+    return slopes, intercepts
+
+
+def _apply_modality(array: np.ndarray, ds) -> np.ndarray:
+    """Stored values -> real units: the Modality LUT sequence, else slope * x + intercept (per frame if given)."""
+    if "ModalityLUTSequence" in ds:
+        return _pydicom().pixels.apply_modality_lut(array, ds)
+    slopes, intercepts = _rescale(ds)
+    if len(slopes) > 1 and array.ndim >= 3 and array.shape[0] == len(slopes):
+        shape = (-1,) + (1,) * (array.ndim - 1)
+        return array * slopes.reshape(shape) + intercepts.reshape(shape)
+    return array * slopes[0] + intercepts[0]
+
+
 def _modality_range(ds) -> tuple[float, float]:
     """The value range after the Modality LUT, from the stored bit range (not the image content)."""
     low, high = _stored_range(ds)
     if "ModalityLUTSequence" in ds:
         data = np.asarray(ds.ModalityLUTSequence[0].LUTData, dtype=np.float64)
         return float(data.min()), float(data.max())
-    slope = _first_number(ds.get("RescaleSlope")) or 1.0
-    intercept = _first_number(ds.get("RescaleIntercept")) or 0.0
-    ends = sorted((low * slope + intercept, high * slope + intercept))
-    return ends[0], ends[1]
+    slopes, intercepts = _rescale(ds)
+    ends = np.concatenate([low * slopes + intercepts, high * slopes + intercepts])
+    return float(ends.min()), float(ends.max())
 
 
 def _decode(ds, path: Path) -> np.ndarray:
@@ -151,6 +187,10 @@ def _voi(ds, invert_about: float | None) -> tuple[tuple[float, float] | None, di
             first, data = int(invert_about - (first + len(data) - 1)), (2**bits - 1) - data[::-1]
         return None, {"first": first, "data": np.ascontiguousarray(data), "bits": bits}
     centre, width = _first_number(ds.get("WindowCenter")), _first_number(ds.get("WindowWidth"))
+    if centre is None or width is None:  # enhanced multi-frame: the first frame's window
+        frame_windows = _frame_values(ds, "FrameVOILUTSequence", ("WindowCenter", "WindowWidth"))
+        if frame_windows:
+            centre, width = (_first_number(v) for v in frame_windows[0])
     if centre is None or width is None:
         return None, None
     if invert_about is not None:
@@ -201,6 +241,24 @@ def _pixels_to_tensor(array: np.ndarray, ds) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
 
 
+def _place_frames(image: torch.Tensor, ds) -> tuple[torch.Tensor, tuple[float, ...], np.ndarray | None]:
+    """Spacing and RAS affine of a decoded image; frames with positions are sorted along the slice normal."""
+    rows, cols = _pixel_spacing(ds)
+    orientation = _orientation(ds)
+    if image.dim() == 3:
+        return image, (rows, cols), _affine(orientation, ds.get("ImagePositionPatient"), (rows, cols))
+    positions = _frame_positions(ds)
+    if not positions or len(positions) != image.shape[1] or orientation is None:
+        spacing = (_slice_spacing(ds), rows, cols)
+        return image, spacing, _affine(orientation, positions[0] if positions else ds.get("ImagePositionPatient"), spacing)
+    points = np.asarray(positions)
+    order = np.argsort(points @ np.cross(orientation[:3], orientation[3:]), kind="stable")
+    image, points = image[:, torch.from_numpy(order)], points[order]
+    step = (points[-1] - points[0]) / max(len(points) - 1, 1)
+    spacing = (float(np.linalg.norm(step)) or _slice_spacing(ds), rows, cols)
+    return image, spacing, _affine(orientation, points[0], spacing, step if np.linalg.norm(step) else None)
+
+
 def read_dicom(path: str | Path) -> Loaded:
     """Read one DICOM file (single- or multi-frame).
 
@@ -208,45 +266,32 @@ def read_dicom(path: str | Path) -> Loaded:
         :class:`Loaded`; ``image`` is (C, H, W) for one frame, (C, D, H, W) for several, in
         Modality LUT units (HU for CT). ``meta`` holds the header tags in ``HEADER_TAGS``,
         ``window`` (centre, width) or ``voi_lut``, ``inverted`` (MONOCHROME1), ``spacing``,
-        ``affine`` (RAS, when the file carries its geometry) and ``transfer_syntax``.
+        ``affine`` (RAS, when the file carries its geometry) and ``transfer_syntax``. Frames of an
+        enhanced multi-frame file with per-frame positions are sorted along the slice normal, and
+        its functional-group rescale and window are used when the top level has none.
     """
-    pydicom = _pydicom()
     path = Path(path)
     ds = read_header(path, with_pixels=True)
     array = _decode(ds, path)
-    frames = int(_first_number(ds.get("NumberOfFrames")) or 1)
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2"))
     grey = int(ds.get("SamplesPerPixel", 1)) == 1 and photometric != "PALETTE COLOR"
+    value_range = None if grey or array.dtype.kind not in "ui" else (0.0, float(np.iinfo(array.dtype).max))
     invert_about = None
     if grey:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            array = pydicom.pixels.apply_modality_lut(array, ds)
+        array = _apply_modality(array.astype(np.float64), ds)
         if photometric == "MONOCHROME1":
             low, high = _modality_range(ds)
             invert_about = low + high
             array = invert_about - array
     image = _pixels_to_tensor(np.asarray(array), ds)
+    image, spacing, affine = _place_frames(image, ds)
     window, voi_lut = _voi(ds, invert_about) if grey else (None, None)
-    rows, cols = _pixel_spacing(ds)
-    meta = _header_meta(ds)
-    positions = _frame_positions(ds) if frames > 1 else None
-    if image.dim() == 4:
-        normal = None
-        if positions and len(positions) > 1:
-            normal = (np.asarray(positions[-1]) - np.asarray(positions[0])) / (len(positions) - 1)
-        depth = float(np.linalg.norm(normal)) if normal is not None else _slice_spacing(ds)
-        spacing = (depth, rows, cols)
-        origin = positions[0] if positions else ds.get("ImagePositionPatient")
-    else:
-        spacing, normal, origin = (rows, cols), None, ds.get("ImagePositionPatient")
     syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    meta = _header_meta(ds)
     meta.update(
-        source=str(path), kind="dicom", spacing=spacing, original_shape=tuple(image.shape),
-        affine=_affine(_orientation(ds), origin, spacing, normal),
-        window=window, voi_lut=voi_lut, inverted=invert_about is not None,
-        value_range=None if grey or array.dtype.kind not in "ui" else (0.0, float(np.iinfo(array.dtype).max)),
-        frames=frames, transfer_syntax=getattr(syntax, "name", None),
+        source=str(path), kind="dicom", spacing=spacing, original_shape=tuple(image.shape), affine=affine,
+        window=window, voi_lut=voi_lut, inverted=invert_about is not None, value_range=value_range,
+        frames=int(_first_number(ds.get("NumberOfFrames")) or 1), transfer_syntax=getattr(syntax, "name", None),
     )
     return Loaded(image=image, meta=meta)
 
@@ -257,9 +302,9 @@ def read_dicom(path: str | Path) -> Loaded:
 
 
 def _dicom_files(folder: Path) -> list[Path]:
-    from medlens.io.loading import _is_dicom
+    from medlens.io.loading import _is_dicom, is_readable
 
-    return sorted(p for p in folder.iterdir() if p.is_file() and _is_dicom(p))
+    return sorted(p for p in folder.iterdir() if is_readable(p) and _is_dicom(p))
 
 
 def _safe_headers(files: Iterable[Path]) -> list[tuple[Path, Any]]:

@@ -102,8 +102,14 @@ def _is_dicom(path: Path) -> bool:
 
 
 def is_readable(path: Path) -> bool:
-    """Whether ``path`` is a file medlens recognises as an image, DICOM or NIfTI."""
-    return path.is_file() and (_is_nifti(path) or _is_image(path) or _is_dicom(path))
+    """Whether ``path`` is a file medlens recognises as an image, DICOM or NIfTI.
+
+    Hidden files (names starting with a dot, such as unfinished atomic writes) and DICOMDIR
+    index files are not inputs.
+    """
+    if path.name.startswith(".") or path.name.upper() == "DICOMDIR" or not path.is_file():
+        return False
+    return _is_nifti(path) or _is_image(path) or _is_dicom(path)
 
 
 def read_image(path: str | Path, policy: Any | None = None) -> Loaded:
