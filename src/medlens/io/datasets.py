@@ -523,24 +523,20 @@ class CenterCrop:
     def __init__(self, size: int | Sequence[int]) -> None:
         self.size = size
 
-    def __call__(self, sample: Sample) -> Sample:
-        spatial = sample["image"].shape[1:]
-        size = _size(self.size, len(spatial))
-        return _crop(sample, [(s - n) // 2 for s, n in zip(spatial, size)], size)
-
-
-class RandomCrop:
-    """Crop a random ``size`` window (zero-padding a smaller image)."""
-
-    def __init__(self, size: int | Sequence[int]) -> None:
-        self.size = size
+    def window_start(self, spatial: Sequence[int], size: Sequence[int]) -> list[int]:
+        return [(s - n) // 2 for s, n in zip(spatial, size)]
 
     def __call__(self, sample: Sample) -> Sample:
         spatial = sample["image"].shape[1:]
         size = _size(self.size, len(spatial))
-        start = [int(torch.randint(0, max(s - n, 0) + 1, ()).item()) if s > n else (s - n) // 2
-                 for s, n in zip(spatial, size)]
-        return _crop(sample, start, size)
+        return _crop(sample, self.window_start(spatial, size), size)
+
+
+class RandomCrop(CenterCrop):
+    """Crop a random ``size`` window (zero-padding, centred, along a side shorter than the window)."""
+
+    def window_start(self, spatial: Sequence[int], size: Sequence[int]) -> list[int]:
+        return [int(torch.randint(0, s - n + 1, ())) if s > n else (s - n) // 2 for s, n in zip(spatial, size)]
 
 
 class RandomResizedCrop:

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from medlens.errors import MedlensError
-from medlens.io.loading import Loaded
+from medlens.io.loading import Loaded, first_line
 
 HEADER_TAGS = (
     "Modality", "BodyPartExamined", "PatientPosition", "ViewPosition", "PhotometricInterpretation",
@@ -45,12 +45,8 @@ def read_header(path: str | Path, with_pixels: bool = False):
     except pydicom.errors.InvalidDicomError:
         raise MedlensError(f"{path}: not a DICOM file (no DICM preamble or file meta)") from None
     except (EOFError, OSError, ValueError, TypeError, KeyError, IndexError, AttributeError) as error:
-        raise MedlensError(f"{path}: corrupt or truncated DICOM ({_one_line(error)})") from None
+        raise MedlensError(f"{path}: corrupt or truncated DICOM ({first_line(error)})") from None
 
-
-def _one_line(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    return text[0][:200] if text else type(error).__name__
 
 
 def _first_number(value: Any) -> float | None:
@@ -173,7 +169,7 @@ def _decode(ds, path: Path) -> np.ndarray:
         raise MedlensError(f"{path}: no installed pydicom pixel handler decodes transfer syntax '{name}' "
                            "(install pylibjpeg or python-gdcm)") from None
     except (ValueError, EOFError, AttributeError, KeyError, TypeError, IndexError) as error:
-        raise MedlensError(f"{path}: corrupt or truncated pixel data ({_one_line(error)})") from None
+        raise MedlensError(f"{path}: corrupt or truncated pixel data ({first_line(error)})") from None
     return array
 
 

@@ -10,7 +10,7 @@ from PIL import Image, UnidentifiedImageError
 
 from medlens.errors import MedlensError
 from medlens.io.atomic import atomic_path
-from medlens.io.loading import Loaded
+from medlens.io.loading import Loaded, first_line
 
 TIFF_SUFFIXES = (".tif", ".tiff")
 # Pillow modes whose pixels are taken as they are; every other mode is converted first.
@@ -43,7 +43,7 @@ def _read_pillow(path: Path) -> tuple[np.ndarray, str]:
                 picture = picture.convert(_CONVERT.get(mode, "RGB"))
             array = np.asarray(picture)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
-        raise MedlensError(f"{path}: cannot read image ({_first_line(error)})") from None
+        raise MedlensError(f"{path}: cannot read image ({first_line(error)})") from None
     return array, "YXS" if array.ndim == 3 else "YX"
 
 
@@ -57,7 +57,7 @@ def _read_tiff(path: Path) -> tuple[np.ndarray, str]:
             series = tiff.series[0]
             array, axes = series.asarray(), series.axes
     except Exception as error:  # tifffile raises many types for a damaged file
-        raise MedlensError(f"{path}: cannot read TIFF ({_first_line(error)})") from None
+        raise MedlensError(f"{path}: cannot read TIFF ({first_line(error)})") from None
     # Order the axes as (other...), Y, X, (S), then collapse the other axes (pages, time, ...) into depth.
     other = [i for i, a in enumerate(axes) if a not in "YXS"]
     keep = "YX" + ("S" if "S" in axes else "")
@@ -110,7 +110,3 @@ def write_picture(path: str | Path, image: torch.Tensor, bits: int = 8, overwrit
         Image.fromarray(array).save(tmp)
     return Path(path)
 
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    return text[0] if text else type(error).__name__

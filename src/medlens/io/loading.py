@@ -81,6 +81,12 @@ def _apply_voi_lut(image: torch.Tensor, lut: dict[str, Any]) -> torch.Tensor:
     return (table[index] / top).clamp(0, 1)
 
 
+def first_line(error: BaseException) -> str:
+    """The first line of an exception's message (at most 200 characters), for one-line errors."""
+    text = str(error).strip().splitlines()
+    return text[0][:200] if text else type(error).__name__
+
+
 def _is_nifti(path: Path) -> bool:
     return path.name.lower().endswith(NIFTI_SUFFIXES)
 

@@ -17,7 +17,7 @@ import torch
 
 from medlens.errors import MedlensError
 from medlens.io.atomic import atomic_path
-from medlens.io.loading import Loaded
+from medlens.io.loading import Loaded, first_line
 
 
 def _nib():
@@ -49,7 +49,7 @@ def read_nifti(path: str | Path) -> Loaded:
     except FileNotFoundError:
         raise MedlensError(f"{path}: no such file") from None
     except (nib.filebasedimages.ImageFileError, EOFError, OSError, ValueError, zlib.error, MemoryError) as error:
-        raise MedlensError(f"{path}: corrupt or truncated NIfTI ({_one_line(error)})") from None
+        raise MedlensError(f"{path}: corrupt or truncated NIfTI ({first_line(error)})") from None
     if array.ndim == 5 and array.shape[3] == 1:  # (X, Y, Z, 1, C) as some tools write vectors
         array = array[:, :, :, 0]
     if array.ndim > 4:
@@ -72,10 +72,6 @@ def read_nifti(path: str | Path) -> Loaded:
     }
     return Loaded(image=image, meta=meta)
 
-
-def _one_line(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    return text[0][:200] if text else type(error).__name__
 
 
 def _as_volume(data: torch.Tensor, spatial_shape: tuple[int, ...], path: Path) -> np.ndarray:

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from medlens.io.atomic import write_text
+from medlens.io.loading import first_line
 
 
 @dataclass
@@ -17,7 +18,7 @@ class BadFilesReport:
     entries: list[tuple[str, str]] = field(default_factory=list)
 
     def add(self, path: str | Path, reason: str | BaseException) -> None:
-        text = str(reason).strip().splitlines()[0] if str(reason).strip() else type(reason).__name__
+        text = first_line(reason) if isinstance(reason, BaseException) else str(reason).strip()
         prefix = f"{path}: "
         self.entries.append((str(path), text[len(prefix):] if text.startswith(prefix) else text))
 
