@@ -1,0 +1,94 @@
+"""``medlens evaluate``: which explanation method can I trust for this model and this dataset?"""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from medlens.cli.app import app
+from medlens.cli.explain import fail, load_model, parse_options, parse_size
+from medlens.errors import MedlensError
+
+
+def _data(source: str, size, channels: int, limit: Optional[int], split: Optional[Path], part: str, seed: int):
+    """Items for the runner: ``phantoms[:N[:SIZE[:DIMS]]]`` or a dataset folder / Decathlon / CSV."""
+    from medlens.evaluate import folder_items, phantom_items
+
+    if source.startswith("phantoms"):
+        from medlens.phantoms import make_phantoms
+
+        fields = source.split(":")[1:]
+        n = int(fields[0]) if fields else 32
+        px = int(fields[1]) if len(fields) > 1 else (size[0] if size else 64)
+        dims = int(fields[2]) if len(fields) > 2 else 2
+        items = phantom_items(make_phantoms(n, px, dims, seed=seed))
+    else:
+        if not Path(source).exists():
+            raise MedlensError(f"{source}: no such dataset folder or file (or use phantoms:N)")
+        subset = None
+        if split is not None:
+            from medlens.io.datasets import read_split
+
+            parts = read_split(split)
+            if part not in parts:
+                raise MedlensError(f"{split}: no part {part!r}; it has {', '.join(parts)}")
+            subset = parts[part]
+        items = folder_items(source, size=size, channels=channels, items=subset)
+    return itertools.islice(items, limit) if limit else items
+
+
+@app.command("evaluate")
+def evaluate_command(
+    model: str = typer.Argument(..., help="model spec, e.g. torchvision:resnet18"),
+    data: str = typer.Argument(..., help="dataset folder (class folders + YOLO boxes, images+masks, Decathlon), a CSV, or phantoms[:N[:SIZE[:DIMS]]]"),
+    weights: list[str] = typer.Option([], "--weights", "-w", help="weights file; repeat to compare several models (none = random init)"),
+    method: list[str] = typer.Option(["gradcam"], "--method", "-m", help="method name; repeat for several"),
+    metric: list[str] = typer.Option(["localisation", "faithfulness", "complexity"], "--metric",
+                                     help="localisation, faithfulness, complexity, robustness, sanity; repeat"),
+    out: Path = typer.Option(Path("medlens-eval"), "--out", "-o", help="output folder"),
+    num_classes: int = typer.Option(2, "--num-classes", "-n"),
+    in_channels: int = typer.Option(3, "--in-channels"),
+    dims: int = typer.Option(2, "--dims", help="2 for images, 3 for volumes"),
+    size: Optional[str] = typer.Option(None, "--size", help="resize inputs to this, e.g. 224 or 128,128"),
+    layer: Optional[str] = typer.Option(None, "--layer", "-l", help="layer for layer methods; default automatic"),
+    target: str = typer.Option("label", "--target", "-t", help="label (the annotated class) or pred"),
+    option: list[str] = typer.Option([], "--option", help="method option key=value (all methods)"),
+    split: Optional[Path] = typer.Option(None, "--split", help="split CSV written by medlens train / write_split"),
+    part: str = typer.Option("test", "--part", help="which part of --split to evaluate"),
+    limit: Optional[int] = typer.Option(None, "--limit", help="evaluate at most this many images"),
+    steps: int = typer.Option(20, "--steps", help="deletion/insertion steps"),
+    baseline: str = typer.Option("zero", "--baseline", help="deletion baseline: zero, min, mean, blur"),
+    road: bool = typer.Option(True, "--road/--no-road", help="run ROAD (noisy linear imputation)"),
+    batch_size: int = typer.Option(8, "--batch-size", "-b"),
+    n_boot: int = typer.Option(1000, "--bootstrap", help="bootstrap resamples for the 95% CIs"),
+    device: str = typer.Option("auto", "--device"),
+    seed: int = typer.Option(0, "--seed"),
+) -> None:
+    """Evaluate explanation methods: localisation against boxes/masks, faithfulness, complexity,
+    sanity; per-image rows, summary tables with bootstrap 95% CIs and report.html."""
+    from rich.console import Console
+
+    from medlens.evaluate import evaluate
+
+    try:
+        shape = parse_size(size)
+        models = {}
+        for w in weights or ["none"]:
+            name = "random" if w.lower() in ("none", "-", "random") else Path(w).stem
+            models[name] = load_model(model, w, num_classes, in_channels, dims, device)
+        items = _data(data, shape, in_channels, limit, split, part, seed)
+        opts = parse_options(option)
+        result = evaluate(models, items, method, metric, out_dir=out, batch_size=batch_size, target=target, layer=layer,
+                          method_options={m: opts for m in method}, steps=steps, baseline=baseline, road=road,
+                          n_boot=n_boot, seed=seed)
+    except MedlensError as err:
+        fail(str(err))
+    console = Console()
+    typer.echo(result.table())
+    if result.sanity is not None:
+        flagged = sorted(set(result.sanity.loc[result.sanity["flagged"], "method"]))
+        console.print(f"sanity check: {'flagged ' + ', '.join(flagged) if flagged else 'every method changes under randomisation'}")
+    console.print(f"wrote {len(result.files)} files to {out} (report.html, summary.md, rows.csv)")
