@@ -13,8 +13,8 @@ from torch.utils.data import DataLoader
 from medlens.errors import MedlensError
 from medlens.io.datasets import (
     CenterCrop, Item, MedicalDataset, RandomFlip, Resize, VolumeSlices, collate, eval_transforms, index_csv,
-    index_decathlon, index_image_folder, index_mask_folder, index_source, read_split, read_yolo_boxes,
-    split_items, train_transforms, write_split,
+    index_decathlon, index_image_folder, index_mask_folder, index_source, prepare_split, read_split,
+    read_yolo_boxes, split_items, train_transforms, write_split,
 )
 
 # README of ../shared/data: YOLO label 0 pituitary, 1 meningioma, 2 glioma
@@ -173,3 +173,28 @@ def test_bad_labels_masks_and_folders_are_one_line_errors(tmp_path, brain_index,
     (tmp_path / "images" / "a.png").symlink_to(items[0].path)
     with pytest.raises(MedlensError, match="no mask named a"):
         index_mask_folder(tmp_path / "images", tmp_path / "masks")
+
+
+def test_dicom_class_folders_split_by_patient_id(tmp_path, chest_dicom):
+    # test1, test4, test5 and test6 carry PatientID 2: they must land in one part whatever the seed
+    for name, folder in [("test1", "normal"), ("test4", "normal"), ("test2", "abnormal"), ("test3", "abnormal"),
+                         ("test5", "normal"), ("test6", "abnormal")]:
+        (tmp_path / "data" / folder).mkdir(parents=True, exist_ok=True)
+        (tmp_path / "data" / folder / name).symlink_to(chest_dicom / f"{name}.dcm")  # no extension: DICM preamble
+    items, classes = index_image_folder(tmp_path / "data")
+    assert classes == ["abnormal", "normal"] and len(items) == 6
+    assert {item.patient for item in items} == {"2", "1", "61"}
+    for seed in range(6):
+        parts = split_items(items, {"train": 0.5, "val": 0.5}, seed=seed)
+        where = {item.path.rsplit("/", 1)[1]: name for name, part in parts.items() for item in part}
+        assert len({where[n] for n in ("test1", "test4", "test5", "test6")}) == 1
+
+
+def test_prepare_split_reuses_the_split_on_disk(tmp_path, hippocampus):
+    first, classes, task = prepare_split(hippocampus, tmp_path / "split.csv", {"train": 0.9, "val": 0.1}, seed=1)
+    assert task == "segmentation" and len(first["val"]) == 20
+    again, _, _ = prepare_split(hippocampus, tmp_path / "split.csv", {"train": 0.5, "val": 0.5}, seed=9)
+    assert again == first  # the file wins over new fractions and seed
+    (tmp_path / "split.csv").write_text((tmp_path / "split.csv").read_text().replace("hippocampus_001", "hippocampus_999"))
+    with pytest.raises(MedlensError, match="hippocampus_999.*not in"):
+        prepare_split(hippocampus, tmp_path / "split.csv")

@@ -121,10 +121,24 @@ def index_image_folder(root: str | Path, classes: Sequence[str] | None = None) -
         for path in sorted(p for p in folder.rglob("*") if _is_input(p)):
             box_file = path.with_name(_stem(path) + ".txt")
             box_labels, boxes = read_yolo_boxes(box_file) if box_file.is_file() else ([], [])
-            items.append(Item(str(path), label=classes.index(folder.name), boxes=boxes, box_labels=box_labels))
+            items.append(Item(str(path), label=classes.index(folder.name), boxes=boxes, box_labels=box_labels,
+                              patient=_dicom_patient(path)))
     if not items:
         raise MedlensError(f"{root}: class folders hold no image")
     return items, classes
+
+
+def _dicom_patient(path: Path) -> str | None:
+    """The PatientID of a DICOM file (header only), None for other files or an empty ID."""
+    if not _is_dicom(path):
+        return None
+    from medlens.io.dicom import read_header
+
+    try:
+        patient = str(read_header(path).get("PatientID", "") or "").strip()
+    except MedlensError:
+        return None  # the dataset reports the bad file when it reads it
+    return patient or None
 
 
 def index_mask_folder(images: str | Path, masks: str | Path) -> list[Item]:
@@ -314,6 +328,27 @@ def read_split(path: str | Path) -> dict[str, list[Item]]:
             boxes=boxes, box_labels=[int(v) for v in row["box_labels"].split()], patient=row["patient"] or None,
         ))
     return dict(parts)
+
+
+def prepare_split(source: str | Path, split_csv: str | Path, fractions: dict[str, float] | None = None,
+                  seed: int = 0, classes: Sequence[str] | None = None) -> tuple[dict[str, list[Item]], list[str], str]:
+    """Index ``source`` and split it, or reuse the split already at ``split_csv`` (so a resumed run sees the same items).
+
+    Returns:
+        (parts, classes, task) as :func:`index_source` and :func:`split_items` give them.
+    """
+    items, names, task = index_source(source, classes)
+    split_csv = Path(split_csv)
+    if split_csv.is_file():
+        parts = read_split(split_csv)
+        known = {item.path for item in items}
+        stale = next((item.path for part in parts.values() for item in part if item.path not in known), None)
+        if stale is not None:
+            raise MedlensError(f"{split_csv}: lists {stale}, which is not in {source}; delete the split to make a new one")
+        return parts, names, task
+    parts = split_items(items, fractions, seed)
+    write_split(split_csv, parts)
+    return parts, names, task
 
 
 # ----------------------------------------------------------------------------------------------
