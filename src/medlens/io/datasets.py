@@ -26,7 +26,7 @@ from torch.utils.data import Dataset
 
 from medlens.errors import MedlensError
 from medlens.io.atomic import write_text
-from medlens.io.loading import IMAGE_SUFFIXES, NIFTI_SUFFIXES, _is_dicom, read_image
+from medlens.io.loading import IMAGE_SUFFIXES, NIFTI_SUFFIXES, _is_dicom, is_readable, read_image
 
 Sample = dict[str, Any]
 Transform = Callable[[Sample], Sample]
@@ -51,11 +51,6 @@ class Item:
     boxes: list[tuple[float, float, float, float]] = field(default_factory=list)
     box_labels: list[int] = field(default_factory=list)
     patient: str | None = None
-
-
-def _is_input(path: Path) -> bool:
-    name = path.name.lower()
-    return path.is_file() and (name.endswith(NIFTI_SUFFIXES) or path.suffix.lower() in IMAGE_SUFFIXES or _is_dicom(path))
 
 
 def _stem(path: Path) -> str:
@@ -118,7 +113,7 @@ def index_image_folder(root: str | Path, classes: Sequence[str] | None = None) -
     for folder in folders:
         if folder.name not in classes:
             raise MedlensError(f"{folder}: class '{folder.name}' is not in the class list {classes}")
-        for path in sorted(p for p in folder.rglob("*") if _is_input(p)):
+        for path in sorted(p for p in folder.rglob("*") if is_readable(p)):
             box_file = path.with_name(_stem(path) + ".txt")
             box_labels, boxes = read_yolo_boxes(box_file) if box_file.is_file() else ([], [])
             items.append(Item(str(path), label=classes.index(folder.name), boxes=boxes, box_labels=box_labels,
@@ -144,8 +139,8 @@ def _dicom_patient(path: Path) -> str | None:
 def index_mask_folder(images: str | Path, masks: str | Path) -> list[Item]:
     """Pair every image in ``images`` with the file of the same stem in ``masks`` (any readable format)."""
     images, masks = Path(images), Path(masks)
-    by_stem = {_stem(p): p for p in sorted(masks.iterdir()) if _is_input(p)} if masks.is_dir() else {}
-    image_files = sorted(p for p in images.iterdir() if _is_input(p)) if images.is_dir() else []
+    by_stem = {_stem(p): p for p in sorted(masks.iterdir()) if is_readable(p)} if masks.is_dir() else {}
+    image_files = sorted(p for p in images.iterdir() if is_readable(p)) if images.is_dir() else []
     if not image_files:
         raise MedlensError(f"{images}: empty folder or not a folder (expected images)")
     items = []

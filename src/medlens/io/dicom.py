@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import warnings
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from collections.abc import Sequence
 from typing import Any, Iterable
 
 import numpy as np
@@ -48,7 +48,6 @@ def read_header(path: str | Path, with_pixels: bool = False):
         raise MedlensError(f"{path}: corrupt or truncated DICOM ({first_line(error)})") from None
 
 
-
 def _first_number(value: Any) -> float | None:
     """A DS/IS value or the first of a multi-valued one as float, None when absent or empty."""
     if not isinstance(value, (str, bytes)) and isinstance(value, Sequence):
@@ -56,7 +55,7 @@ def _first_number(value: Any) -> float | None:
     if value is None or value == "":
         return None
     try:
-        return float(value) if value is not None else None
+        return float(value)
     except (TypeError, ValueError):
         return None
 
