@@ -68,6 +68,11 @@ def _header_meta(ds) -> dict[str, Any]:
     return meta
 
 
+def header_meta(path: str | Path) -> dict[str, Any]:
+    """The header tags of ``path`` (``HEADER_TAGS``) plus ``source`` and ``kind``, without reading pixels."""
+    return dict(_header_meta(read_header(path)), source=str(path), kind="dicom")
+
+
 def _shared_group(ds, sequence: str, item: str):
     """A value from the Shared Functional Groups of an enhanced multi-frame file, if present."""
     for group in ds.get("SharedFunctionalGroupsSequence", []):

@@ -139,19 +139,20 @@ def read_image(path: str | Path, policy: Any | None = None) -> Loaded:
         raise MedlensError(f"{path}: no such file or folder")
     if path.is_dir():
         loaded = dicom.read_dicom_series(path)
-    elif _is_nifti(path):
+        if policy is not None:
+            policy.enforce(loaded.meta)
+        return loaded
+    if _is_nifti(path):
         return nifti.read_nifti(path)
-    elif _is_image(path):
+    if _is_image(path):
         return images.read_picture(path)
-    elif _is_dicom(path):
-        loaded = dicom.read_dicom(path)
-    else:
-        raise MedlensError(
-            f"{path}: unrecognised file type (expected {', '.join(IMAGE_SUFFIXES + NIFTI_SUFFIXES)}, or DICOM)"
-        )
-    if policy is not None:
-        policy.enforce(loaded.meta)
-    return loaded
+    if _is_dicom(path):
+        if policy is not None:  # refuse on the header alone, before decoding any pixels
+            policy.enforce(dicom.header_meta(path))
+        return dicom.read_dicom(path)
+    raise MedlensError(
+        f"{path}: unrecognised file type (expected {', '.join(IMAGE_SUFFIXES + NIFTI_SUFFIXES)}, or DICOM)"
+    )
 
 
 def expand_inputs(paths: Iterable[str | Path]) -> list[Path]:
