@@ -198,3 +198,30 @@ def test_prepare_split_reuses_the_split_on_disk(tmp_path, hippocampus):
     (tmp_path / "split.csv").write_text((tmp_path / "split.csv").read_text().replace("hippocampus_001", "hippocampus_999"))
     with pytest.raises(MedlensError, match="hippocampus_999.*not in"):
         prepare_split(hippocampus, tmp_path / "split.csv")
+
+
+def test_mask_image_folder_pairs_and_resizes_masks(tmp_path, brain_index):
+    from PIL import Image
+
+    items, _ = brain_index
+    (tmp_path / "images").mkdir()
+    (tmp_path / "masks").mkdir()
+    areas = {}
+    for n, item in enumerate(items[:3]):
+        (tmp_path / "images" / f"case{n}.jpg").symlink_to(item.path)
+        x0, y0, x1, y1 = (round(v * 512) for v in item.boxes[0])
+        mask = torch.zeros(512, 512, dtype=torch.uint8)
+        mask[y0:y1, x0:x1] = 1
+        Image.fromarray(mask.numpy()).save(tmp_path / "masks" / f"case{n}.png")
+        areas[f"case{n}"] = float(mask.float().mean())
+    pairs = index_mask_folder(tmp_path / "images", tmp_path / "masks")
+    assert [p.mask.rsplit("/", 1)[1] for p in pairs] == ["case0.png", "case1.png", "case2.png"]
+    dataset = MedicalDataset(pairs, ["background", "tumour"], transform=Resize(128))
+    for i, pair in enumerate(pairs):
+        sample = dataset[i]
+        assert sample["mask"].shape == (1, 128, 128) and set(sample["mask"].unique().tolist()) <= {0, 1}
+        name = pair.path.rsplit("/", 1)[1][:-4]
+        assert float(sample["mask"].float().mean()) == pytest.approx(areas[name], abs=0.01)
+    Image.fromarray(torch.zeros(100, 100, dtype=torch.uint8).numpy()).save(tmp_path / "masks" / "case0.png")
+    with pytest.raises(MedlensError, match="case0.png: mask shape"):
+        dataset[0]
