@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader
 
 from medlens.errors import MedlensError
 from medlens.io.datasets import (
-    CenterCrop, Item, MedicalDataset, RandomFlip, Resize, VolumeSlices, collate, eval_transforms, index_csv,
+    IMAGENET_MEAN, IMAGENET_STD, CenterCrop, Item, MedicalDataset, RandomFlip, Resize, VolumeSlices, collate, eval_transforms, index_csv,
     index_decathlon, index_image_folder, index_mask_folder, index_source, prepare_split, read_split,
     read_yolo_boxes, split_items, train_transforms, write_split,
 )
@@ -78,6 +78,11 @@ def test_samples_transforms_and_loader(brain_index):
     assert batch["label"].tolist() == [i.label for i in picked]
     assert len(batch["boxes"]) == 4 and all(b.shape[1] == 4 for b in batch["boxes"])
     assert all(((b >= 0) & (b <= 1)).all() for b in batch["boxes"])
+    imagenet = MedicalDataset(picked[:1], classes, channels=3,
+                              transform=eval_transforms(48, mean=IMAGENET_MEAN, std=IMAGENET_STD))[0]
+    grey = MedicalDataset(picked[:1], classes, transform=Resize(48))[0]["image"][0]
+    for c in range(3):  # the greyscale image, normalised with each channel's statistics
+        assert torch.allclose(imagenet["image"][c], (grey - IMAGENET_MEAN[c]) / IMAGENET_STD[c], atol=1e-5)
     plain = MedicalDataset(picked, classes, transform=eval_transforms(48))[1]
     assert plain["image"].shape == (1, 48, 48)
     assert abs(float(plain["image"].mean())) < 1e-4 and abs(float(plain["image"].std()) - 1) < 1e-3

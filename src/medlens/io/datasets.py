@@ -381,8 +381,12 @@ class MedicalDataset(Dataset):
         return len(self.items)
 
     def __getitem__(self, index: int) -> Sample:
-        sample = self.read_cached(index)
-        return self.transform(sample) if self.transform is not None else sample
+        return self.finish(self.read_cached(index), self.transform)
+
+    def finish(self, sample: Sample, transform: Transform | None) -> Sample:
+        """Transform, then match the channel count (greyscale is repeated last, so transforms do a third of the work)."""
+        sample = transform(sample) if transform is not None else sample
+        return dict(sample, image=_match_channels(sample["image"], self.channels))
 
     def read_cached(self, index: int) -> Sample:
         """The untransformed sample, from the cache when caching (a shallow copy, safe to transform)."""
@@ -398,7 +402,7 @@ class MedicalDataset(Dataset):
         loaded = read_image(item.path)
         image = loaded.display() if self.intensity == "display" else loaded.image
         sample: Sample = {
-            "image": _match_channels(image, self.channels),
+            "image": image,
             "label": torch.tensor(-1 if item.label is None else item.label, dtype=torch.long),
             "boxes": torch.tensor(item.boxes, dtype=torch.float32).reshape(-1, 4),
             "box_labels": torch.tensor(item.box_labels, dtype=torch.long),
@@ -430,7 +434,7 @@ def _match_channels(image: torch.Tensor, channels: int | None) -> torch.Tensor:
     if channels is None or image.shape[0] == channels:
         return image
     if channels == 3 and image.shape[0] == 1:
-        return image.expand(3, *image.shape[1:]).contiguous()
+        return image.repeat(3, *([1] * (image.dim() - 1)))
     if channels == 1:
         return image.mean(dim=0, keepdim=True)
     raise MedlensError(f"channels={channels}: cannot make {channels} channels from {image.shape[0]}")
@@ -479,7 +483,7 @@ class VolumeSlices(Dataset):
         sample["image"] = volume["image"].select(1 + self.axis, k)
         if "mask" in volume:
             sample["mask"] = volume["mask"].select(1 + self.axis, k)
-        return self.transform(sample) if self.transform is not None else sample
+        return self.volumes.finish(sample, self.transform)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -642,7 +646,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 def train_transforms(size: int | Sequence[int], ndim: int = 2, mean: Sequence[float] | None = None,
                      std: Sequence[float] | None = None, flip_axes: Sequence[int] = (-1,)) -> Compose:
     """Training pipeline: light random zoom-crop to ``size``, flips, intensity jitter, normalise."""
-    return Compose([Resize(size), RandomResizedCrop(_size(size, ndim)), RandomFlip(flip_axes),
+    return Compose([RandomResizedCrop(_size(size, ndim)), RandomFlip(flip_axes),
                     RandomIntensity(), Normalise(mean, std)])
 
 
