@@ -1,0 +1,123 @@
+"""The conventions of "Are attention maps a solution to the interpretability crisis in
+AI-assisted medical imaging?" (Chung et al., Ghent University Global Campus), as a protocol.
+
+The paper compares three explanations of a ViT-B/16 at 224x224:
+
+- ``attention``: the last block's attention from the class token to the patches, averaged over
+  heads, upsampled by repeating each patch's value over its 16x16 pixels (nearest);
+- ``gradcam``: Grad-CAM on the token activations of ``blocks[-1].norm1`` with eigen-smoothing
+  and test-time augmentation smoothing (pytorch-grad-cam's ``eigen_smooth``/``aug_smooth``);
+- ``chefer``: Chefer et al.'s transformer attribution (LRP, alpha=1), bilinear upsampling.
+
+The target is class 1 for binary models (the "disease" class), the prediction otherwise; each
+map is min-max normalised and saved as a 224x224 float32 ``.npy`` per image and method:
+``out_dir/<method>/<image name>.npy``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from medlens.engine import explain, normalise
+from medlens.errors import MedlensError
+from medlens.io.atomic import atomic_path
+from medlens.methods.vit import vit_relevance
+from medlens.tokens import default_token_layer
+
+PAPER_METHODS = ("attention", "gradcam", "chefer")
+MAP_SIZE = (224, 224)
+
+
+def paper_target(logits: Tensor) -> Tensor | str:
+    """Class 1 for a binary classifier, else each image's predicted class."""
+    return 1 if logits.shape[1] == 2 else "pred"
+
+
+def _smoothing_available() -> dict[str, bool]:
+    """Whether eigen- and aug-smoothing exist in this medlens (they are optional extras)."""
+    aug = importlib.util.find_spec("medlens.methods.smoothing") is not None
+    from medlens.methods import cam
+
+    eigen = "eigen_smooth" in (cam.__doc__ or "") + "".join(getattr(obj, "__doc__", "") or "" for obj in vars(cam).values())
+    return {"eigen_smooth": eigen, "aug_smooth": aug}
+
+
+def paper_maps(model: nn.Module, x: Tensor, method: str) -> Tensor:
+    """(B, 224, 224) min-max normalised maps of ``method`` under the paper's conventions."""
+    with torch.no_grad():
+        logits = model(x[:1])
+    target = paper_target(logits if isinstance(logits, Tensor) else logits[0])
+    if method == "attention":
+        raw = vit_relevance(model, x, "attention", targets=target, block=-1, head_fusion="mean")[:, :1]
+        maps = F.interpolate(raw, size=MAP_SIZE, mode="nearest")  # each patch value repeated
+    elif method == "gradcam":
+        layer = default_token_layer(model)
+        if layer is None:
+            raise MedlensError(f"the attention-paper protocol needs a ViT; {type(model).__name__} has no transformer blocks")
+        options = {k: v for k, v in _smoothing_available().items() if v}
+        maps = explain(model, x, "gradcam", target=target, layer=layer, **options).maps[:, :1]
+        maps = F.interpolate(maps, size=MAP_SIZE, mode="bilinear", align_corners=False)
+    elif method == "chefer":
+        raw = vit_relevance(model, x, "chefer", targets=target)[:, :1]
+        maps = F.interpolate(raw, size=MAP_SIZE, mode="bilinear", align_corners=False)
+    else:
+        raise MedlensError(f"unknown attention-paper method {method!r}: use {', '.join(PAPER_METHODS)}")
+    return normalise(maps)[:, 0]
+
+
+def _batches(images: Iterable[tuple[str, Tensor]], size: int) -> Iterable[tuple[list[str], Tensor]]:
+    names: list[str] = []
+    tensors: list[Tensor] = []
+    for name, image in images:
+        names.append(str(name))
+        tensors.append(image if image.dim() == 4 else image.unsqueeze(0))
+        if len(names) == size:
+            yield names, torch.cat(tensors)
+            names, tensors = [], []
+    if names:
+        yield names, torch.cat(tensors)
+
+
+def run_protocol(
+    model: nn.Module,
+    images: Iterable[tuple[str, Tensor]],
+    out_dir: str | Path,
+    methods: Sequence[str] = PAPER_METHODS,
+    batch_size: int = 8,
+) -> list[Path]:
+    """Run the paper's explanations on ``images`` and save each map as ``.npy``.
+
+    Args:
+        model: a ViT classifier (timm / torchvision / MONAI), on the device of the images.
+        images: (name, (C, 224, 224) or (1, C, 224, 224) tensor) pairs; names must be unique.
+        out_dir: folder; maps go to ``out_dir/<method>/<name>.npy`` (written atomically).
+        methods: a subset of ``("attention", "gradcam", "chefer")``.
+        batch_size: images explained together.
+
+    Returns:
+        The paths written, in order.
+    """
+    unknown = [m for m in methods if m not in PAPER_METHODS]
+    if unknown:
+        raise MedlensError(f"unknown attention-paper method {unknown[0]!r}: use {', '.join(PAPER_METHODS)}")
+    out = Path(out_dir)
+    device = next(model.parameters()).device
+    written: list[Path] = []
+    for names, x in _batches(images, batch_size):
+        x = x.to(device)
+        for method in methods:
+            maps = paper_maps(model, x, method).float().cpu().numpy()
+            for name, array in zip(names, maps):
+                path = out / method / f"{name}.npy"
+                with atomic_path(path) as tmp:
+                    with open(tmp, "wb") as handle:
+                        np.save(handle, array)
+                written.append(path)
+    return written
