@@ -230,3 +230,14 @@ def test_mask_image_folder_pairs_and_resizes_masks(tmp_path, brain_index):
     Image.fromarray(torch.zeros(100, 100, dtype=torch.uint8).numpy()).save(tmp_path / "masks" / "case0.png")
     with pytest.raises(MedlensError, match="case0.png: mask shape"):
         dataset[0]
+
+
+def test_cache_keeps_the_pre_transformed_sample_and_augments_each_time(brain_index):
+    items, classes = brain_index
+    dataset = MedicalDataset(items[:2], classes, transform=RandomFlip(p=0.5), cache=True, pre_transform=Resize(40))
+    torch.manual_seed(1)
+    seen = [dataset[0]["image"] for _ in range(8)]
+    assert all(s.shape == (1, 40, 40) for s in seen)
+    assert any(not torch.equal(seen[0], s) for s in seen)  # flipped on some accesses, not cached after the flip
+    cached = dataset._cache[0]["image"]
+    assert all(torch.equal(s, cached) or torch.equal(s, cached.flip(-1)) for s in seen)

@@ -364,17 +364,21 @@ class MedicalDataset(Dataset):
         classes: class names; a label or mask value outside them is an error naming the file.
         transform: applied to each sample (see :func:`train_transforms`, :func:`eval_transforms`).
         channels: 1 or 3 to average or repeat channels so every image has this many; None keeps them.
-        cache: keep the read (untransformed) samples in memory; for small datasets read every epoch.
+        cache: keep the read samples (after ``pre_transform``) in memory, so each file is decoded once a run.
+        pre_transform: a deterministic transform (e.g. ``Resize``) applied once before caching;
+            ``transform`` (the random augmentation) still runs on every access.
     """
 
     def __init__(self, items: Sequence[Item], classes: Sequence[str] | None = None, transform: Transform | None = None,
-                 channels: int | None = None, intensity: str = "display", cache: bool = False) -> None:
+                 channels: int | None = None, intensity: str = "display", cache: bool = False,
+                 pre_transform: Transform | None = None) -> None:
         if not items:
             raise MedlensError("dataset: no items (empty folder or empty split)")
         if intensity not in ("display", "raw"):
             raise MedlensError(f"intensity={intensity!r}: expected 'display' or 'raw'")
         self.items, self.classes = list(items), list(classes) if classes is not None else None
         self.transform, self.channels, self.intensity = transform, channels, intensity
+        self.pre_transform = pre_transform
         self._cache: dict[int, Sample] | None = {} if cache else None
 
     def __len__(self) -> int:
@@ -389,12 +393,14 @@ class MedicalDataset(Dataset):
         return dict(sample, image=_match_channels(sample["image"], self.channels))
 
     def read_cached(self, index: int) -> Sample:
-        """The untransformed sample, from the cache when caching (a shallow copy, safe to transform)."""
-        if self._cache is None:
-            return self.read(index)
-        if index not in self._cache:
-            self._cache[index] = self.read(index)
-        return dict(self._cache[index])
+        """The sample after ``pre_transform``, from the cache when caching (a shallow copy, safe to transform)."""
+        if self._cache is not None and index in self._cache:
+            return dict(self._cache[index])
+        sample = self.read(index)
+        sample = self.pre_transform(sample) if self.pre_transform is not None else sample
+        if self._cache is not None:
+            self._cache[index] = sample
+        return dict(sample)
 
     def read(self, index: int) -> Sample:
         """The untransformed sample ``index``, checked against the class list."""
