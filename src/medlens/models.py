@@ -171,8 +171,9 @@ def _factory(module_name: str, attr: str, num_classes: int, in_channels: int, sp
     except (TypeError, ValueError):
         params = {}
     takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    # num_classes also goes through **kwargs (torchvision factories); the others only when named.
     for key, value in {"num_classes": num_classes, "in_channels": in_channels, "spatial_dims": spatial_dims}.items():
-        if key in params and key not in args:
+        if key not in args and (key in params or (takes_any and key == "num_classes")):
             args[key] = value
     if not takes_any:
         unknown = [k for k in args if k not in params]

@@ -256,10 +256,10 @@ def _check(config: TrainConfig, where: str) -> None:
 
 def _resolve_paths(config: TrainConfig, base: Path | None) -> None:
     def resolve(value: str | None) -> str | None:
-        if value is None or Path(value).is_absolute() or base is None:
+        if value is None or Path(value).is_absolute():
             return value
-        beside = base / value
-        return str(beside) if beside.exists() else value
+        beside = base / value if base is not None else None
+        return str((beside if beside is not None and beside.exists() else Path(value)).resolve())
 
     config.data.root = resolve(config.data.root) or ""
     config.data.split_file = resolve(config.data.split_file)

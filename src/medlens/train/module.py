@@ -105,14 +105,14 @@ class _Base(L.LightningModule):
 class ClassificationModule(_Base):
     """Cross-entropy classifier; logs ``train_loss``, ``val_loss``, ``val_acc`` (epoch means)."""
 
-    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
-        x, y = batch
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        x, y = batch["image"], batch["label"]
         loss = F.cross_entropy(self.model(x), y)
         self.log("train_loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(y))
         return loss
 
-    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        x, y = batch
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        x, y = batch["image"], batch["label"]
         logits = self.model(x).float()
         predicted = logits.argmax(1)
         self._count(y, predicted)
@@ -134,8 +134,8 @@ class SegmentationModule(_Base):
         self.loss = DiceCELoss(to_onehot_y=True, softmax=True)
         self.dice = DiceMetric(include_background=False, reduction="mean_batch", ignore_empty=True)
 
-    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
-        x, y = batch
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        x, y = batch["image"], batch["mask"]
         loss = self.loss(self.model(x).float(), y)
         self.log("train_loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(y))
         return loss
@@ -144,8 +144,8 @@ class SegmentationModule(_Base):
         super().on_validation_epoch_start()
         self.dice.reset()
 
-    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        x, y = batch
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        x, y = batch["image"], batch["mask"]
         logits = self.model(x).float()
         predicted = logits.argmax(1, keepdim=True)
         n = logits.shape[1]

@@ -155,19 +155,21 @@ def _trainer(config: TrainConfig, out: Path, **overrides: Any) -> L.Trainer:
 
 
 @torch.no_grad()
-def predict_validation(module: L.LightningModule, data: MedlensDataModule, precision: Any = None) -> tuple[Tensor, Tensor, list[Tensor]]:
-    """Best-model predictions on the validation split: (truth (N,) or (N,*S), predicted, images)."""
+def predict_validation(module: L.LightningModule, data: MedlensDataModule, precision: Any = None) -> tuple[Tensor, Tensor, Tensor]:
+    """Best-model predictions on the validation split: truth and predicted ((N,) or (N,1,*S)), images (N,*S)."""
     model = module.model.eval()
     device = next(model.parameters()).device
     data.setup("validate")
+    key = "label" if data.task == "classification" else "mask"
     truth, predicted, images = [], [], []
-    autocast = "bf16" in str(precision) and device.type == "cpu"
-    for x, y in data.val_dataloader():
+    autocast = "bf16" in str(precision)
+    for batch in data.val_dataloader():
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-            predicted.append(model(x.to(device)).float().argmax(1).cpu())
-        truth.append(y if isinstance(y, Tensor) else torch.as_tensor(y))
-        images.append(x[:, 0])
-    return torch.cat(truth), torch.cat(predicted), images
+            logits = model(batch["image"].to(device)).float()
+        predicted.append(logits.argmax(1, keepdim=key == "mask").cpu())
+        truth.append(batch[key])
+        images.append(batch["image"][:, 0])
+    return torch.cat(truth), torch.cat(predicted), torch.cat(images)
 
 
 def write_reports(module: L.LightningModule, data: MedlensDataModule, out: Path, precision: Any = None, gallery_size: int = 16) -> dict[str, Path]:
@@ -182,11 +184,12 @@ def write_reports(module: L.LightningModule, data: MedlensDataModule, out: Path,
     with atomic_path(files["validation_samples"]) as tmp, tmp.open("w", newline="") as handle:
         writer = csv.writer(handle)
         if segmentation:
-            writer.writerow(["path", "mask"])
-            writer.writerows([s.path, s.mask] for s in data.val_samples)
+            writer.writerow(["path", "mask", "patient"])
+            writer.writerows([item.path, item.mask, item.patient or ""] for item in data.val_items)
         else:
             writer.writerow(["path", "label", "class", "predicted", "predicted_class"])
-            writer.writerows([s.path, s.label, classes[s.label], int(p), classes[int(p)]] for s, p in zip(data.val_samples, predicted.tolist()))
+            writer.writerows([item.path, item.label, classes[item.label], p, classes[p]]
+                             for item, p in zip(data.val_items, predicted.tolist()))
     with atomic_path(files["confusion_csv"]) as tmp, tmp.open("w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["truth \\ predicted", *classes])
@@ -194,7 +197,7 @@ def write_reports(module: L.LightningModule, data: MedlensDataModule, out: Path,
     plot_confusion(confusion, classes, files["confusion_png"])
     if not segmentation:
         files["misclassified"] = out / "misclassified.png"
-        plot_misclassified(torch.cat(images), truth, predicted, data, files["misclassified"], gallery_size)
+        plot_misclassified(images, truth, predicted, data, files["misclassified"], gallery_size)
     return files
 
 
@@ -233,7 +236,7 @@ def plot_misclassified(images: Tensor, truth: Tensor, predicted: Tensor, data: M
         ax.axis("off")
     for ax, i in zip(axes.flat, wrong):
         ax.imshow(images[i].float().numpy(), cmap="gray")
-        name = Path(data.val_samples[i].path)
+        name = Path(data.val_items[i].path)
         ax.set_title(f"{name.parent.name}/{name.name}\ntrue {data.classes[int(truth[i])]} | pred {data.classes[int(predicted[i])]}", fontsize=7)
     if not wrong:
         axes[0, 0].text(0.5, 0.5, "no misclassified validation images", ha="center", va="center")
