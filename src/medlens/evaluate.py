@@ -289,8 +289,11 @@ def evaluate(
                 expl = explain(model, x, method, target=probe_target, layer=layer, **opts)
                 maps, targets = expl.maps[:, 0], expl.targets[:, 0]
                 cols: dict[str, Tensor] = {}
-                if "localisation" in metrics and (masks is not None or boxes is not None):
-                    cols.update(localisation_metrics(maps, masks, boxes))
+                if "localisation" in metrics:
+                    if masks is None and boxes is None:  # no annotation in this batch: flagged, left NaN
+                        cols["empty_annotation"] = torch.ones(x.shape[0])
+                    else:
+                        cols.update(localisation_metrics(maps, masks, boxes))
                 if "faithfulness" in metrics:
                     faith, curves = faithfulness_metrics(model, x, maps, targets, steps=steps, baseline=baseline,
                                                          batch_size=max(batch_size * 4, 32), with_road=road)

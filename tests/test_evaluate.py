@@ -1,0 +1,95 @@
+"""The evaluation runner and ``medlens evaluate`` on phantoms and on real brain MRI boxes."""
+
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+import pytest
+import torch
+import torchvision
+from typer.testing import CliRunner
+
+from medlens.evaluate import bootstrap_ci, evaluate, folder_items, phantom_items
+from medlens.errors import MedlensError
+from medlens.phantoms import make_phantoms
+
+
+@pytest.fixture(scope="module")
+def grey_resnet():
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=2)
+    model.conv1 = torch.nn.Conv2d(1, 64, 7, 2, 3, bias=False)
+    return model.eval()
+
+
+def test_runner_on_phantoms_writes_rows_tables_and_report(grey_resnet, tmp_path):
+    phantoms = make_phantoms(5, 32, 2, seed=0)
+    items = list(phantom_items(phantoms))
+    name, image, label, _mask, box = items[-1]
+    items[-1] = (name, image, label, None, None)  # an image without annotation: reported, not scored
+    result = evaluate({"a": grey_resnet}, items, ["gradcam", "saliency"], ("localisation", "faithfulness", "complexity"),
+                      out_dir=tmp_path, batch_size=2, steps=4, road=False, n_boot=200, progress=False)
+    rows = result.rows
+    assert len(rows) == 5 * 2 and set(rows["method"]) == {"gradcam", "saliency"}
+    assert (rows["target"] == rows["label"]).all()  # target="label" explains the annotated class
+    unannotated = rows[rows["image"] == name]
+    assert (unannotated["empty_annotation"] == 1).all() and unannotated["pointing_game"].isna().all()
+    pg = result.summary.query("method == 'gradcam' and metric == 'pointing_game'").iloc[0]
+    assert pg["n"] == 4 and pg["n_nan"] == 1 and pg["ci_low"] <= pg["mean"] <= pg["ci_high"]
+    for f in ("rows.csv", "rows.parquet", "summary.csv", "summary.md", "report.html"):
+        assert (tmp_path / f).stat().st_size > 0
+    assert len(pd.read_csv(tmp_path / "rows.csv")) == 10
+    html = (tmp_path / "report.html").read_text()
+    assert html.count("data:image/png;base64") >= 3  # curves + one gallery per method
+    assert "pointing_game" in (tmp_path / "summary.md").read_text()
+
+
+def test_runner_on_3d_phantoms(tmp_path):
+    torch.manual_seed(0)
+    model = torchvision.models.video.r3d_18(num_classes=2)
+    model.stem[0] = torch.nn.Conv3d(1, 64, (3, 7, 7), (1, 2, 2), (1, 3, 3), bias=False)
+    model.eval()
+    phantoms = make_phantoms(2, 16, 3, seed=1)
+    result = evaluate(model, phantom_items(phantoms), ["gradcam"], ("localisation", "complexity"), batch_size=2,
+                      n_boot=50, progress=False)
+    assert len(result.rows) == 2 and result.rows["iou@10"].between(0, 1).all()
+
+
+def test_bootstrap_ci_brackets_the_mean():
+    values = torch.tensor([0.0, 1.0] * 50 + [float("nan")])
+    mean, lo, hi = bootstrap_ci(values, n_boot=2000)
+    assert mean == pytest.approx(0.5) and 0.38 < lo < 0.5 < hi < 0.62
+    assert all(math.isnan(v) for v in bootstrap_ci(torch.tensor([float("nan")])))
+
+
+def test_unknown_metric_group(grey_resnet):
+    with pytest.raises(MedlensError, match="unknown metric group"):
+        evaluate(grey_resnet, [], ["gradcam"], ("accuracy",))
+
+
+def test_folder_items_turn_yolo_boxes_into_pixel_boxes(brain_mri):
+    from medlens.io.datasets import index_image_folder, read_yolo_boxes
+
+    items, classes = index_image_folder(brain_mri)
+    chosen = [it for it in items if it.boxes][:2]
+    got = list(folder_items(brain_mri, size=64, channels=1, items=chosen))
+    for (name, image, label, mask, box), item in zip(got, chosen):
+        assert image.shape == (1, 64, 64) and label == item.label
+        x0, y0, x1, y1 = item.boxes[0]
+        assert box.tolist() == [math.floor(y0 * 64), math.floor(x0 * 64), math.ceil(y1 * 64), math.ceil(x1 * 64)]
+        assert mask.shape == (1, 64, 64) and int(mask.sum()) == (box[2] - box[0]) * (box[3] - box[1])
+
+
+def test_cli_on_phantoms(tmp_path):
+    from medlens.cli import app
+
+    out = tmp_path / "eval"
+    result = CliRunner().invoke(app, ["evaluate", "torchvision:resnet18", "phantoms:2:32", "--in-channels", "1",
+                                      "-m", "gradcam", "--metric", "localisation", "--metric", "sanity",
+                                      "--bootstrap", "100", "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "| gradcam |" in result.output and "sanity check" in result.output
+    assert (out / "sanity.csv").exists() and (out / "report.html").exists()
+    bad = CliRunner().invoke(app, ["evaluate", "torchvision:resnet18", str(tmp_path / "missing"), "-o", str(out)])
+    assert bad.exit_code == 2 and "no such dataset" in bad.output
