@@ -46,6 +46,8 @@ class DataConfig:
     classes: list[str] | None = None
     image_size: list[int] = field(default_factory=lambda: [96, 96])
     in_channels: int = 1
+    mean: list[float] | None = None
+    std: list[float] | None = None
     val_fraction: float = 0.2
     seed: int = 0
     limit_per_class: int | None = None
@@ -244,6 +246,10 @@ def _check(config: TrainConfig, where: str) -> None:
     for key in ("batch_size", "in_channels"):
         if getattr(config.data, key) < 1:
             raise MedlensError(f"{where}: data.{key} must be at least 1")
+    if (config.data.mean is None) != (config.data.std is None) or (
+        config.data.mean is not None and len(config.data.mean) != len(config.data.std or [])
+    ):
+        raise MedlensError(f"{where}: data.mean and data.std go together, one value per channel (or neither: z-score per image)")
     if config.optim.lr <= 0:
         raise MedlensError(f"{where}: optim.lr must be positive, got {config.optim.lr}")
     if config.trainer.max_epochs < 1:

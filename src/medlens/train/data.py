@@ -90,8 +90,9 @@ class MedlensDataModule(L.LightningDataModule):
         # Left-right is the last axis of a 2D picture and the first (X, RAS) of a volume or its axial slice.
         flips = (-1,) if self.task == "classification" else (0,)
         random = [RandomResizedCrop(cfg.image_size), RandomFlip(flips), RandomIntensity()] if cfg.augment else []
-        self.train_set = self._dataset(self.train_items, Compose([*random, Normalise()]))
-        self.val_set = self._dataset(self.val_items, Normalise())
+        normalise = Normalise(cfg.mean, cfg.std)  # per-image z-score unless mean/std are given
+        self.train_set = self._dataset(self.train_items, Compose([*random, normalise]))
+        self.val_set = self._dataset(self.val_items, normalise)
 
     def _dataset(self, items: list[Item], transform: Transform) -> Dataset:
         cfg, size = self.config, self.config.image_size

@@ -89,6 +89,9 @@ def train(config: TrainConfig | str | Path, out_dir: str | Path | None = None, r
     """
     config = load_config(config) if not isinstance(config, TrainConfig) else config
     out = Path(out_dir or config.out or Path("runs") / config.name)
+    last = out / "checkpoints" / "last.ckpt"
+    if resume and not last.is_file():
+        raise MedlensError(f"--resume: no checkpoint to resume from at {last}")
     out.mkdir(parents=True, exist_ok=True)
     tc = config.trainer
     L.seed_everything(tc.seed, workers=True, verbose=False)
@@ -102,17 +105,21 @@ def train(config: TrainConfig | str | Path, out_dir: str | Path | None = None, r
     kind = ClassificationModule if config.task == "classification" else SegmentationModule
     module = kind(model, config.optim, tc.max_epochs, classes)
 
-    last = out / "checkpoints" / "last.ckpt"
-    if resume and not last.is_file():
-        raise MedlensError(f"--resume: no checkpoint to resume from at {last}")
     trainer = _trainer(config, out, **trainer_kwargs)
+    metrics_csv = out / "logs" / "metrics.csv"
+    earlier_logs = _read_rows(metrics_csv) if resume else []
     trainer.fit(module, datamodule=data, ckpt_path=str(last) if resume else None)
+    if earlier_logs:
+        _merge_logs(metrics_csv, earlier_logs)
 
     checkpoint = trainer.checkpoint_callback
     best = Path(checkpoint.best_model_path) if checkpoint and checkpoint.best_model_path else last
     load_weights(module.model, best)
     weights = save_weights(module.model, out / "best.safetensors")
-    metrics = {k: float(v) for k, v in trainer.validate(module, datamodule=data, verbose=False)[0].items()}
+    # Re-validate the best weights without logging, so the run's logs keep one row per epoch.
+    checker = L.Trainer(accelerator=tc.accelerator, devices=1, precision=trainer.precision, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    metrics = {k: float(v) for k, v in checker.validate(module, datamodule=data, verbose=False)[0].items()}
     files = write_reports(module, data, out, precision=trainer.precision, gallery_size=tc.gallery_size)
     seconds = time.perf_counter() - started
     summary = {"metrics": metrics, "epochs": trainer.current_epoch, "seconds": round(seconds, 1), "best_checkpoint": str(best),
@@ -149,6 +156,27 @@ def _trainer(config: TrainConfig, out: Path, **overrides: Any) -> L.Trainer:
             args[key] = getattr(tc, key)
     args.update(overrides)
     return L.Trainer(**args)
+
+
+def _read_rows(path: Path) -> list[dict[str, str]]:
+    if not path.is_file():
+        return []
+    with path.open(newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def _merge_logs(path: Path, earlier: list[dict[str, str]]) -> None:
+    """Put back the rows of the epochs before a resume, which Lightning's CSVLogger overwrote."""
+    later = _read_rows(path)
+    epochs = [int(r["epoch"]) for r in later if r.get("epoch")]
+    steps = [int(r["step"]) for r in later if r.get("step")]
+    start_epoch, start_step = min(epochs, default=1 << 30), min(steps, default=1 << 30)
+    kept = [r for r in earlier if (int(r["epoch"]) < start_epoch if r.get("epoch") else int(r.get("step") or 0) < start_step)]
+    columns = list(dict.fromkeys([*(later[0].keys() if later else []), *(earlier[0].keys() if earlier else [])]))
+    with atomic_path(path) as tmp, tmp.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, columns, restval="")
+        writer.writeheader()
+        writer.writerows(kept + later)
 
 
 # -------------------------------------------------------------------------------------------- reports
