@@ -24,6 +24,13 @@ from medlens.methods.cam import GradCAM
 from medlens.targets import pool_scores
 
 
+class InputMethod(Method):
+    """Base of methods whose maps live in input space and need no layer nor layer gradients."""
+
+    uses_layer = False
+    uses_gradients = False
+
+
 def input_gradients(ctx: Context, x: Tensor, targets: Tensor) -> Tensor:
     """Gradients (b, K, C_in, *S) of the ``targets`` (b, K) scores w.r.t. inputs ``x`` (b, C_in, *S)."""
     x = x.detach().requires_grad_(True)
@@ -56,7 +63,7 @@ def path_gradients(ctx: Context, point: Callable[[Tensor, Tensor], Tensor], n: i
 
 
 @register
-class SmoothGrad(Method):
+class SmoothGrad(InputMethod):
     """SmoothGrad (Smilkov et al., 2017): the gradient averaged over noisy copies
     x + N(0, sigma^2), M(s) = max_c mean_n |dY/dx_c(s)| (with ``absolute=True``, as Captum's
     NoiseTunnel over Saliency) or max_c |mean_n dY/dx_c(s)|.
@@ -71,8 +78,6 @@ class SmoothGrad(Method):
     """
 
     name = "smoothgrad"
-    uses_layer = False
-    uses_gradients = False
 
     def compute(self, ctx: Context) -> Tensor:
         x = ctx.x
@@ -127,7 +132,7 @@ def _baseline(option: object, x: Tensor) -> Tensor:
 
 
 @register
-class IntegratedGradients(Method):
+class IntegratedGradients(InputMethod):
     """Integrated Gradients (Sundararajan et al., ICML 2017):
     IG_i(x) = (x_i - x'_i) * int_0^1 dY/dx_i(x' + a (x - x')) da, computed with a quadrature
     (Gauss-Legendre by default, as Captum). The map is sum_c IG_c(s); summed over all pixels
@@ -139,8 +144,6 @@ class IntegratedGradients(Method):
     """
 
     name = "integrated-gradients"
-    uses_layer = False
-    uses_gradients = False
 
     def compute(self, ctx: Context) -> Tensor:
         x = ctx.x
@@ -158,12 +161,10 @@ class IntegratedGradients(Method):
 
 
 @register
-class InputXGradient(Method):
+class InputXGradient(InputMethod):
     """Input x Gradient (Shrikumar et al., 2016): x_c(s) * dY/dx_c(s), summed over channels."""
 
     name = "inputxgradient"
-    uses_layer = False
-    uses_gradients = False
     uses_input_gradients = True
 
     def compute(self, ctx: Context) -> Tensor:
@@ -223,14 +224,12 @@ def guided_gradients(ctx: Context, batch_size: int = 32) -> Tensor:
 
 
 @register
-class GuidedBackprop(Method):
+class GuidedBackprop(InputMethod):
     """Guided Backpropagation (Springenberg et al., ICLR-W 2015): the input gradient with
     negative gradients zeroed at every ReLU on the way back; M(s) = max_c |R_c(s)|.
     The user's modules are not changed (see :func:`guided_relus`)."""
 
     name = "guided-backprop"
-    uses_layer = False
-    uses_gradients = False
 
     def compute(self, ctx: Context) -> Tensor:
         self.attributions = guided_gradients(ctx, self.options.get("batch_size", 32))

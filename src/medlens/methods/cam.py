@@ -23,10 +23,24 @@ def weighted_sum(weights: Tensor, activation: Tensor) -> Tensor:
     return torch.einsum("bkc,bc...->bk...", weights, activation)
 
 
+def keep_top_channels(weights: Tensor, activation: Tensor, top_k: int | float | None) -> Tensor:
+    """Zero the weights (B, K, C) of all but the ``top_k`` channels (a count, or a fraction in
+    (0, 1)) with the largest mean activation, per image; unchanged when top_k is None."""
+    if not top_k:
+        return weights
+    mean_act = activation.mean(dim=_space(activation, 2))
+    count = int(round(top_k * mean_act.shape[1])) if 0 < float(top_k) < 1 else int(top_k)
+    count = min(max(count, 1), mean_act.shape[1])
+    keep = torch.zeros_like(mean_act).scatter_(1, mean_act.topk(count, dim=1).indices, 1.0)
+    return weights * keep.unsqueeze(1).to(weights.dtype)
+
+
 def weighted_cam(weights: Tensor, activation: Tensor, options: dict) -> Tensor:
-    """ReLU(sum_c w[b, k, c] A[b, c]) -> (B, K, *s); with ``options["eigen_smooth"]`` the
+    """ReLU(sum_c w[b, k, c] A[b, c]) -> (B, K, *s) over the ``top_k_channels`` most active
+    channels if that option is set (all by default); with ``options["eigen_smooth"]`` the
     sum is replaced by the first principal component of the weighted activations w_c A_c
     (pytorch-grad-cam's eigen_smooth), its sign fixed to agree with the plain sum."""
+    weights = keep_top_channels(weights, activation, options.get("top_k_channels"))
     if options.get("eigen_smooth"):
         shape = (*weights.shape, *([1] * (activation.dim() - 2)))
         return F.relu(principal_component(weights.view(shape) * activation.unsqueeze(1)))
@@ -147,9 +161,5 @@ class CAM(Method):
     def layer_map(self, activation: Tensor, gradient: Tensor | None, ctx: Context, layer: str) -> Tensor:
         head = linear_head(ctx.model, activation.shape[1])
         weights = head.weight.detach()[ctx.targets]  # (B, K, C)
-        top_k = self.options.get("top_k_channels")
-        if top_k:
-            mean_act = activation.mean(dim=_space(activation, 2))
-            keep = torch.zeros_like(mean_act).scatter_(1, mean_act.topk(int(top_k), dim=1).indices, 1.0)
-            weights = weights * keep.unsqueeze(1)
+        weights = keep_top_channels(weights, activation, self.options.get("top_k_channels"))
         return weighted_sum(weights.to(activation.dtype), activation)

@@ -20,6 +20,7 @@ from torch import Tensor
 from medlens.capture import resolve_layer
 from medlens.engine import Context, Method, normalise, register, upsample
 from medlens.errors import MedlensError
+from medlens.methods.attribution import InputMethod
 from medlens.methods.cam import weighted_cam
 from medlens.targets import pool_scores
 
@@ -246,7 +247,7 @@ def _outer_masks(axis_masks: Sequence[Tensor], flat_index: Tensor) -> Tensor:
 
 
 @register
-class Occlusion(Method):
+class Occlusion(InputMethod):
     """Occlusion (Zeiler & Fergus, ECCV 2014): slide a window filled with ``baseline`` over the
     input (all channels); a pixel's attribution is the mean drop Y(X) - Y(X_occluded) over the
     windows that cover it (the definition Captum's ``Occlusion`` implements).
@@ -259,8 +260,6 @@ class Occlusion(Method):
     """
 
     name = "occlusion"
-    uses_layer = False
-    uses_gradients = False
 
     def compute(self, ctx: Context) -> Tensor:
         x = ctx.x
@@ -316,7 +315,7 @@ def rise_masks(grid: Tensor, shifts: Tensor, size: Sequence[int]) -> Tensor:
 
 
 @register
-class RISE(Method):
+class RISE(InputMethod):
     """RISE (Petsiuk et al., BMVC 2018): M(s) = sum_i Y(X * M_i) M_i(s) / (N p), with N random
     smooth masks M_i that keep each coarse cell with probability p.
 
@@ -326,8 +325,6 @@ class RISE(Method):
     """
 
     name = "rise"
-    uses_layer = False
-    uses_gradients = False
 
     def compute(self, ctx: Context) -> Tensor:
         x = ctx.x
