@@ -8,7 +8,9 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
+from typer.testing import CliRunner
+
+from medlens.cli import app
 
 from medlens.errors import MedlensError
 from medlens.models import build_model, load_weights, read_state_dict
@@ -88,7 +90,7 @@ def test_unfreeze_last_blocks_on_real_backbones() -> None:
 
 
 def test_brain_mri_classifier_trains_writes_reports_and_reloads(brain_mri: Path, tmp_path: Path) -> None:
-    overrides = [f"data.root={brain_mri}", "data.limit_per_class=50", "data.image_size=64", "data.batch_size=16",
+    overrides = [f"data.root={brain_mri}", "data.limit_per_class=40", "data.image_size=64", "data.batch_size=32",
                  "trainer.max_epochs=2", "trainer.progress=none", "trainer.log_every_n_steps=1"]
     config = load_config(CONFIGS / "brain_mri_resnet18.yaml", overrides)
     result = train(config, out_dir=tmp_path / "run", enable_model_summary=False)
@@ -104,7 +106,7 @@ def test_brain_mri_classifier_trains_writes_reports_and_reloads(brain_mri: Path,
 
     samples = _rows(out / "validation_samples.csv")
     split_val = [r["path"] for r in _rows(out / "split.csv") if r["split"] == "val"]
-    assert [r["path"] for r in samples] == split_val and len(samples) == 30
+    assert [r["path"] for r in samples] == split_val and len(samples) == 24
     assert {r["class"] for r in samples} == {"glioma", "meningioma", "pituitary"}
     confusion = [[int(v) for v in list(r.values())[1:]] for r in _rows(out / "confusion_matrix.csv")]
     assert sum(map(sum, confusion)) == len(samples)
@@ -135,10 +137,15 @@ def test_hippocampus_unet3d_logs_dice_and_resumes(hippocampus: Path, tmp_path: P
     split = (tmp_path / "run" / "split.csv").read_text()
     before = torch.load(first.last_checkpoint, map_location="cpu", weights_only=True)
 
-    resumed_config = load_config(CONFIGS / "hippocampus_unet3d.yaml", [*overrides, "trainer.max_epochs=2", "data.limit=4"])
-    second = train(resumed_config, out_dir=tmp_path / "run", resume=True, enable_model_summary=False)
-    assert second.epochs == 2
-    after = torch.load(second.last_checkpoint, map_location="cpu", weights_only=True)
+    # The second epoch goes through the command line: medlens train CONFIG --set ... --out DIR --resume
+    args = ["train", str(CONFIGS / "hippocampus_unet3d.yaml"), "--out", str(tmp_path / "run"), "--resume"]
+    for item in [*overrides, "trainer.max_epochs=2", "data.limit=4"]:
+        args += ["--set", item]
+    outcome = CliRunner().invoke(app, args)
+    assert outcome.exit_code == 0, outcome.output
+    assert "val_dice" in outcome.output and "best checkpoint" in outcome.output
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["epochs"] == 2
+    after = torch.load(first.last_checkpoint, map_location="cpu", weights_only=True)
     assert after["global_step"] == 2 * before["global_step"] > 0  # the step counter went on, not restarted
     assert (tmp_path / "run" / "split.csv").read_text() == split  # the resumed run kept its split
     dice = _epoch_values(tmp_path / "run" / "logs" / "metrics.csv", "val_dice")
@@ -151,3 +158,11 @@ def test_resume_without_checkpoint_is_a_one_line_error(hippocampus: Path, tmp_pa
     config = load_config(CONFIGS / "hippocampus_unet3d.yaml", [f"data.root={hippocampus}", "data.limit=4"])
     with pytest.raises(MedlensError, match="--resume: no checkpoint to resume from"):
         train(config, out_dir=tmp_path / "fresh", resume=True)
+    assert not (tmp_path / "fresh").exists()
+
+
+def test_cli_reports_bad_config_in_one_line(tmp_path: Path) -> None:
+    outcome = CliRunner().invoke(app, ["train", str(tmp_path / "absent.yaml")])
+    assert outcome.exit_code == 2 and "absent.yaml not found" in outcome.output
+    outcome = CliRunner().invoke(app, ["train", "no_such_shipped_config"])
+    assert outcome.exit_code == 2 and "no shipped config 'no_such_shipped_config'; known:" in outcome.output

@@ -29,7 +29,7 @@ def train_command(
         path = config if Path(config).is_file() or config.endswith((".yaml", ".yml")) else config_path(config)
         result = train(load_config(path, set_ or []), out_dir=out, resume=resume)
     except MedlensError as err:
-        console.print(f"[red]error:[/red] {err}")
+        typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
         raise typer.Exit(2) from None
     table = Table(title=f"best model on the validation split ({result.epochs} epochs, {result.seconds:.0f} s)")
     table.add_column("metric")
