@@ -165,3 +165,20 @@ def test_aug_smooth_keeps_the_original_targets_and_flips_the_region_3d() -> None
     flipped = explain(unet, vol.flip(-1), "gradcam", target=plain.targets, region=mask.flip(-1), layer="model.1.submodule")
     expected = normalise((plain.maps + flipped.maps.flip(-1)) / 2)
     torch.testing.assert_close(smooth.maps, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_top_k_channels_restricts_any_weighted_cam() -> None:
+    """The seed course's exercise: Grad-CAM from the k most active channels only."""
+    torch.manual_seed(9)
+    model = nn.Sequential(nn.Conv2d(1, 6, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 2)).eval()
+    x = torch.randn(2, 1, 8, 8)
+    act = model[:2](x).detach()
+    full = explain(model, x, "gradcam", target=1, layer="1")
+    assert torch.equal(explain(model, x, "gradcam", target=1, layer="1", top_k_channels=6).raw, full.raw)
+    top2 = explain(model, x, "gradcam", target=1, layer="1", top_k_channels=2)
+    weights = model[4].weight.detach()[1] / 64  # Grad-CAM weights of a GAP + linear head
+    keep = torch.zeros(2, 6).scatter_(1, act.mean((2, 3)).topk(2, dim=1).indices, 1.0)
+    expected = F.relu(torch.einsum("bc,bchw->bhw", keep * weights, act))
+    torch.testing.assert_close(top2.raw[:, 0], expected, rtol=1e-5, atol=1e-7)
+    half = explain(model, x, "gradcam", target=1, layer="1", top_k_channels=0.34)  # a fraction: 2 of 6
+    torch.testing.assert_close(half.raw, top2.raw)
