@@ -93,3 +93,37 @@ def test_cli_on_phantoms(tmp_path):
     assert (out / "sanity.csv").exists() and (out / "report.html").exists()
     bad = CliRunner().invoke(app, ["evaluate", "torchvision:resnet18", str(tmp_path / "missing"), "-o", str(out)])
     assert bad.exit_code == 2 and "no such dataset" in bad.output
+
+
+def test_paper_benchmark_tables_and_maps(tmp_path):
+    import numpy as np
+    import timm
+    from PIL import Image
+
+    from medlens.metrics import pointing_game, topk_box_iou
+    from medlens.protocols.paper_benchmark import run_paper_benchmark
+
+    (tmp_path / "img").mkdir()
+    (tmp_path / "mask").mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(2):
+        Image.fromarray((rng.random((90, 110)) * 255).astype(np.uint8)).save(tmp_path / "img" / f"case{i}.png")
+        mask = np.zeros((224, 224), np.uint8)
+        mask[30 + 20 * i : 120, 50:160] = 255
+        Image.fromarray(mask).save(tmp_path / "mask" / f"case{i}.png")
+    torch.manual_seed(0)
+    inits = {name: timm.create_model("vit_tiny_patch16_224", num_classes=2, pretrained=False, depth=2) for name in ("scratch", "MAE")}
+    tables = run_paper_benchmark({"toy": inits}, {"toy": tmp_path / "img"}, {"toy": tmp_path / "mask"}, tmp_path / "out",
+                                 methods=("attention", "saliency"))
+    assert set(tables) == {("toy", m) for m in ("pointing_game", "iou@5", "iou@10", "iou@20", "iou@40")}
+    table = pd.read_csv(tmp_path / "out" / "toy_iou@10.csv", index_col="method")
+    assert list(table.index) == ["attention", "saliency"] and list(table.columns) == ["scratch", "MAE"]
+    saved = torch.stack([torch.from_numpy(np.load(tmp_path / "out" / "maps" / "toy" / "MAE" / "attention" / f"case{i}.npy"))
+                         for i in range(2)])
+    assert saved.shape == (2, 224, 224) and saved.dtype == torch.float32
+    masks = torch.zeros(2, 224, 224, dtype=torch.bool)
+    masks[0, 30:120, 50:160] = masks[1, 50:120, 50:160] = True
+    boxes = torch.tensor([[30, 50, 120, 160], [50, 50, 120, 160]])
+    assert table.loc["attention", "MAE"] == pytest.approx(float(topk_box_iou(saved, boxes, (10,)).mean()), abs=1e-4)
+    pg = pd.read_csv(tmp_path / "out" / "toy_pointing_game.csv", index_col="method")
+    assert pg.loc["attention", "MAE"] == pytest.approx(float(pointing_game(saved, masks).mean()))
