@@ -5,6 +5,7 @@ segmentation networks, plus the model-safety contract of every method of the cat
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import pytest
 import torch
@@ -39,12 +40,12 @@ def resnet() -> nn.Module:
 # ----------------------------------------------------------------------------- Score-CAM
 
 
-def scorecam_by_definition(model: nn.Module, x: torch.Tensor, act: torch.Tensor, target: int) -> torch.Tensor:
+def scorecam_by_definition(score: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
     """Score-CAM written out channel by channel (one image), the slow obvious way."""
     scores = []
     for c in range(act.shape[1]):
         mask = normalise(upsample(act[:, c : c + 1], x.shape[2:]))
-        scores.append(model(x * mask)[0, target])
+        scores.append(score(x * mask))
     weights = torch.softmax(torch.stack(scores), dim=0)
     return F.relu((weights.view(1, -1, *([1] * (act.dim() - 2))) * act).sum(1))
 
@@ -60,8 +61,24 @@ def test_scorecam_equals_its_definition_and_skips_dead_channels_exactly(dims: in
     assert int((act.flatten(2).amax(2) == 0).sum()) >= 5
     ours = explain(model, x, "scorecam", target=2, layer="4")
     with torch.no_grad():
-        expected = scorecam_by_definition(model, x, act, 2)
+        expected = scorecam_by_definition(lambda masked: model(masked)[0, 2], x, act)
     torch.testing.assert_close(ours.raw[:, 0], expected, rtol=1e-4, atol=1e-6)
+
+
+def test_scorecam_on_a_unet_region() -> None:
+    torch.manual_seed(5)
+    unet = UNet(spatial_dims=2, in_channels=1, out_channels=2, channels=(4, 8), strides=(2,), num_res_units=0).eval()
+    x = torch.randn(1, 1, 16, 16)
+    layer = "model.1.submodule"
+    out = explain(unet, x, "scorecam", target=1, layer=layer, region=((2, 3), (9, 12)))
+    assert out.task == "segmentation" and out.maps.shape == (1, 1, 16, 16)
+    acts = {}
+    h = dict(unet.named_modules())[layer].register_forward_hook(lambda _m, _i, o: acts.setdefault("a", o.detach()))
+    with torch.no_grad():
+        unet(x)
+        h.remove()
+        expected = scorecam_by_definition(lambda masked: unet(masked)[0, 1, 2:9, 3:12].mean(), x, acts["a"])
+    torch.testing.assert_close(out.raw[:, 0], expected, rtol=1e-4, atol=1e-6)
 
 
 def test_scorecam_agrees_with_pytorch_grad_cam(resnet: nn.Module) -> None:
