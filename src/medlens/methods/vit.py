@@ -15,6 +15,7 @@ Options (also ``medlens explain --block/--head-fusion/--discard-ratio``):
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 import torch
@@ -109,26 +110,27 @@ def attention_gradients(logits: Tensor, targets: Tensor, probs: list[Tensor]) ->
 # --- LRP (Chefer et al. 2021), rules for the layers a ViT uses ------------------------------------
 def safe_div(num: Tensor, den: Tensor, eps: float = 1e-9) -> Tensor:
     """num / (den + eps), and 0 where den == 0 (the stabiliser of Chefer et al.'s LRP code)."""
-    return torch.where(den != 0, num / (den + eps), torch.zeros_like(num))
+    return num / (den + eps) * (den != 0)
 
 
-def linear_relevance(x: Tensor, weight: Tensor, relevance: Tensor, xw: Tensor | None = None) -> Tensor:
+def linear_relevance(x: Tensor, weight: Tensor, relevance: Tensor, xw: Tensor | None = None, abs_w: Tensor | None = None) -> Tensor:
     """LRP alpha-beta rule with alpha=1, beta=0 for ``y = x W^T + b`` (bias ignored):
     R_i = sum_j (x_i^+ w_ji^+ + x_i^- w_ji^-) / z_j R_j,  z_j = sum_i x_i^+ w_ji^+ + x_i^- w_ji^-.
 
-    Using x^± w^± sums = (x w ± |x| |w|)/2, this costs three matmuls of the layer's size:
-    z = (x W^T + |x| |W|^T) / 2 and R = (x (S W) + |x| (S |W|)) / 2 with S = R / z.
+    Since x^+ w^+ + x^- w^- = (x w + |x| |w|) / 2, this costs three matmuls of the layer's size:
+    with z' = x W^T + |x| |W|^T (= 2 z) and S' = R / z', R_in = x (S' W) + |x| (S' |W|).
+    z >= 0, so the stabiliser needs no sign (z = 0 only where every contribution is 0).
 
     Args:
         x: (..., C_in) layer input; weight: (C_out, C_in); relevance: (..., C_out).
-        xw: x W^T if already known (the layer's output minus its bias).
+        xw: x W^T if already known (the layer's output minus its bias); abs_w: |W| if known.
     """
-    if xw is None:
-        xw = x @ weight.t()
-    abs_w = weight.abs()
-    z = 0.5 * (xw + x.abs() @ abs_w.t())
-    s = safe_div(relevance, z)
-    return 0.5 * (x * (s @ weight) + x.abs() * (s @ abs_w))
+    abs_w = weight.abs() if abs_w is None else abs_w
+    abs_x = x.abs()
+    z = abs_x @ abs_w.t()
+    z += x @ weight.t() if xw is None else xw
+    s = relevance / z.add_(1e-9)
+    return (x * (s @ weight)).addcmul_(abs_x, s @ abs_w)
 
 
 def add_relevance(x0: Tensor, x1: Tensor, relevance: Tensor) -> tuple[Tensor, Tensor]:
@@ -140,16 +142,34 @@ def add_relevance(x0: Tensor, x1: Tensor, relevance: Tensor) -> tuple[Tensor, Te
     sum0, sum1 = r0.sum(dims, keepdim=True), r1.sum(dims, keepdim=True)
     total = relevance.sum(dims, keepdim=True)
     denom = sum0.abs() + sum1.abs()
-    r0 = r0 * safe_div(safe_div(sum0.abs(), denom) * total, sum0)
-    r1 = r1 * safe_div(safe_div(sum1.abs(), denom) * total, sum1)
+    r0.mul_(safe_div(safe_div(sum0.abs(), denom) * total, sum0))
+    r1.mul_(safe_div(safe_div(sum1.abs(), denom) * total, sum1))
     return r0, r1
 
 
 def matmul_relevance(a: Tensor, b: Tensor, relevance: Tensor, ab: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """LRP for z = a @ b: R_a = a * (S b^T), R_b = b * (a^T S), S = R / z, each halved as in
     Chefer et al. so that the two operands share the relevance."""
-    s = safe_div(relevance, a @ b if ab is None else ab)
-    return 0.5 * a * (s @ b.transpose(-2, -1)), 0.5 * b * (a.transpose(-2, -1) @ s)
+    s = safe_div(relevance, a @ b if ab is None else ab).mul_(0.5)
+    return a * (s @ b.transpose(-2, -1)), b * (a.transpose(-2, -1) @ s)
+
+
+_ABS_WEIGHTS: dict[int, tuple["weakref.ref[Tensor]", int, Tensor]] = {}
+
+
+def abs_weight(weight: Tensor) -> Tensor:
+    """|W|, cached per weight tensor until the weight changes (its version counter moves)."""
+    cached = _ABS_WEIGHTS.get(id(weight))
+    if cached is None or cached[0]() is not weight or cached[1] != weight._version:
+        cached = (weakref.ref(weight, lambda _r, key=id(weight): _ABS_WEIGHTS.pop(key, None)), weight._version, weight.detach().abs())
+        _ABS_WEIGHTS[id(weight)] = cached
+    return cached[2]
+
+
+def _linear(x: Tensor, weight_bias: tuple[Tensor, Tensor | None], relevance: Tensor, out: Tensor) -> Tensor:
+    """:func:`linear_relevance` of a captured Linear layer from its input and output."""
+    weight, bias = weight_bias
+    return linear_relevance(x, weight.detach(), relevance, _minus_bias(out, bias), abs_weight(weight))
 
 
 def _minus_bias(out: Tensor, bias: Tensor | None) -> Tensor:
@@ -170,15 +190,13 @@ def block_relevance(site: AttentionSite, rec: BlockRecord, relevance: Tensor, to
     t, lin = rec.tensors, site.linears()
     x_in, x_mid, x_out = t["x_in"], t["x_mid"], t["x_out"]
     r_mid, r_mlp = add_relevance(x_mid, x_out - x_mid, relevance)
-    (w1, b1), (w2, b2) = lin["fc1"], lin["fc2"]
-    r_hidden = linear_relevance(t["fc2_in"], w2, r_mlp, _minus_bias(t["fc2_out"], b2))
-    r_mid = r_mid + linear_relevance(t["fc1_in"], w1, r_hidden, _minus_bias(t["fc1_out"], b1))
+    r_hidden = _linear(t["fc2_in"], lin["fc2"], r_mlp, t["fc2_out"])
+    r_mid += _linear(t["fc1_in"], lin["fc1"], r_hidden, t["fc1_out"])
     r_in, r_attn_out = add_relevance(x_in, x_mid - x_in, r_mid)
     probs, q, k, v = rec.probs.detach(), rec.q.detach(), rec.k.detach(), rec.v.detach()
     context = probs @ v  # (B, H, N, D)
-    w_proj, b_proj = lin["proj"]
-    if w_proj is not None:
-        r_attn_out = linear_relevance(merge_heads(context), w_proj, r_attn_out, _minus_bias(t["proj_out"], b_proj))
+    if lin["proj"][0] is not None:
+        r_attn_out = _linear(merge_heads(context), lin["proj"], r_attn_out, t["proj_out"])
     r_context = r_attn_out.unflatten(-1, (site.num_heads, -1)).transpose(1, 2)
     r_probs, r_v = matmul_relevance(probs, v, r_context, context)
     if not to_input:
@@ -186,8 +204,7 @@ def block_relevance(site: AttentionSite, rec: BlockRecord, relevance: Tensor, to
     r_q, r_k = matmul_relevance(q, k.transpose(-2, -1), r_probs)
     r_k = r_k.transpose(-2, -1)
     r_qkv = torch.stack([merge_heads(r) for r in (r_q, r_k, r_v)], dim=2).flatten(2)  # (B, N, 3*H*D)
-    w_qkv, b_qkv = lin["qkv"]
-    r_in = r_in + linear_relevance(t["qkv_in"], w_qkv, r_qkv, _minus_bias(t["qkv_out"], b_qkv))
+    r_in += _linear(t["qkv_in"], lin["qkv"], r_qkv, t["qkv_out"])
     return r_in, r_probs
 
 
@@ -242,7 +259,7 @@ class HeadCapture:
             r = start * weight
             for lin in reversed(chain):
                 x = self.inputs[lin].repeat_interleave(repeat, 0)
-                r = linear_relevance(x, lin.weight, r)
+                r = linear_relevance(x, lin.weight.detach(), r, abs_w=abs_weight(lin.weight))
             if out is None:
                 out = r.new_zeros(r.shape[0], n_tokens, r.shape[-1])
             if pool == "avg":
