@@ -91,8 +91,10 @@ def _baseline(x: Tensor, baseline: str | float, blur_sigma: float) -> Tensor:
     raise MedlensError(f"baseline {baseline!r} not understood: use zero, min, mean, blur or a number")
 
 
-def _prepare(model: nn.Module, x: Tensor, maps: Tensor, targets: Tensor | int | None, region: Region) -> tuple[Tensor, Tensor, Tensor]:
-    """Check shapes; return maps (B, N) flattened, targets (B, 1) and the clean logits (B, classes)."""
+def _prepare(model: nn.Module, x: Tensor, maps: Tensor, targets: Tensor | int | None, region: Region,
+             need_logits: bool = False) -> tuple[Tensor, Tensor, int, Tensor | None]:
+    """Check shapes; return maps (B, N) flattened, targets (B, 1), the number of classes and, when
+    the targets are not given (or ``need_logits``), the clean logits (B, classes)."""
     if x.dim() not in (4, 5):
         raise MedlensError(f"x must be (B, C, H, W) or (B, C, D, H, W); got {tuple(x.shape)}")
     maps = maps.detach().to(x.device)
@@ -102,22 +104,34 @@ def _prepare(model: nn.Module, x: Tensor, maps: Tensor, targets: Tensor | int | 
         maps = maps[:, 0]
     if tuple(maps.shape) != (x.shape[0], *x.shape[2:]):
         raise MedlensError(f"maps have shape {tuple(maps.shape)}; expected {(x.shape[0], *x.shape[2:])} to match x")
-    logits = _all_logits(model, x, region, batch_size=max(1, x.shape[0]))
+    logits = None
+    if targets is None or need_logits:
+        logits = _all_logits(model, x, region, batch_size=max(1, x.shape[0]))
+        n_classes = logits.shape[1]
+    else:
+        n_classes = _class_count(model, x, region)
     if targets is None:
         targets = logits.argmax(dim=1)
     targets = torch.as_tensor(targets, device=x.device).long().reshape(-1, 1)
     if targets.shape[0] == 1 and x.shape[0] > 1:
         targets = targets.expand(x.shape[0], 1)
-    return maps.flatten(1).float(), targets, logits
+    if bool(((targets < 0) | (targets >= n_classes)).any()):
+        raise MedlensError(f"targets must be class indices in 0..{n_classes - 1}")
+    return maps.flatten(1).float(), targets, n_classes, logits
+
+
+def _class_count(model: nn.Module, x: Tensor, region: Region) -> int:
+    """Number of classes, from a forward pass of one image."""
+    from medlens.targets import pool_scores
+
+    with torch.no_grad():
+        return pool_scores(model(x[:1]), x[:1], region).shape[1]
 
 
 def _all_logits(model: nn.Module, stack: Tensor, region: Region, batch_size: int, n_classes: int | None = None) -> Tensor:
     """(b, classes) scores of every class for a stack of inputs, via ``score_batches``."""
     if n_classes is None:
-        with torch.no_grad():
-            from medlens.targets import pool_scores
-
-            n_classes = pool_scores(model(stack[:1]), stack[:1], region).shape[1]
+        n_classes = _class_count(model, stack, region)
     every = torch.arange(n_classes, device=stack.device)[None]
     return score_batches(model, stack, every, region, batch_size)
 
@@ -213,7 +227,7 @@ def perturbation_curve(
         raise MedlensError(f"mode must be 'deletion' or 'insertion'; got {mode!r}")
     if steps < 1:
         raise MedlensError(f"steps must be at least 1; got {steps}")
-    flat, targets, logits = _prepare(model, x, maps, targets, region)
+    flat, targets, n_classes, _ = _prepare(model, x, maps, targets, region)
     n = flat.shape[1]
     counts = torch.div(torch.arange(steps + 1, device=x.device) * n, steps, rounding_mode="floor")
     base = _baseline(x, baseline, blur_sigma)
@@ -223,7 +237,7 @@ def perturbation_curve(
         return torch.where(removed, base[start : start + b].repeat_interleave(steps + 1, dim=0), repeated)
 
     scores, kept = _score_steps(model, x, _ranks(flat, order), counts, fill, targets, region, batch_size,
-                                logits.shape[1], score, reveal=mode == "insertion")
+                                n_classes, score, reveal=mode == "insertion")
     fractions = counts.double() / n
     auc = torch.trapezoid(scores.double(), fractions, dim=1).float()
     return Curve(fractions.float(), scores, auc, kept, {"mode": mode, "order": order, "baseline": baseline, "score": score})
@@ -337,7 +351,7 @@ def road(
     Returns:
         :class:`Curve` with fractions (P,) = p / 100, scores (B, P), kept (B, P) and auc (B,).
     """
-    flat, targets, logits = _prepare(model, x, maps, targets, region)
+    flat, targets, n_classes, _ = _prepare(model, x, maps, targets, region)
     n = flat.shape[1]
     counts = torch.tensor([int(n * float(p) / 100) for p in percentages], device=x.device)
     generator = None if seed is None else torch.Generator(device=x.device).manual_seed(seed)
@@ -346,7 +360,7 @@ def road(
         return noisy_linear_imputation(repeated, removed, noise=noise, tol=tol, generator=generator)
 
     scores, kept = _score_steps(model, x, _ranks(flat, order), counts, fill, targets, region, batch_size,
-                                logits.shape[1], score)
+                                n_classes, score)
     fractions = counts.double() / n
     auc = torch.trapezoid(scores.double(), fractions, dim=1).float() if len(percentages) > 1 else scores[:, 0]
     return Curve(fractions.float(), scores, auc, kept, {"order": order, "noise": noise, "score": score})
@@ -369,9 +383,9 @@ def confidence_change(
     Returns:
         {"average_drop": (B,), "increase_in_confidence": (B,)} per image.
     """
-    flat, targets, logits = _prepare(model, x, maps, targets, region)
+    flat, targets, n_classes, logits = _prepare(model, x, maps, targets, region, need_logits=True)
     masks = flat.clamp(0, 1).view(x.shape[0], 1, *x.shape[2:])
-    masked = _all_logits(model, x * masks, region, batch_size, logits.shape[1])
+    masked = _all_logits(model, x * masks, region, batch_size, n_classes)
     clean, _ = _readout(logits, targets, "softmax")
     kept, _ = _readout(masked, targets, "softmax")
     drop = (clean - kept).clamp_min(0) / clean.clamp_min(1e-12)
