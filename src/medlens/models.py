@@ -27,6 +27,7 @@ from torch import Tensor, nn
 
 from medlens.errors import MedlensError
 from medlens.io.atomic import atomic_path
+from medlens.io.loading import first_line
 
 __all__ = ["build_model", "load_weights", "save_weights", "read_state_dict", "parse_spec"]
 
@@ -152,9 +153,9 @@ def _monai(name: str, num_classes: int, in_channels: int, spatial_dims: int, kwa
     try:
         return cls(**args)
     except ImportError as err:
-        raise MedlensError(f"monai:{name} needs an optional package that is not installed ({_first_line(err)})") from None
+        raise MedlensError(f"monai:{name} needs an optional package that is not installed ({first_line(err)})") from None
     except (TypeError, ValueError, AssertionError) as err:
-        raise MedlensError(f"monai:{name}: {_first_line(err)}") from None
+        raise MedlensError(f"monai:{name}: {first_line(err)}") from None
 
 
 def _factory(module_name: str, attr: str, num_classes: int, in_channels: int, spatial_dims: int, kwargs: dict[str, Any]) -> nn.Module:
@@ -207,7 +208,7 @@ def read_state_dict(path: str | Path) -> dict[str, Tensor]:
         try:
             return dict(load_file(str(path), device="cpu"))
         except (SafetensorError, OSError, ValueError) as err:
-            raise MedlensError(f"weights file {path}: not a readable safetensors file ({_first_line(err)})") from None
+            raise MedlensError(f"weights file {path}: not a readable safetensors file ({first_line(err)})") from None
     try:
         content = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
@@ -215,13 +216,8 @@ def read_state_dict(path: str | Path) -> dict[str, Tensor]:
         what = f"it pickles {found.group(1)}" if found else "it holds Python objects that are not plain tensors"
         raise MedlensError(f"weights file {path}: refused to unpickle, {what} (only tensors load, weights_only=True)") from None
     except (RuntimeError, EOFError, OSError, ValueError) as err:
-        raise MedlensError(f"weights file {path}: not a readable torch file ({_first_line(err)[:160]})") from None
+        raise MedlensError(f"weights file {path}: not a readable torch file ({first_line(err)[:160]})") from None
     return _unwrap(content, path)
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
 
 
 def _unwrap(content: Any, path: Path) -> dict[str, Tensor]:

@@ -230,36 +230,33 @@ def write_reports(module: L.LightningModule, data: MedlensDataModule, out: Path,
 
 
 def plot_confusion(confusion: Tensor, classes: list[str], path: Path) -> None:
-    import matplotlib
+    """The confusion matrix as a labelled heatmap, counts in the cells, accuracy in the title."""
+    from medlens.render.panels import new_figure, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(1.2 * len(classes) + 2, 1.2 * len(classes) + 1.5))
+    n = len(classes)
+    fig = new_figure(1.2 * n + 2, 1.2 * n + 1.5)
+    ax = fig.add_subplot()
     ax.imshow(confusion.numpy(), cmap="Blues")
-    for (i, j), value in zip([(i, j) for i in range(len(classes)) for j in range(len(classes))], confusion.flatten().tolist()):
-        ax.text(j, i, str(value), ha="center", va="center", color="black" if value < confusion.max() * 0.6 else "white")
-    ax.set_xticks(range(len(classes)), classes, rotation=30, ha="right")
-    ax.set_yticks(range(len(classes)), classes)
+    for index, value in enumerate(confusion.flatten().tolist()):
+        ax.text(index % n, index // n, str(value), ha="center", va="center",
+                color="white" if value > 0.6 * float(confusion.max()) else "black")
+    ax.set_xticks(range(n), classes, rotation=30, ha="right")
+    ax.set_yticks(range(n), classes)
     ax.set_xlabel("predicted")
     ax.set_ylabel("truth")
     ax.set_title(f"accuracy {confusion.diag().sum() / confusion.sum().clamp_min(1):.3f}")
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=100, format="png")
-    plt.close(fig)
+    save_figure(fig, path, dpi=100)
 
 
 def plot_misclassified(images: Tensor, truth: Tensor, predicted: Tensor, data: MedlensDataModule, path: Path, limit: int) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    """Up to ``limit`` wrongly classified validation images, titled with file, truth and prediction."""
+    from medlens.render.panels import new_figure, save_figure
 
     wrong = (truth != predicted).nonzero().flatten()[:limit].tolist()
     cols = max(1, min(4, len(wrong)))
     rows = max(1, -(-len(wrong) // cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(2.6 * cols, 2.8 * rows), squeeze=False)
+    fig = new_figure(2.6 * cols, 2.8 * rows)
+    axes = fig.subplots(rows, cols, squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     for ax, i in zip(axes.flat, wrong):
@@ -268,7 +265,4 @@ def plot_misclassified(images: Tensor, truth: Tensor, predicted: Tensor, data: M
         ax.set_title(f"{name.parent.name}/{name.name}\ntrue {data.classes[int(truth[i])]} | pred {data.classes[int(predicted[i])]}", fontsize=7)
     if not wrong:
         axes[0, 0].text(0.5, 0.5, "no misclassified validation images", ha="center", va="center")
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=100, format="png")
-    plt.close(fig)
+    save_figure(fig, path, dpi=100)
