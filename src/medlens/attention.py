@@ -17,6 +17,7 @@ distillation tokens or no class token), torchvision ``nn.MultiheadAttention`` se
 
 from __future__ import annotations
 
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -224,7 +225,7 @@ class AttentionCapture:
         self.record = record
         self.transform = None if (grad or record) else transform
         self.records: dict[int, BlockRecord] = {}
-        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._hooks = ExitStack()  # removes every registered hook on close
 
     # -- hooks --------------------------------------------------------------------------------
     def _attend(self, index: int, site: AttentionSite, q: Tensor, k: Tensor, v: Tensor) -> None:
@@ -253,7 +254,7 @@ class AttentionCapture:
 
     def _add(self, module: nn.Module, hook: Callable, pre: bool = False) -> None:
         register = module.register_forward_pre_hook if pre else module.register_forward_hook
-        self._handles.append(register(hook))
+        self._hooks.callback(register(hook).remove)
 
     def _hook_qkv_module(self, index: int, site: AttentionSite) -> None:
         """timm / MONAI: the fused qkv Linear's output holds q, k, v."""
@@ -341,17 +342,12 @@ class AttentionCapture:
                 if self.record:
                     self._hook_block(index, site)
         except BaseException:
-            self.close()
+            self._hooks.close()
             raise
         return self
 
-    def close(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
-
     def __exit__(self, *exc: object) -> None:
-        self.close()
+        self._hooks.close()
 
     # -- results ------------------------------------------------------------------------------
     def probs(self) -> list[Tensor]:

@@ -16,12 +16,13 @@ Options (also ``medlens explain --block/--head-fusion/--discard-ratio``):
 from __future__ import annotations
 
 import weakref
+from contextlib import ExitStack, nullcontext
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from medlens.attention import AttentionCapture, AttentionSite, BlockRecord, block_indices, merge_heads, model_output
+from medlens.attention import AttentionCapture, AttentionSite, BlockRecord, block_indices, find_attention, merge_heads, model_output
 from medlens.capture import preserved_modes
 from medlens.engine import Context, Method, register
 from medlens.errors import MedlensError
@@ -43,10 +44,11 @@ def fuse_heads(attn: Tensor, fusion: str = "mean") -> Tensor:
     raise MedlensError(f"unknown head_fusion {fusion!r}: use mean, max or min")
 
 
-def query_row(model: nn.Module, batch: int, n_tokens: int, n_prefix: int, device: torch.device) -> Tensor:
+def query_row(model: nn.Module, x: Tensor, batch: int, n_tokens: int) -> Tensor:
     """(batch, N) the row read out of an attention matrix: the class token's one-hot, or the
-    mean over patch tokens for models without a class token."""
-    query = torch.zeros(batch, n_tokens, device=device)
+    mean over patch tokens for models without a class token. x: the (B, C, *S) input."""
+    n_prefix = n_tokens - int(torch.Size(patch_grid(model, tuple(x.shape[2:]))).numel())
+    query = torch.zeros(batch, n_tokens, device=x.device)
     if has_class_token(model):
         query[:, 0] = 1.0
     else:
@@ -220,7 +222,7 @@ class HeadCapture:
         self.inputs: dict[nn.Module, Tensor] = {}
         self.norm = getattr(model, "norm", None)
         self.tokens: Tensor | None = None
-        self._handles: list[Any] = []
+        self._hooks = ExitStack()
 
     @staticmethod
     def _paths(model: nn.Module) -> list[tuple[float, Any, list[nn.Linear]]]:
@@ -240,16 +242,23 @@ class HeadCapture:
         raise MedlensError(f"chefer needs a ViT classifier head (timm head, torchvision heads, MONAI classification_head); {type(model).__name__} has none")
 
     def __enter__(self) -> "HeadCapture":
-        for _, _, chain in self.paths:
-            for lin in chain:
-                self._handles.append(lin.register_forward_pre_hook(lambda m, inputs: self.inputs.__setitem__(m, inputs[0].detach())))
-        if any(pool == "avg" for _, pool, _ in self.paths):
-            self._handles.append(self.norm.register_forward_hook(lambda _m, _i, out: setattr(self, "tokens", out.detach())))
+        with ExitStack() as stack:
+            for _, _, chain in self.paths:
+                for lin in chain:
+                    stack.callback(lin.register_forward_pre_hook(self._keep_input).remove)
+            if any(pool == "avg" for _, pool, _ in self.paths):
+                stack.callback(self.norm.register_forward_hook(self._keep_tokens).remove)
+            self._hooks = stack.pop_all()  # registered without error: keep until __exit__
         return self
 
+    def _keep_input(self, module: nn.Module, inputs: tuple) -> None:
+        self.inputs[module] = inputs[0].detach()
+
+    def _keep_tokens(self, _module: nn.Module, _inputs: tuple, out: Tensor) -> None:
+        self.tokens = out.detach()
+
     def __exit__(self, *exc: object) -> None:
-        for handle in self._handles:
-            handle.remove()
+        self._hooks.close()
 
     def relevance(self, start: Tensor, n_tokens: int, n_patches: int, repeat: int) -> Tensor:
         """Relevance (B*K, N, C) at the last block's output from one-hot ``start`` (B*K, classes);
@@ -314,18 +323,15 @@ def _class_agnostic(model, x, key, targets, region, block, head_fusion, discard_
     per_head = key == "attention" and head_fusion in ("none", "per-head", "heads")
     if not per_head and head_fusion not in HEAD_FUSIONS:
         raise MedlensError(f"unknown head_fusion {head_fusion!r}: use mean, max, min" + (" or none" if key == "attention" else ""))
-    n_blocks = len(AttentionCapture(model).sites)
-    blocks = block_indices(n_blocks, int(block)) if key == "attention" else None
+    blocks = block_indices(len(find_attention(model)), int(block)) if key == "attention" else None
     fuse = None if per_head else (lambda a: fuse_heads(a, head_fusion))
     with AttentionCapture(model, blocks, transform=fuse) as cap, torch.no_grad():
         logits, targets = _forward(model, x, region, targets)
     mats = cap.probs()
-    n_tokens = mats[0].shape[-1]
-    n_prefix = n_tokens - int(torch.Size(patch_grid(model, tuple(x.shape[2:]))).numel())
-    query = query_row(model, x.shape[0], n_tokens, n_prefix, x.device)
+    query = query_row(model, x, x.shape[0], mats[0].shape[-1])
     if key == "attention":
-        row = (query[:, None, None, :] @ mats[0].unsqueeze(1) if mats[0].dim() == 3 else query[:, None, None, :] @ mats[0]).squeeze(-2)
-        maps = patch_map(row, model, x)  # (B, 1 or H, *grid)
+        attn = mats[0] if per_head else mats[0].unsqueeze(1)  # (B, H or 1, N, N)
+        maps = patch_map((query[:, None, None, :] @ attn).squeeze(-2), model, x)  # (B, H or 1, *grid)
         if per_head:
             return maps
     else:
@@ -338,14 +344,12 @@ def _gradient_based(model, x, key, targets, region, head_fusion, discard_ratio) 
     if head_fusion not in HEAD_FUSIONS:
         raise MedlensError(f"unknown head_fusion {head_fusion!r}: use mean, max or min")
     lrp = key == "chefer"
-    with AttentionCapture(model, grad=True, record=lrp) as cap, HeadCapture(model) if lrp else _Null() as head, torch.enable_grad():
+    with AttentionCapture(model, grad=True, record=lrp) as cap, HeadCapture(model) if lrp else nullcontext() as head, torch.enable_grad():
         logits, targets = _forward(model, x.detach().requires_grad_(True), region, targets)
     probs = cap.probs()
     grads = attention_gradients(logits, targets, probs)  # [(B, K, H, N, N)]
     batch, k = targets.shape
-    n_tokens = probs[0].shape[-1]
-    n_prefix = n_tokens - int(torch.Size(patch_grid(model, tuple(x.shape[2:]))).numel())
-    query = query_row(model, batch * k, n_tokens, n_prefix, x.device)
+    query = query_row(model, x, batch * k, probs[0].shape[-1])
     if key == "chefer":
         with torch.no_grad():
             row = _chefer_rollout(model, cap, head, logits, targets, grads, query, tuple(x.shape[2:]))
@@ -360,14 +364,14 @@ def _gradient_based(model, x, key, targets, region, head_fusion, discard_ratio) 
     return patch_map(row, model, x).unflatten(0, (batch, k))
 
 
-def _chefer_rollout(model, cap: AttentionCapture, head: "HeadCapture", logits, targets, grads, query, grid_of) -> Tensor:
+def _chefer_rollout(model, cap: AttentionCapture, head: HeadCapture, logits, targets, grads, query, spatial) -> Tensor:
     """Chefer et al. (CVPR 2021) eq. 13-14: Ā_b = I + E_h[(∇A_b ⊙ R^(A_b))^+], C = Ā_L ··· Ā_1
     (their code's rollout order), read at the class token's row; relevance from LRP started at the
     one-hot target with alpha=1 rules."""
     batch, k = targets.shape
     n_tokens = query.shape[-1]
     start = torch.nn.functional.one_hot(targets.flatten(), logits.shape[1]).to(logits.dtype)  # (B*K, classes)
-    n_patches = int(torch.Size(patch_grid(model, grid_of)).numel())
+    n_patches = int(torch.Size(patch_grid(model, spatial)).numel())
     relevance = head.relevance(start, n_tokens, n_patches, k)
     row = query.unsqueeze(1)
     for index in reversed(cap.indices):
@@ -383,14 +387,6 @@ def _repeat(rec: BlockRecord, k: int) -> BlockRecord:
         return rec
     rep = lambda t: t.repeat_interleave(k, 0)  # noqa: E731
     return BlockRecord(rep(rec.probs.detach()), rep(rec.q.detach()), rep(rec.k.detach()), rep(rec.v.detach()), {n: rep(t) for n, t in rec.tensors.items()})
-
-
-class _Null:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
 
 
 # --- registered methods ----------------------------------------------------------------------
