@@ -186,3 +186,19 @@ def test_vit_gradcam_agrees_with_pytorch_grad_cam(kind: str) -> None:
             continue
         r = torch.corrcoef(torch.stack([a.flatten(), b.flatten()]))[0, 1]
         assert r >= 0.99
+
+
+def test_swin_channels_last_gradcam_agrees_with_pytorch_grad_cam() -> None:
+    from pytorch_grad_cam import GradCAM
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    torch.manual_seed(0)
+    swin = timm.create_model("swin_tiny_patch4_window7_224", img_size=112, embed_dim=24, depths=(1, 1), num_heads=(1, 2), num_classes=2).eval()
+    x = torch.randn(2, 3, 112, 112)
+    ours = medlens.explain(swin, x, method="gradcam", target=1)
+    assert ours.layers == ["layers.1.blocks.0.norm1"] and ours.raw.shape == (2, 1, 14, 14)
+    layer = swin.layers[1].blocks[0].norm1
+    with GradCAM(model=swin, target_layers=[layer], reshape_transform=lambda t: t.permute(0, 3, 1, 2)) as cam:
+        theirs = torch.as_tensor(cam(input_tensor=x, targets=[ClassifierOutputTarget(1)] * 2))
+    for a, b in zip(ours.maps[:, 0], theirs):
+        assert torch.corrcoef(torch.stack([a.flatten(), b.flatten()]))[0, 1] >= 0.99
