@@ -8,7 +8,6 @@ from typing import Optional
 import typer
 
 from medlens.cli.app import app
-from medlens.cli.explain import fail, load_model, parse_size
 from medlens.errors import MedlensError
 
 
@@ -79,6 +78,7 @@ def prototype_command(
     the class mean, Adam), from zeros or from --init, and save it."""
     from rich.progress import Progress
 
+    from medlens.cli.explain import fail, load_model, parse_size  # shared with `medlens explain`
     from medlens.methods.prototype import class_prototype
 
     shape = parse_size(size)
