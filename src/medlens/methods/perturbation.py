@@ -14,7 +14,6 @@ import math
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from medlens.capture import resolve_layer
