@@ -166,3 +166,20 @@ def test_cli_reports_bad_config_in_one_line(tmp_path: Path) -> None:
     assert outcome.exit_code == 2 and "absent.yaml not found" in outcome.output
     outcome = CliRunner().invoke(app, ["train", "no_such_shipped_config"])
     assert outcome.exit_code == 2 and "no shipped config 'no_such_shipped_config'; known:" in outcome.output
+
+
+def test_initial_weights_from_a_local_file_and_last_block_fine_tuning(tmp_path: Path) -> None:
+    from medlens.models import save_weights
+    from medlens.train.run import build_network
+
+    backbone = build_model("torchvision:resnet18", num_classes=1000, in_channels=1)  # an "ImageNet-style" file
+    save_weights(backbone, tmp_path / "backbone.safetensors")
+    config = load_config(CONFIGS / "brain_mri_resnet18.yaml", [f"model.init_weights={tmp_path / 'backbone.safetensors'}",
+                                                               "model.unfreeze_last=1"])
+    with pytest.warns(UserWarning, match=r"left out shape mismatch 2: fc.weight \(3, 512\) vs \(1000, 512\), fc.bias"):
+        model = build_network(config, num_classes=3)
+    assert torch.equal(model.conv1.weight, backbone.conv1.weight) and model.fc.out_features == 3
+    trainable = {n.split(".")[0] for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {"layer4", "fc"}
+    with pytest.raises(MedlensError, match="does not fit"):
+        load_weights(build_model("monai:UNet", spatial_dims=2), tmp_path / "backbone.safetensors", strict=False)

@@ -19,6 +19,7 @@ import importlib
 import inspect
 import pickle
 import re
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -260,20 +261,29 @@ def weight_mismatch(model: nn.Module, state: Mapping[str, Tensor]) -> tuple[list
     return missing, unexpected, shapes
 
 
-def load_weights(model: nn.Module, path: str | Path, strict: bool = True) -> nn.Module:
+def load_weights(model: nn.Module, path: str | Path, strict: bool = True, skip_mismatched: bool = False) -> nn.Module:
     """Load weights from ``path`` into ``model`` in place and return it.
 
     Args:
         model: the architecture the weights belong to (e.g. from :func:`build_model`).
         path: ``.pth``, ``.pt``, ``.ckpt`` (Lightning) or ``.safetensors``.
-        strict: when True, any missing or unexpected key is an error; shape mismatches always are.
+        strict: when True, any missing or unexpected key is an error.
+        skip_mismatched: leave out tensors whose shape differs (a pre-trained 1000-class head
+            loaded into a 2-class model) with a warning naming them, instead of failing.
 
     Raises:
-        MedlensError: one line naming the file and listing missing/unexpected keys and shape mismatches.
+        MedlensError: one line naming the file and listing missing/unexpected keys and shape
+        mismatches; also when no tensor of the file fits the model at all.
     """
     state = read_state_dict(path)
     missing, unexpected, shapes = weight_mismatch(model, state)
-    if shapes or (strict and (missing or unexpected)):
+    if skip_mismatched and shapes:
+        skipped = [entry.split(" ")[0] for entry in shapes]
+        warnings.warn(f"weights file {path}: left out {_listing('shape mismatch', shapes)}", stacklevel=2)
+        state = {k: v for k, v in state.items() if k not in skipped}
+        missing, shapes = missing + skipped, []
+    fits = len(state) - len(unexpected)
+    if shapes or fits == 0 or (strict and (missing or unexpected)):
         parts = [_listing(label, names) for label, names in
                  (("missing", missing), ("unexpected", unexpected), ("shape mismatch", shapes)) if names]
         raise MedlensError(f"weights file {path} does not fit {type(model).__name__}: " + "; ".join(parts))

@@ -61,7 +61,12 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    """The network: a :func:`medlens.models.build_model` spec, its arguments and initial weights."""
+    """The network: a :func:`medlens.models.build_model` spec, its arguments and initial weights.
+
+    ``init_weights`` is a local file (never a download); with ``init_strict: false`` keys the model
+    lacks, keys the file lacks and tensors of another shape (a 1000-class head) are left out.
+    ``unfreeze_last``: null trains everything, 0 only the head, k the last k blocks and the head.
+    """
 
     spec: str = "torchvision:resnet18"
     num_classes: int | None = None

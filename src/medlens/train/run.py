@@ -70,7 +70,8 @@ def build_network(config: TrainConfig, num_classes: int) -> nn.Module:
     spatial = 3 if config.task == "segmentation" and not dc.slices else 2
     model = build_model(mc.spec, num_classes=mc.num_classes or num_classes, in_channels=dc.in_channels, spatial_dims=spatial, **mc.kwargs)
     if mc.init_weights:
-        load_weights(model, mc.init_weights, strict=mc.init_strict)
+        # Not strict: a pre-trained backbone file has no head for our classes (or another-size one).
+        load_weights(model, mc.init_weights, strict=mc.init_strict, skip_mismatched=not mc.init_strict)
     unfreeze_last(model, mc.unfreeze_last)
     return model
 
