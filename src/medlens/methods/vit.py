@@ -115,7 +115,9 @@ def safe_div(num: Tensor, den: Tensor, eps: float = 1e-9) -> Tensor:
     return num / (den + eps) * (den != 0)
 
 
-def linear_relevance(x: Tensor, weight: Tensor, relevance: Tensor, xw: Tensor | None = None, abs_w: Tensor | None = None) -> Tensor:
+def linear_relevance(
+    x: Tensor, weight: Tensor, relevance: Tensor, out: Tensor | None = None, bias: Tensor | None = None, abs_w: Tensor | None = None
+) -> Tensor:
     """LRP alpha-beta rule with alpha=1, beta=0 for ``y = x W^T + b`` (bias ignored):
     R_i = sum_j (x_i^+ w_ji^+ + x_i^- w_ji^-) / z_j R_j,  z_j = sum_i x_i^+ w_ji^+ + x_i^- w_ji^-.
 
@@ -125,13 +127,19 @@ def linear_relevance(x: Tensor, weight: Tensor, relevance: Tensor, xw: Tensor | 
 
     Args:
         x: (..., C_in) layer input; weight: (C_out, C_in); relevance: (..., C_out).
-        xw: x W^T if already known (the layer's output minus its bias); abs_w: |W| if known.
+        out, bias: the layer's output and bias, if known (saves the x W^T matmul).
+        abs_w: |W|, if known.
     """
     abs_w = weight.abs() if abs_w is None else abs_w
     abs_x = x.abs()
-    z = abs_x @ abs_w.t()
-    z += x @ weight.t() if xw is None else xw
-    s = relevance / z.add_(1e-9)
+    flat_x = abs_x.reshape(-1, abs_x.shape[-1])
+    if out is None:
+        z = torch.addmm(flat_x @ abs_w.t(), x.reshape(-1, x.shape[-1]), weight.t())
+        z.add_(1e-9)
+    else:
+        z = torch.addmm(out.reshape(-1, out.shape[-1]), flat_x, abs_w.t())
+        z = z.add_(1e-9) if bias is None else z.sub_(bias - 1e-9)  # z' = x W^T + |x| |W|^T + eps
+    s = relevance / z.view(relevance.shape)
     return (x * (s @ weight)).addcmul_(abs_x, s @ abs_w)
 
 
@@ -171,11 +179,7 @@ def abs_weight(weight: Tensor) -> Tensor:
 def _linear(x: Tensor, weight_bias: tuple[Tensor, Tensor | None], relevance: Tensor, out: Tensor) -> Tensor:
     """:func:`linear_relevance` of a captured Linear layer from its input and output."""
     weight, bias = weight_bias
-    return linear_relevance(x, weight.detach(), relevance, _minus_bias(out, bias), abs_weight(weight))
-
-
-def _minus_bias(out: Tensor, bias: Tensor | None) -> Tensor:
-    return out if bias is None else out - bias
+    return linear_relevance(x, weight.detach(), relevance, out, None if bias is None else bias.detach(), abs_weight(weight))
 
 
 def block_relevance(site: AttentionSite, rec: BlockRecord, relevance: Tensor, to_input: bool = True) -> tuple[Tensor | None, Tensor]:
