@@ -158,11 +158,10 @@ def block_indices(n_blocks: int, blocks: int | Sequence[int] | None) -> list[int
     return sorted(set(out))
 
 
-def split_heads(qkv: Tensor, heads: int) -> tuple[Tensor, Tensor, Tensor]:
-    """(B, N, 3*H*D) fused projection -> q, k, v each (B, H, N, D) (timm/MONAI/torch layout)."""
+def split_heads(qkv: Tensor, heads: int, parts: int = 3) -> tuple[Tensor, ...]:
+    """(B, N, parts*H*D) fused projection -> q, k(, v) each (B, H, N, D) (timm/MONAI/torch layout)."""
     b, n, _ = qkv.shape
-    q, k, v = qkv.reshape(b, n, 3, heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
-    return q, k, v
+    return qkv.reshape(b, n, parts, heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
 
 
 def merge_heads(t: Tensor) -> Tensor:
@@ -228,7 +227,7 @@ class AttentionCapture:
         self._hooks = ExitStack()  # removes every registered hook on close
 
     # -- hooks --------------------------------------------------------------------------------
-    def _attend(self, index: int, site: AttentionSite, q: Tensor, k: Tensor, v: Tensor) -> None:
+    def _attend(self, index: int, site: AttentionSite, q: Tensor, k: Tensor, v: Tensor | None) -> None:
         """Recompute A from q, k exactly as the model's non-fused path does."""
         if site.kind == "monai":
             logits = torch.einsum("blxd,blyd->blxy", q, k) * site.scale
@@ -292,14 +291,12 @@ class AttentionCapture:
             x = inputs[0]
             if not (inputs[1] is x and inputs[2] is x):
                 raise MedlensError(f"attention module {site.name!r} is not self-attention (query, key, value differ)")
-            full = self.grad or self.record
-            rows = attn.in_proj_weight.shape[0] if full else 2 * attn.embed_dim
+            parts = 3 if self.grad or self.record else 2  # v only when gradients or LRP need it
+            rows = parts * attn.embed_dim
             bias = None if attn.in_proj_bias is None else attn.in_proj_bias[:rows]
             qkv = F.linear(x, attn.in_proj_weight[:rows], bias)
-            if not full:
-                qkv = torch.cat([qkv, qkv[..., : attn.embed_dim]], dim=-1)  # v unused: placeholder
-            q, k, v = split_heads(qkv, site.num_heads)
-            self._attend(index, site, q, k, v)
+            q, k, *v = split_heads(qkv, site.num_heads, parts)
+            self._attend(index, site, q, k, v[0] if v else None)
             if self.record:
                 self._keep(index, "qkv_in", x)
                 self._keep(index, "qkv_out", qkv)
@@ -317,6 +314,8 @@ class AttentionCapture:
 
     def _hook_block(self, index: int, site: AttentionSite) -> None:
         """Residual stream and MLP tensors for relevance propagation."""
+        if getattr(site.block, "with_cross_attention", False):
+            raise MedlensError(f"block {site.name.rsplit('.', 1)[0]!r} has cross-attention; relevance propagation supports self-attention blocks only")
         fc1, fc2 = site.mlp_linears()
         self._add(site.block, lambda _m, inputs: self._keep(index, "x_in", inputs[0]), pre=True)
         self._add(site.norm2(), lambda _m, inputs: self._keep(index, "x_mid", inputs[0]), pre=True)
