@@ -6,6 +6,7 @@ import csv
 import json
 from pathlib import Path
 
+import nibabel as nib
 import pytest
 import torch
 from typer.testing import CliRunner
@@ -183,3 +184,16 @@ def test_initial_weights_from_a_local_file_and_last_block_fine_tuning(tmp_path: 
     assert trainable == {"layer4", "fc"}
     with pytest.raises(MedlensError, match="does not fit"):
         load_weights(build_model("monai:UNet", spatial_dims=2), tmp_path / "backbone.safetensors", strict=False)
+
+
+def test_hippocampus_unet2d_on_axial_slices(hippocampus: Path, tmp_path: Path) -> None:
+    overrides = [f"data.root={hippocampus}", "data.slices=true", "data.image_size=[32,48]", "data.limit=6",
+                 "data.batch_size=16", "trainer.max_epochs=1", "trainer.progress=none",
+                 "model.kwargs={channels: [4, 8, 16], strides: [2, 2], num_res_units: 1}"]
+    result = train(load_config(CONFIGS / "hippocampus_unet3d.yaml", overrides), out_dir=tmp_path / "run", enable_model_summary=False)
+    assert 0.0 <= result.metrics["val_dice"] <= 1.0
+    kernels = [t for k, t in read_state_dict(result.weights).items() if k.endswith("conv.weight")]
+    assert kernels and all(t.dim() == 4 for t in kernels)  # a 2D U-Net
+    voxels = sum(int(v) for r in _rows(tmp_path / "run" / "confusion_matrix.csv") for v in list(r.values())[1:])
+    depths = sum(nib.as_closest_canonical(nib.load(r["path"])).shape[2] for r in _rows(tmp_path / "run" / "validation_samples.csv"))
+    assert voxels == 32 * 48 * depths  # every axial slice of every validation volume, at 32x48
