@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from medlens.attention import model_output
 from medlens.engine import explain, normalise
 from medlens.errors import MedlensError
 from medlens.io.atomic import atomic_path
@@ -35,25 +36,25 @@ PAPER_METHODS = ("attention", "gradcam", "chefer")
 MAP_SIZE = (224, 224)
 
 
-def paper_target(logits: Tensor) -> Tensor | str:
+def paper_target(n_classes: int) -> int | str:
     """Class 1 for a binary classifier, else each image's predicted class."""
-    return 1 if logits.shape[1] == 2 else "pred"
+    return 1 if n_classes == 2 else "pred"
 
 
-def _smoothing_available() -> dict[str, bool]:
-    """Whether eigen- and aug-smoothing exist in this medlens (they are optional extras)."""
-    aug = importlib.util.find_spec("medlens.methods.smoothing") is not None
-    from medlens.methods import cam
-
-    eigen = "eigen_smooth" in (cam.__doc__ or "") + "".join(getattr(obj, "__doc__", "") or "" for obj in vars(cam).values())
-    return {"eigen_smooth": eigen, "aug_smooth": aug}
+def _smoothing_options() -> dict[str, bool]:
+    """eigen- and aug-smoothing where this medlens has them (``medlens.methods.smoothing``);
+    without it the protocol falls back to plain Grad-CAM rather than failing."""
+    available = importlib.util.find_spec("medlens.methods.smoothing") is not None
+    return {"eigen_smooth": True, "aug_smooth": True} if available else {}
 
 
 def paper_maps(model: nn.Module, x: Tensor, method: str) -> Tensor:
     """(B, 224, 224) min-max normalised maps of ``method`` under the paper's conventions."""
-    with torch.no_grad():
-        logits = model(x[:1])
-    target = paper_target(logits if isinstance(logits, Tensor) else logits[0])
+    n_classes = getattr(model, "num_classes", None)
+    if not isinstance(n_classes, int):
+        with torch.no_grad():
+            n_classes = model_output(model(x[:1])).shape[1]
+    target = paper_target(n_classes)
     if method == "attention":
         raw = vit_relevance(model, x, "attention", targets=target, block=-1, head_fusion="mean")[:, :1]
         maps = F.interpolate(raw, size=MAP_SIZE, mode="nearest")  # each patch value repeated
@@ -61,8 +62,7 @@ def paper_maps(model: nn.Module, x: Tensor, method: str) -> Tensor:
         layer = default_token_layer(model)
         if layer is None:
             raise MedlensError(f"the attention-paper protocol needs a ViT; {type(model).__name__} has no transformer blocks")
-        options = {k: v for k, v in _smoothing_available().items() if v}
-        maps = explain(model, x, "gradcam", target=target, layer=layer, **options).maps[:, :1]
+        maps = explain(model, x, "gradcam", target=target, layer=layer, **_smoothing_options()).maps[:, :1]
         maps = F.interpolate(maps, size=MAP_SIZE, mode="bilinear", align_corners=False)
     elif method == "chefer":
         raw = vit_relevance(model, x, "chefer", targets=target)[:, :1]
