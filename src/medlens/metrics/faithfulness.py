@@ -14,7 +14,6 @@ little else. 2D (B, C, H, W) and 3D (B, C, D, H, W) inputs alike.
 
 from __future__ import annotations
 
-import itertools
 import math
 from dataclasses import dataclass, field
 from typing import Sequence
@@ -246,20 +245,72 @@ def perturbation_curve(
 # ---------------------------------------------------------------- ROAD
 
 
-def _neighbour_kernel(nd: int, dtype: torch.dtype, device: torch.device) -> Tensor:
-    """ROAD's neighbour weights generalised to nd dims: weight proportional to 2^-(nonzero offsets - 1),
-    summing to 1. In 2D this is Rong et al.'s 1/6 (faces) and 1/12 (diagonals); in 3D
-    faces 1/14, edges 1/28, corners 1/56."""
-    kernel = torch.zeros((3,) * nd, dtype=dtype, device=device)
-    for offset in itertools.product((-1, 0, 1), repeat=nd):
-        nonzero = sum(o != 0 for o in offset)
-        if nonzero:
-            kernel[tuple(o + 1 for o in offset)] = 2.0 ** -(nonzero - 1)
-    return kernel / kernel.sum()
+def _neighbour_mean(v: Tensor) -> Tensor:
+    """ROAD's neighbour weighting of (B, C, *S), zero outside the image, generalised to nd dims:
+    the separable [1, 2, 1] filter on every axis minus the centre, divided by 4^nd - 2^nd, i.e.
+    weight proportional to 2^-(nonzero offsets - 1), summing to 1. In 2D this is Rong et al.'s 1/6
+    for the 4 face neighbours and 1/12 for the diagonals; in 3D faces 1/14, edges 1/28, corners 1/56.
+    Shifted sums instead of a convolution: much faster for one-channel stacks on a CPU."""
+    nd = v.dim() - 2
+    out = v
+    for axis in range(2, v.dim()):
+        pad = [0, 0] * nd
+        pad[2 * (v.dim() - 1 - axis)] = pad[2 * (v.dim() - 1 - axis) + 1] = 1
+        padded = F.pad(out, pad)
+        n = out.shape[axis]
+        out = padded.narrow(axis, 0, n) + 2 * out + padded.narrow(axis, 2, n)
+    return (out - 2**nd * v) / (4**nd - 2**nd)
+
+
+def _initial_guess(x: Tensor, unknown: Tensor, levels: int = 3) -> Tensor:
+    """A start for the solver: the imputation of a half-resolution copy (recursively), upsampled,
+    so the conjugate gradients only have to fix fine detail; at the coarsest level the mean of
+    the kept pixels."""
+    spatial = tuple(range(2, x.dim()))
+    kept = 1 - unknown
+    if levels == 0 or min(x.shape[2:]) < 16:
+        mean = (x * kept).sum(spatial, keepdim=True) / kept.sum(spatial, keepdim=True).clamp_min(1)
+        return mean.expand_as(x)
+    pool = {2: F.avg_pool2d, 3: F.avg_pool3d}[x.dim() - 2]
+    kept_small = pool(kept, 2, ceil_mode=True)
+    x_small = pool(x * kept, 2, ceil_mode=True) / kept_small.clamp_min(1e-6)
+    unknown_small = (kept_small < 0.5).to(x.dtype)
+    coarse = _solve(x_small, unknown_small, _initial_guess(x_small, unknown_small, levels - 1), tol=1e-3, max_iter=100)
+    mode = {2: "bilinear", 3: "trilinear"}[x.dim() - 2]
+    return F.interpolate(coarse, size=x.shape[2:], mode=mode, align_corners=False)
+
+
+def _solve(x: Tensor, unknown: Tensor, start: Tensor, tol: float, max_iter: int) -> Tensor:
+    """Conjugate gradients for S_p v_p - sum_{q unknown} w_pq v_q = sum_{q kept} w_pq x_q on the
+    unknown pixels, all images and channels at once (matrix-free)."""
+    spatial = tuple(range(2, x.dim()))
+    degree = _neighbour_mean(torch.ones_like(x[:1, :1]))  # S_p: fewer neighbours at borders
+    known = x * (1 - unknown)
+    rhs = unknown * _neighbour_mean(known)
+
+    def apply(v: Tensor) -> Tensor:
+        return unknown * (degree * v - _neighbour_mean(unknown * v))
+
+    v = unknown * start
+    r = rhs - apply(v)
+    p = r.clone()
+    rs = (r * r).sum(spatial, keepdim=True)
+    target = (tol**2) * (rhs * rhs).sum(spatial, keepdim=True).clamp_min(1e-30)
+    for it in range(max_iter):
+        ap = apply(p)
+        alpha = rs / (p * ap).sum(spatial, keepdim=True).clamp_min(1e-30)
+        v = v + alpha * p
+        r = r - alpha * ap
+        rs_new = (r * r).sum(spatial, keepdim=True)
+        if it % 5 == 4 and bool((rs_new <= target).all()):
+            break
+        p = r + (rs_new / rs.clamp_min(1e-30)) * p
+        rs = rs_new
+    return known + unknown * v
 
 
 def noisy_linear_imputation(
-    x: Tensor, removed: Tensor, noise: float = 0.01, max_iter: int = 300, tol: float = 1e-4,
+    x: Tensor, removed: Tensor, noise: float = 0.01, max_iter: int = 300, tol: float = 1e-3,
     generator: torch.Generator | None = None,
 ) -> Tensor:
     """ROAD's noisy linear imputation (Rong et al., ICML 2022), batched in torch, 2D and 3D.
@@ -269,13 +320,15 @@ def noisy_linear_imputation(
     the same sparse system Quantus solves with ``scipy.sparse.linalg.spsolve`` one image at a time.
     The system is symmetric positive definite (a Dirichlet Laplacian) wherever a removed region
     touches a kept pixel, so all images and channels are solved together by conjugate gradients
-    with matrix-free convolutions, started from a normalised convolution of the kept pixels and
-    stopped at relative residual ``tol``. Then ``noise * N(0, 1)`` is added to the imputed pixels.
+    with matrix-free shifted sums (:func:`_neighbour_mean`), started from the solution of a
+    half-resolution copy (three levels, a cheap multigrid-like start) and stopped at relative
+    residual ``tol``. Then ``noise * N(0, 1)`` is added to the imputed pixels.
 
     Args:
         x: (B, C, *S) images.
         removed: (B, 1, *S) or (B, *S) bool, True where the pixel is imputed.
         noise: std of the Gaussian noise added to imputed pixels (ROAD: 0.01).
+        tol: relative residual at which to stop; 1e-3 leaves errors well below ROAD's noise.
 
     Returns:
         (B, C, *S) images with the removed pixels imputed.
@@ -284,47 +337,11 @@ def noisy_linear_imputation(
     if removed.dim() == nd + 1:
         removed = removed[:, None]
     unknown = removed.to(x.dtype).expand_as(x)
-    channels = x.shape[1]
-    kernel = _neighbour_kernel(nd, x.dtype, x.device)
-    conv = {2: F.conv2d, 3: F.conv3d}[nd]
-    weight = kernel.expand(channels, 1, *kernel.shape)
-
-    def neighbours(v: Tensor) -> Tensor:
-        return conv(v, weight, padding=1, groups=channels)
-
-    degree = neighbours(torch.ones_like(x[:1])).expand_as(x)  # S_p: fewer neighbours at borders
-    known = x * (1 - unknown)
-    rhs = unknown * neighbours(known)
-
-    def apply(v: Tensor) -> Tensor:
-        return unknown * (degree * v - neighbours(unknown * v))
-
-    # start: weighted mean of kept pixels nearby (wide Gaussian normalised convolution), else image mean
-    sigma = 2.0
-    smooth_known = gaussian_filter(known, sigma)
-    smooth_weight = gaussian_filter(1 - unknown, sigma)
-    spatial = tuple(range(2, x.dim()))
-    fallback = known.sum(spatial, keepdim=True) / (1 - unknown).sum(spatial, keepdim=True).clamp_min(1)
-    start = torch.where(smooth_weight > 1e-3, smooth_known / smooth_weight.clamp_min(1e-3), fallback)
-    v = unknown * start
-    r = rhs - apply(v)
-    p = r.clone()
-    rs = (r * r).sum(spatial, keepdim=True)
-    target = (tol ** 2) * (rhs * rhs).sum(spatial, keepdim=True).clamp_min(1e-30)
-    for it in range(max_iter):
-        ap = apply(p)
-        alpha = rs / (p * ap).sum(spatial, keepdim=True).clamp_min(1e-30)
-        v = v + alpha * p
-        r = r - alpha * ap
-        rs_new = (r * r).sum(spatial, keepdim=True)
-        if it % 10 == 9 and bool((rs_new <= target).all()):
-            break
-        p = r + (rs_new / rs.clamp_min(1e-30)) * p
-        rs = rs_new
+    filled = _solve(x, unknown, _initial_guess(x, unknown), tol, max_iter)
     if noise:
         where = x.device if generator is None else generator.device
-        v = v + noise * torch.randn(x.shape, generator=generator, device=where, dtype=x.dtype).to(x.device)
-    return known + unknown * v
+        filled = filled + unknown * noise * torch.randn(x.shape, generator=generator, device=where, dtype=x.dtype).to(x.device)
+    return filled
 
 
 def road(
@@ -339,7 +356,7 @@ def road(
     region: Region = None,
     batch_size: int = 64,
     seed: int | None = 0,
-    tol: float = 1e-4,
+    tol: float = 1e-3,
 ) -> Curve:
     """ROAD: RemOve And Debias (Rong et al., ICML 2022), without retraining.
 
