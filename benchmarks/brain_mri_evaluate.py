@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import random
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -32,11 +31,13 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--methods", default="gradcam,gradcam++,hirescam,layercam,xgradcam,saliency")
     parser.add_argument("--out", type=Path, default=ROOT / "out" / "brain_mri")
+    parser.add_argument("--road", action="store_true", help="also run ROAD (slow on a busy CPU)")
+    parser.add_argument("--reuse", action="store_true", help="load the weights of a previous run instead of training")
     args = parser.parse_args()
     torch.set_num_threads(2)
     torch.manual_seed(0)
     from medlens.io.datasets import MedicalDataset, eval_transforms, index_image_folder, write_split
-    from medlens.models import build_model, save_weights
+    from medlens.models import build_model, load_weights, save_weights
 
     items, classes = index_image_folder(DATA)
     rng = random.Random(0)
@@ -55,6 +56,10 @@ def main() -> None:
     model = build_model("torchvision:resnet18", num_classes=3, in_channels=1)
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-4)
     start = time.time()
+    weights = args.out / "brain_resnet18.safetensors"
+    if args.reuse and weights.exists():
+        load_weights(model, weights)
+        args.epochs = 0
     for epoch in range(args.epochs):
         model.train()
         order = torch.randperm(len(y))
@@ -75,13 +80,16 @@ def main() -> None:
     with torch.no_grad():
         accuracy = (model(xt).argmax(1) == yt).float().mean().item()
     print(f"held-out accuracy: {accuracy:.3f} on {len(yt)} images ({classes})", flush=True)
-    weights = save_weights(model, args.out / "brain_resnet18.safetensors")
+    if args.epochs:
+        save_weights(model, weights)
 
     command = [str(ROOT / ".venv" / "bin" / "medlens"), "evaluate"]
     command += ["torchvision:resnet18", str(DATA), "--weights", str(weights), "--num-classes", "3", "--in-channels", "1",
                 "--size", str(args.size), "--split", str(args.out / "split.csv"), "--part", "test",
                 "--steps", "10", "--metric", "localisation", "--metric", "faithfulness", "--metric", "complexity",
-                "--metric", "sanity", "--out", str(args.out / "evaluate"), "--batch-size", "16"]
+                "--metric", "sanity", "--out", str(args.out / "evaluate"), "--batch-size", "20"]
+    if not args.road:
+        command.append("--no-road")
     for method in args.methods.split(","):
         command += ["--method", method]
     start = time.time()
