@@ -254,3 +254,31 @@ def test_attention_paper_protocol_writes_224_maps(tmp_path) -> None:
     attention = np.load(tmp_path / "attention" / "img0.npy")
     assert (attention[:16, :16] == attention[0, 0]).all()  # each patch repeated as a 16x16 block
     assert len(written) == 6
+
+
+def test_torchvision_and_timm_with_the_same_weights_give_the_same_maps() -> None:
+    """The torchvision path (MultiheadAttention, EncoderBlock) against the timm path, on one network."""
+    tv = tiny_torchvision()
+    tm = timm.create_model("vit_tiny_patch16_224", img_size=64, embed_dim=32, depth=2, num_heads=2, mlp_ratio=2, num_classes=2).eval()
+    pairs = {"patch_embed.proj": "conv_proj", "norm": "encoder.ln", "head": "heads.head"}
+    for i, name in enumerate(tv.encoder.layers._modules):
+        src = f"encoder.layers.{name}"
+        pairs.update({f"blocks.{i}.norm1": f"{src}.ln_1", f"blocks.{i}.norm2": f"{src}.ln_2", f"blocks.{i}.attn.proj": f"{src}.self_attention.out_proj",
+                      f"blocks.{i}.mlp.fc1": f"{src}.mlp.0", f"blocks.{i}.mlp.fc2": f"{src}.mlp.3"})
+    tv_modules, tm_modules = dict(tv.named_modules()), dict(tm.named_modules())
+    with torch.no_grad():
+        for dst, src in pairs.items():
+            tm_modules[dst].weight.copy_(tv_modules[src].weight)
+            tm_modules[dst].bias.copy_(tv_modules[src].bias)
+        for blk, layer in zip(tm.blocks, tv.encoder.layers):
+            blk.attn.qkv.weight.copy_(layer.self_attention.in_proj_weight)
+            blk.attn.qkv.bias.copy_(layer.self_attention.in_proj_bias)
+        tm.cls_token.copy_(tv.class_token)
+        tm.pos_embed.copy_(tv.encoder.pos_embedding)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(tm(x), tv(x), atol=1e-5, rtol=1e-4)
+    for method in METHODS:
+        ours_tv = medlens.explain(tv, x, method=method, target=1).raw
+        ours_tm = medlens.explain(tm, x, method=method, target=1).raw
+        torch.testing.assert_close(ours_tv, ours_tm, atol=1e-6, rtol=1e-3, msg=method)
