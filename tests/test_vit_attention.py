@@ -130,6 +130,10 @@ def test_unsupported_models_and_bad_blocks_get_one_line_errors() -> None:
         find_attention(torchvision.models.resnet18(num_classes=2))
     with pytest.raises(MedlensError, match="block 5 is out of range"):
         medlens.explain(tiny_timm(), torch.randn(1, 3, 64, 48), method="attention", block=5)
+    post_norm = tiny_timm(block_fn=timm.models.vision_transformer.ResPostBlock)
+    with pytest.raises(MedlensError, match="ResPostBlock; relevance propagation supports pre-norm blocks"):
+        medlens.explain(post_norm, torch.randn(1, 3, 64, 48), method="chefer")
+    assert medlens.hook_count(post_norm) == 0
 
 
 def test_tokens_to_grid_drops_prefix_tokens_on_non_square_grids() -> None:

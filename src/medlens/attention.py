@@ -169,6 +169,9 @@ def merge_heads(t: Tensor) -> Tensor:
     return t.transpose(1, 2).flatten(2)
 
 
+_PRE_NORM_BLOCKS = ("Block", "EncoderBlock", "TransformerBlock")  # x + attn(norm1(x)), then x + mlp(norm2(x))
+
+
 @dataclass
 class BlockRecord:
     """Tensors of one block's forward pass, kept for gradients and relevance propagation.
@@ -314,6 +317,11 @@ class AttentionCapture:
 
     def _hook_block(self, index: int, site: AttentionSite) -> None:
         """Residual stream and MLP tensors for relevance propagation."""
+        if type(site.block).__name__ not in _PRE_NORM_BLOCKS:
+            raise MedlensError(
+                f"block {site.name.rsplit('.', 1)[0]!r} is a {type(site.block).__name__}; relevance propagation supports "
+                "pre-norm blocks (timm Block, torchvision EncoderBlock, MONAI TransformerBlock)"
+            )
         if getattr(site.block, "with_cross_attention", False):
             raise MedlensError(f"block {site.name.rsplit('.', 1)[0]!r} has cross-attention; relevance propagation supports self-attention blocks only")
         fc1, fc2 = site.mlp_linears()
