@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/bench_metrics.py [--threads 2] [--repeats 3]
 
-Faithfulness (ResNet-18 with a 1-channel stem, 8 images at 112x112, Grad-CAM maps with a 1e-6
+Faithfulness (ResNet-18 with a 1-channel stem, 8 images at 112x112, Grad-CAM maps with a 1e-4
 tie-break so every library orders the pixels identically):
 
 - PixelFlipping / deletion, 28 steps of 448 pixels, "black" baseline (Quantus: the minimum of
@@ -58,7 +58,7 @@ def main() -> None:
     model.eval()
     x = torch.rand(8, 1, 112, 112)
     maps = medlens.explain(model, x, "gradcam", layer="layer3").maps[:, 0]
-    maps = maps + 1e-6 * torch.rand(maps.shape, generator=torch.Generator().manual_seed(1))
+    maps = maps + 1e-4 * torch.rand(maps.shape, generator=torch.Generator().manual_seed(1))
     targets = model(x).argmax(1).detach()
     x_np, y_np, a_np = x.numpy(), targets.numpy(), maps[:, None].numpy()
     rows = []
