@@ -54,7 +54,7 @@ def test_pixel_flipping_equals_quantus(grey_resnet, images):
     maps = distinct_maps(images)
     targets = grey_resnet(images).argmax(1)
     steps = 7
-    ours = perturbation_curve(grey_resnet, images, maps, targets, steps=steps, baseline=float(images.min()))
+    ours = perturbation_curve(grey_resnet, images, maps, targets, steps=steps, baseline="min")
     metric = quantus.PixelFlipping(features_in_step=28 * 28 // steps, perturb_baseline="black", normalise=False,
                                    abs=False, disable_warnings=True)
     theirs = np.asarray(metric(model=grey_resnet, x_batch=images.numpy(), y_batch=targets.numpy(),

@@ -81,7 +81,7 @@ def _baseline(x: Tensor, baseline: str | float, blur_sigma: float) -> Tensor:
     spatial = tuple(range(2, x.dim()))
     if baseline in ("zero", "black0"):
         return torch.zeros_like(x)
-    if baseline == "min":  # each image's minimum (Quantus' "black" takes the minimum of the whole batch)
+    if baseline == "min":  # each image's minimum, as Quantus' "black"
         return x.amin(dim=(1, *spatial), keepdim=True).expand_as(x)
     if baseline == "mean":
         return x.mean(dim=spatial, keepdim=True).expand_as(x)
@@ -213,8 +213,7 @@ def perturbation_curve(
         targets: (B,) classes, an int, or None for the model's prediction on ``x``.
         mode: ``"deletion"`` or ``"insertion"``.
         order: ``"morf"`` (most relevant first) or ``"lerf"`` (least relevant first).
-        baseline: ``"zero"``, ``"min"`` (each image's minimum; Quantus' "black" is the batch's),
-            ``"mean"`` (per image and channel),
+        baseline: ``"zero"``, ``"min"`` (each image's minimum, Quantus' "black"), ``"mean"`` (per image and channel),
             ``"blur"`` (Gaussian, ``blur_sigma`` px; RISE's insertion baseline) or a number.
         steps: number of perturbation steps; the curve has steps + 1 points.
         score: ``"softmax"`` probability (as Quantus and RISE), ``"logit"`` or ``"sigmoid"``.

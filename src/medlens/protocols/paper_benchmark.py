@@ -76,18 +76,17 @@ def load_pairs(images: str | Path, masks: str | Path, channels: int = 3,
 def paper_benchmark_maps(model: nn.Module, x: Tensor, method: str) -> Tensor:
     """(B, 224, 224) maps under the paper's conventions (see the module docstring)."""
     try:
-        from medlens.protocols.attention_paper import PAPER_METHODS, paper_maps, paper_target
+        from medlens.protocols.attention_paper import PAPER_METHODS, paper_maps
         from medlens.tokens import default_token_layer
 
         is_vit = default_token_layer(model) is not None
     except ImportError:  # the protocol module is optional
         PAPER_METHODS, is_vit = (), False
-        paper_target = None
     if is_vit and method in PAPER_METHODS:
         return paper_maps(model, x, method)
     with torch.no_grad():
         n_classes = model(x[:1]).shape[1]
-    target: Any = paper_target(torch.zeros(1, n_classes)) if paper_target else (1 if n_classes == 2 else "pred")
+    target: Any = 1 if n_classes == 2 else "pred"  # the paper's rule: class 1 of a binary model
     maps = explain(model, x, method, target=target).maps[:, :1]
     return normalise(F.interpolate(maps.float(), size=BENCHMARK_SIZE, mode="bilinear", align_corners=False))[:, 0]
 
