@@ -88,6 +88,8 @@ def folder_items(source: str | Path, size: int | Sequence[int] | None = None, ch
     dataset_items = list(items) if items is not None else index
     probe = MedicalDataset(dataset_items[:1], names, channels=channels).read(0)
     ndim = probe["image"].dim() - 1
+    if isinstance(size, Sequence) and len(size) == 1:  # "--size 112" means 112 on every axis
+        size = int(size[0])
     transform = eval_transforms(size, ndim, mean, std) if size is not None else None
     dataset = MedicalDataset(dataset_items, names, transform=transform, channels=channels)
     for i in range(len(dataset)):
