@@ -32,6 +32,7 @@ def main() -> None:
     parser.add_argument("--methods", default="gradcam,gradcam++,hirescam,layercam,xgradcam,saliency")
     parser.add_argument("--out", type=Path, default=ROOT / "out" / "brain_mri")
     parser.add_argument("--road", action="store_true", help="also run ROAD (slow on a busy CPU)")
+    parser.add_argument("--paper-only", action="store_true", help="only run the paper protocol (needs --reuse weights)")
     parser.add_argument("--reuse", action="store_true", help="load the weights of a previous run instead of training")
     args = parser.parse_args()
     torch.set_num_threads(2)
@@ -83,6 +84,9 @@ def main() -> None:
     if args.epochs:
         save_weights(model, weights)
 
+    run_paper_protocol(args, weights, test)
+    if args.paper_only:
+        return
     command = [str(ROOT / ".venv" / "bin" / "medlens"), "evaluate"]
     command += ["torchvision:resnet18", str(DATA), "--weights", str(weights), "--num-classes", "3", "--in-channels", "1",
                 "--size", str(args.size), "--split", str(args.out / "split.csv"), "--part", "test",
@@ -95,6 +99,37 @@ def main() -> None:
     start = time.time()
     subprocess.run(command, check=True)
     print(f"medlens evaluate took {time.time() - start:.0f} s", flush=True)
+
+
+def run_paper_protocol(args: argparse.Namespace, weights: Path, test: list) -> None:
+    """The paper's benchmark protocol on the held-out images: image links and 224x224 box masks
+    named like the images, checkpoints {trained, untrained}, methods as rows."""
+    import numpy as np
+    from PIL import Image
+
+    from medlens.protocols.paper_benchmark import run_paper_benchmark
+
+    img_dir, mask_dir = args.out / "paper" / "images", args.out / "paper" / "masks"
+    img_dir.mkdir(parents=True, exist_ok=True)
+    mask_dir.mkdir(parents=True, exist_ok=True)
+    for item in test:
+        src = Path(item.path)
+        name = f"{src.parent.name}_{src.stem}"
+        link = img_dir / f"{name}{src.suffix}"
+        if not link.exists():
+            link.symlink_to(src)  # never copy the data
+        mask = np.zeros((224, 224), np.uint8)
+        for x0, y0, x1, y1 in item.boxes:
+            mask[int(y0 * 224) : int(np.ceil(y1 * 224)), int(x0 * 224) : int(np.ceil(x1 * 224))] = 255
+        Image.fromarray(mask).save(mask_dir / f"{name}.png")
+    start = time.time()
+    tables = run_paper_benchmark({"brain-mri": {"trained": weights, "untrained": "none"}}, {"brain-mri": img_dir},
+                                 {"brain-mri": mask_dir}, args.out / "paper" / "results",
+                                 methods=("gradcam", "layercam", "saliency"), model_spec="torchvision:resnet18",
+                                 num_classes=3, in_channels=1, mean=None, std=None)
+    print(f"paper protocol took {time.time() - start:.0f} s")
+    for (dataset, metric), table in tables.items():
+        print(f"\n{dataset} {metric} (methods x initialisations)\n{table.round(3).to_string()}")
 
 
 if __name__ == "__main__":
