@@ -14,13 +14,14 @@ reported, never silently scored. :func:`empty_annotations` gives the flag per im
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from medlens.boxes import box_around, topk_mask
+from medlens.boxes import box_around
 from medlens.errors import MedlensError
 
 __all__ = [
@@ -203,12 +204,23 @@ def topk_box_iou(
     if boxes.dim() != 2 or boxes.shape != (maps.shape[0], 2 * nd):
         raise MedlensError(f"boxes must have shape ({maps.shape[0]}, {2 * nd}); got {tuple(boxes.shape)}")
     empty = ((boxes[:, nd:] - boxes[:, :nd]) <= 0).any(dim=1)
+    bad = [p for p in percentages if not 0 < float(p) <= 100]
+    if bad:
+        raise MedlensError(f"percentages must be in (0, 100]; got {bad[0]}")
+    if ties not in ("include", "exact"):
+        raise MedlensError(f"ties must be 'include' or 'exact'; got {ties!r}")
+    flat = maps.flatten(1)
+    counts = [max(1, math.ceil(float(p) / 100.0 * flat.shape[1])) for p in percentages]
+    # one topk for the largest k serves every percentage (its values come sorted), the same
+    # selection as medlens.boxes.topk_mask
+    values, indices = flat.topk(max(counts), dim=1)
     out = []
-    for p in percentages:
-        if not 0 < float(p) <= 100:
-            raise MedlensError(f"percentages must be in (0, 100]; got {p}")
-        predicted = box_around(topk_mask(maps, float(p) / 100.0, ties=ties))
-        out.append(box_iou(predicted, boxes))
+    for k in counts:
+        if ties == "include":
+            selected = flat >= values[:, k - 1 : k]
+        else:
+            selected = torch.zeros_like(flat, dtype=torch.bool).scatter_(1, indices[:, :k], True)
+        out.append(box_iou(box_around(selected.view(maps.shape)), boxes))
     return torch.stack(out, dim=1).masked_fill(empty[:, None], float("nan"))
 
 
@@ -311,7 +323,9 @@ def localisation_metrics(
         "energy_pointing_game": energy_pointing_game(maps, masks),
         "relevance_mass": relevance_mass(maps, masks),
     }
-    ious, dices = mask_iou(maps, masks, thresholds), dice(maps, masks, thresholds)
+    inter, pred, true = _threshold_overlap(maps, masks, thresholds)  # shared by IoU and Dice
+    ious = _nan_where_empty(inter / (pred + true - inter).clamp_min(1), masks)
+    dices = _nan_where_empty(2 * inter / (pred + true).clamp_min(1), masks)
     for i, t in enumerate(thresholds):
         out[f"mask_iou@{t:g}"] = ious[:, i]
         out[f"dice@{t:g}"] = dices[:, i]
