@@ -28,7 +28,8 @@ def main() -> None:
     parser.add_argument("--train-per-class", type=int, default=200)
     parser.add_argument("--test-per-class", type=int, default=20)
     parser.add_argument("--size", type=int, default=112)
-    parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--epochs", type=int, default=6)
+    parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--methods", default="gradcam,gradcam++,hirescam,layercam,xgradcam,saliency")
     parser.add_argument("--out", type=Path, default=ROOT / "out" / "brain_mri")
     parser.add_argument("--road", action="store_true", help="also run ROAD (slow on a busy CPU)")
@@ -55,7 +56,8 @@ def main() -> None:
     x = torch.stack([data[i]["image"] for i in range(len(data))])
     y = torch.tensor([it.label for it in train])
     model = build_model("torchvision:resnet18", num_classes=3, in_channels=1)
-    opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-4)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-4)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(opt, args.lr, total_steps=max(1, args.epochs * ((len(y) + 31) // 32)))
     start = time.time()
     weights = args.out / "brain_resnet18.safetensors"
     if args.reuse and weights.exists():
@@ -73,6 +75,7 @@ def main() -> None:
             opt.zero_grad()
             loss.backward()
             opt.step()
+            schedule.step()
         print(f"epoch {epoch + 1}: loss {loss.item():.3f} ({time.time() - start:.0f} s)", flush=True)
     model.eval()
     test_data = MedicalDataset(test, classes, transform=eval_transforms(args.size), channels=1)
