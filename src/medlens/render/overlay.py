@@ -145,7 +145,7 @@ def draw_boxes(
         boxes: (K, 4) boxes ``[y0, x0, y1, x1]`` (hi exclusive, as in :mod:`medlens.boxes`);
             empty boxes (all -1) are skipped.
         colors: a colour per box (any PIL colour); defaults cycle through :data:`BOX_COLOURS`.
-        labels: optional text per box, written at the box's top-left corner.
+        labels: optional text per box, written just above the box (below it at the image's top edge).
         width: line width in pixels; default scales with the image (1 px per 128 px).
 
     Returns:
@@ -164,9 +164,12 @@ def draw_boxes(
         colour = palette[k % len(palette)]
         pen.rectangle([x0, y0, max(x0, x1 - 1), max(y0, y1 - 1)], outline=colour, width=width)
         if labels is not None and k < len(labels) and labels[k]:
-            left, top, right, bottom = pen.textbbox((x0 + width, y0 + width), str(labels[k]), font=font)
-            pen.rectangle([left - 1, top - 1, right + 1, bottom + 1], fill="#000000")
-            pen.text((x0 + width, y0 + width), str(labels[k]), fill=colour, font=font)
+            # the label sits just outside the box (above, or below at the top edge), never over the region
+            _, top, _, bottom = pen.textbbox((0, 0), str(labels[k]), font=font)
+            y_text = y0 - width - bottom if y0 - width - bottom >= 0 else min(y1 + width, picture.size[1] - bottom)
+            box_text = pen.textbbox((x0, y_text), str(labels[k]), font=font)
+            pen.rectangle([box_text[0] - 1, box_text[1] - 1, box_text[2] + 1, box_text[3] + 1], fill="#000000")
+            pen.text((x0, y_text), str(labels[k]), fill=colour, font=font)
     return np.asarray(picture)
 
 
