@@ -365,15 +365,6 @@ class AttentionCapture:
         return [self.records[i].probs for i in self.indices]
 
 
-def model_output(out: object) -> Tensor:
-    """The prediction tensor of a model output (MONAI's ViT returns ``(logits, hidden_states)``)."""
-    if isinstance(out, Tensor):
-        return out
-    if isinstance(out, (tuple, list)) and out and isinstance(out[0], Tensor):
-        return out[0]
-    raise MedlensError(f"model returned {type(out).__name__}; expected a tensor or a tuple starting with one")
-
-
 def attention_maps(model: nn.Module, x: Tensor, blocks: int | Sequence[int] | None = None) -> list[Tensor]:
     """Attention probabilities (B, heads, N, N) of the chosen blocks for input ``x``.
 

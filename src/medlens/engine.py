@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from medlens.capture import LayerCapture, auto_layer, preserved_modes
 from medlens.errors import MedlensError
-from medlens.targets import Region, TargetSpec, is_segmentation_output, pool_scores, resolve_targets
+from medlens.targets import Region, TargetSpec, is_segmentation_output, model_output, pool_scores, resolve_targets
 
 
 @dataclass
@@ -167,11 +167,16 @@ def upsample(maps: Tensor, size: Sequence[int]) -> Tensor:
 
 
 def normalise(maps: Tensor) -> Tensor:
-    """Min-max normalise each (b, k) map to [0, 1]; a flat map becomes zeros, never NaN."""
+    """Min-max normalise each (b, k) map to [0, 1]; a flat map becomes zeros, never NaN.
+
+    A map whose span is below 1e-6 of its largest magnitude counts as flat: it is rounding noise
+    (e.g. a Grad-CAM whose gradients cancel), and stretching it would draw a confident map."""
     flat = maps.flatten(2)
     lo = flat.amin(dim=2, keepdim=True)
-    span = flat.amax(dim=2, keepdim=True) - lo
-    scale = torch.where(span > 0, 1.0 / span, torch.zeros_like(span))  # (B, K, 1): cheap
+    hi = flat.amax(dim=2, keepdim=True)
+    span = hi - lo
+    floor = 1e-6 * torch.maximum(hi.abs(), lo.abs())
+    scale = torch.where((span > floor) & (span > 0), 1.0 / span, torch.zeros_like(span))  # (B, K, 1): cheap
     return ((flat - lo) * scale).view_as(maps)
 
 
@@ -244,12 +249,23 @@ def check_input(model: nn.Module, x: Tensor) -> None:
             raise MedlensError(f"model expects {first.in_channels} input channel(s) but the input has {x.shape[1]}")
 
 
+def _is_grid_of(sizes: Sequence[int], spatial: Sequence[int]) -> bool:
+    """True when ``sizes`` is ``spatial`` downscaled by one factor per axis (within rounding)."""
+    ratios = [s / a for s, a in zip(spatial, sizes) if a > 0]
+    return len(ratios) == len(spatial) and min(ratios) >= 1 and max(ratios) <= 1.15 * min(ratios)
+
+
+def _channels_last(act: Tensor, x: Tensor) -> bool:
+    """A Swin-style (B, *grid, C) map rather than a (B, C, *grid) one."""
+    return _is_grid_of(act.shape[1:-1], x.shape[2:]) and not _is_grid_of(act.shape[2:], x.shape[2:])
+
+
 def _as_feature_maps(ctx: Context, model: nn.Module) -> None:
     """Reshape token activations (B, N, C) and their gradients (B, K, N, C) to (B, C, *grid)."""
     from medlens.tokens import tokens_to_grid
 
     for layer, act in ctx.activations.items():
-        if act.dim() == ctx.x.dim() and not (act.dim() == 4 and act.shape[-1] != act.shape[1] and act.shape[1] == act.shape[2]):
+        if act.dim() == ctx.x.dim() and not _channels_last(act, ctx.x):
             continue
         grid = tokens_to_grid(act, model, ctx.x)
         ctx.activations[layer] = grid
@@ -301,7 +317,7 @@ def explain(
         try:
             x_in = x.detach().requires_grad_(True) if algo.uses_input_gradients else x
             torch.set_grad_enabled(algo.uses_input_gradients)
-            output = model(x_in)
+            output = model_output(model(x_in))
             task = "segmentation" if is_segmentation_output(output, x) else "classification"
             algo.check(model, x, task)
             logits = pool_scores(output, x, region)

@@ -98,8 +98,23 @@ def region_weights(region: Region, spatial: Sequence[int], batch: int, device: t
     return mask
 
 
-def pool_scores(output: Tensor, x: Tensor, region: Region = None) -> Tensor:
+def model_output(out: object) -> Tensor:
+    """The prediction tensor of a model output: a tensor, the first element of a tuple (MONAI's
+    ViT returns ``(logits, hidden_states)``), or the ``logits``/``out`` entry of a dict or object."""
+    if isinstance(out, Tensor):
+        return out
+    if isinstance(out, (tuple, list)) and out and isinstance(out[0], Tensor):
+        return out[0]
+    for key in ("logits", "out"):
+        value = out.get(key) if isinstance(out, dict) else getattr(out, key, None)
+        if isinstance(value, Tensor):
+            return value
+    raise MedlensError(f"model returned {type(out).__name__}; expected a tensor, a tuple starting with one, or logits")
+
+
+def pool_scores(output: object, x: Tensor, region: Region = None) -> Tensor:
     """Class scores (B, N): the logits themselves, or a segmentation map's mean logit over ``region``."""
+    output = model_output(output)
     if not is_segmentation_output(output, x):
         if output.dim() != 2:
             raise MedlensError(f"model output has shape {tuple(output.shape)}; expected (B, classes) or (B, classes, *spatial)")

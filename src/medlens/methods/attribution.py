@@ -72,9 +72,9 @@ class SmoothGrad(InputMethod):
         samples (int, 25); noise_level (float, 0.15): sigma as a fraction of each image's
         intensity range, or stdev (float) in absolute units; absolute (bool, True);
         seed (int, 0); batch_size (int, 32).
-    The noise of image b is drawn as ``torch.normal(0, sigma, (samples, C, *S))`` from a
-    generator seeded with ``seed`` (the same draw Captum makes for one image after
-    ``torch.manual_seed(seed)``).
+    The noise is drawn as one ``torch.normal(0, sigma, (B, samples, C, *S))`` from a generator
+    seeded with ``seed`` (for one image, the same draw Captum makes after ``torch.manual_seed(seed)``),
+    and all B x samples noisy copies go through the model in chunks of ``batch_size``.
     """
 
     name = "smoothgrad"
@@ -91,13 +91,14 @@ class SmoothGrad(InputMethod):
         else:
             flat = x.flatten(1)
             sigma = float(self.options.get("noise_level", 0.15)) * (flat.amax(1) - flat.amin(1))
-        per_image = []
-        for b in range(x.shape[0]):
-            noise = torch.normal(0.0, sigma[b].expand(samples, *x.shape[1:]), generator=generator)
-            noisy = x[b : b + 1] + noise
-            grads = torch.cat([input_gradients(ctx, part, ctx.targets[b : b + 1].expand(part.shape[0], -1)) for part in noisy.split(int(self.options.get("batch_size", 32)))])
-            per_image.append((grads.abs() if absolute else grads).mean(dim=0))
-        self.attributions = torch.stack(per_image)  # (B, K, C_in, *S)
+        b = x.shape[0]
+        spread = sigma.view(b, *(1,) * x.dim()).expand(b, samples, *x.shape[1:])
+        noisy = (x.unsqueeze(1) + torch.normal(0.0, spread, generator=generator)).flatten(0, 1)  # (B * samples, C, *S)
+        targets = ctx.targets.repeat_interleave(samples, dim=0)
+        chunk = int(self.options.get("batch_size", 32))
+        grads = torch.cat([input_gradients(ctx, part, targets[i : i + chunk]) for i, part in zip(range(0, len(noisy), chunk), noisy.split(chunk))])
+        grads = grads.unflatten(0, (b, samples))  # (B, samples, K, C, *S)
+        self.attributions = (grads.abs() if absolute else grads).mean(dim=1)  # (B, K, C_in, *S)
         return self.attributions.abs().amax(dim=2)
 
 

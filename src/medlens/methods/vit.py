@@ -22,11 +22,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from medlens.attention import AttentionCapture, AttentionSite, BlockRecord, block_indices, find_attention, merge_heads, model_output
+from medlens.attention import AttentionCapture, AttentionSite, BlockRecord, block_indices, find_attention, merge_heads
 from medlens.capture import preserved_modes
 from medlens.engine import Context, Method, register
 from medlens.errors import MedlensError
-from medlens.targets import Region, pool_scores, resolve_targets
+from medlens.targets import Region, model_output, pool_scores, resolve_targets
 from medlens.tokens import has_class_token, patch_grid
 
 HEAD_FUSIONS = ("mean", "max", "min")

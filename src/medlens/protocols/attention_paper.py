@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from medlens.attention import model_output
+from medlens.targets import model_output
 from medlens.engine import explain, normalise
 from medlens.errors import MedlensError
 from medlens.io.atomic import atomic_path

@@ -1,0 +1,267 @@
+"""Explain files on disk: read, batch, explain, and write what a person looks at.
+
+This is the library behind ``medlens explain``: inputs (PNG/JPG, DICOM files or series, NIfTI
+volumes, folders of them) are read, resized to the model's input size, batched by shape,
+explained with one or more methods, and written back at each input's own size and geometry:
+overlays (PNG), maps (``.npy``, and NIfTI with the input's affine for volumes), boxes (JSON)
+and an ``index.html`` that shows them all. Bad files are reported and skipped.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from medlens.boxes import argmax_cell_box, component_regions
+from medlens.engine import Explanation, explain, upsample
+from medlens.errors import MedlensError
+from medlens.io.atomic import atomic_path, write_text
+from medlens.io.loading import Loaded, iter_inputs
+from medlens.render.overlay import png_bytes
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass
+class Prepared:
+    """One input ready for the model: (C, *S) tensor at model size, plus where it came from."""
+
+    path: Path
+    loaded: Loaded
+    tensor: Tensor
+    display: Tensor  # (C, *S_original) in [0, 1], for drawing
+    stem: str = ""  # output file-name stem, unique within the run
+
+
+@dataclass
+class RunSummary:
+    written: list[dict[str, Any]] = field(default_factory=list)
+    bad: list[tuple[Path, str]] = field(default_factory=list)
+    out_dir: Path | None = None
+
+
+def model_input_spec(model: nn.Module) -> tuple[int | None, int | None]:
+    """(input channels, spatial dims) the model's first convolution expects, or None if unknown."""
+    for m in model.modules():
+        if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+            return m.in_channels, {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3}[type(m)]
+    return None, None
+
+
+def prepare(
+    path: Path,
+    loaded: Loaded,
+    channels: int | None,
+    size: Sequence[int] | None,
+    normalize: str = "none",
+) -> Prepared:
+    """Scale to [0, 1], match the model's channels, resize to ``size``, then normalise.
+
+    Args:
+        channels: the model's input channels: greyscale is repeated, RGB averaged to grey.
+        size: spatial size for the model, e.g. (224, 224); None keeps the image's size.
+        normalize: ``none``, ``imagenet`` (mean/std per RGB channel) or ``zscore`` (per image).
+    """
+    display = loaded.display().float()
+    x = display
+    if channels is not None and x.shape[0] != channels:
+        if x.shape[0] == 1:
+            x = x.expand(channels, *x.shape[1:])
+        elif channels == 1:
+            x = x.mean(0, keepdim=True)
+        else:
+            raise MedlensError(f"{path}: image has {x.shape[0]} channels; the model takes {channels}")
+    if size is not None and tuple(size) != tuple(x.shape[1:]):
+        if len(size) != x.dim() - 1:
+            raise MedlensError(f"{path}: --size has {len(size)} numbers for a {x.dim() - 1}D image")
+        x = upsample(x.unsqueeze(0), size)[0]
+    if normalize == "imagenet":
+        if x.shape[0] != 3:
+            raise MedlensError("--normalize imagenet needs 3-channel model inputs")
+        view = (3,) + (1,) * (x.dim() - 1)
+        x = (x - torch.tensor(IMAGENET_MEAN).view(view)) / torch.tensor(IMAGENET_STD).view(view)
+    elif normalize == "zscore":
+        x = (x - x.mean()) / x.std().clamp_min(1e-6)
+    elif normalize != "none":
+        raise MedlensError(f"--normalize {normalize!r} not understood: use none, imagenet or zscore")
+    return Prepared(path, loaded, x.contiguous(), display)
+
+
+def batches_by_shape(items: Iterable[Prepared], batch_size: int) -> Iterable[list[Prepared]]:
+    """Group consecutive inputs of the same shape into batches of at most ``batch_size``."""
+    batch: list[Prepared] = []
+    for item in items:
+        if batch and (len(batch) == batch_size or batch[0].tensor.shape != item.tensor.shape):
+            yield batch
+            batch = []
+        batch.append(item)
+    if batch:
+        yield batch
+
+
+def safe_stem(path: Path, taken: set[str]) -> str:
+    """A file-name stem for ``path`` that no other input of this run has."""
+    name = path.name
+    for suffix in (".nii.gz", ".nii", ".dcm", ".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"):
+        if name.lower().endswith(suffix):
+            name = name[: -len(suffix)]
+            break
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", name) or "input"
+    candidate, n = stem, 1
+    while candidate in taken:
+        n += 1
+        candidate = f"{stem}_{n}"
+    taken.add(candidate)
+    return candidate
+
+
+def draw(display: Tensor, heat: Tensor, cmap: str, alpha: float, boxes: Sequence[Sequence[int]] = ()) -> np.ndarray:
+    """The overlay a person looks at: a 2D image with its map, or three orthogonal slices of
+    a volume through the map's peak."""
+    from medlens import render
+
+    if heat.dim() == 2:
+        rgb = render.overlay(display, heat, cmap=cmap, alpha=alpha)
+        return render.draw_boxes(rgb, list(boxes)) if boxes else rgb
+    return render.orthogonal_views(display, heat, cmap=cmap, alpha=alpha)
+
+
+def explain_inputs(
+    model: nn.Module,
+    inputs: Sequence[str | Path],
+    out_dir: str | Path,
+    methods: Sequence[str] = ("gradcam",),
+    target: Any = "pred",
+    layer: str | Sequence[str] | None = None,
+    size: Sequence[int] | None = None,
+    normalize: str = "none",
+    batch_size: int = 8,
+    class_names: Sequence[str] | None = None,
+    cmap: str = "jet",
+    alpha: float = 0.5,
+    box_fraction: float = 0.05,
+    overwrite: bool = False,
+    policy: Any = None,
+    method_options: dict[str, Any] | None = None,
+    progress: bool = True,
+) -> RunSummary:
+    """Explain every input and write overlays, maps, boxes and ``index.html`` to ``out_dir``.
+
+    Returns:
+        A :class:`RunSummary` listing what was written and the bad inputs (path, reason).
+    """
+    out = Path(out_dir)
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise MedlensError(f"--out {out} is not empty; pass --overwrite to replace results there, or choose another folder")
+    if out.exists() and not out.is_dir():
+        raise MedlensError(f"--out {out} is a file, not a folder")
+    out.mkdir(parents=True, exist_ok=True)
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    channels, _ = model_input_spec(model)
+    summary = RunSummary(out_dir=out)
+    taken: set[str] = set()
+
+    def prepared() -> Iterable[Prepared]:
+        for path, loaded in iter_inputs(inputs, policy=policy):
+            if isinstance(loaded, MedlensError):
+                summary.bad.append((path, str(loaded)))
+                continue
+            try:
+                item = prepare(path, loaded, channels, size, normalize)
+            except MedlensError as error:
+                summary.bad.append((path, str(error)))
+                continue
+            item.stem = safe_stem(path, taken)
+            yield item
+
+    from tqdm import tqdm
+
+    bar = tqdm(desc="explaining", unit="image", disable=not progress)
+    for batch in batches_by_shape(prepared(), batch_size):
+        x = torch.stack([p.tensor for p in batch]).to(device)
+        for method in methods:
+            try:
+                result = explain(model, x, method, target=target, layer=layer, **(method_options or {}))
+            except MedlensError as error:
+                summary.bad.extend((p.path, f"{method}: {error}") for p in batch)
+                continue
+            for i, item in enumerate(batch):
+                summary.written.append(_write_one(out, item, result, i, method, class_names, cmap, alpha, box_fraction))
+        bar.update(len(batch))
+    bar.close()
+    _write_index(out, summary)
+    if summary.bad:
+        from medlens.io.report import write_bad_files
+
+        write_bad_files(out / "bad_files.csv", [(p, r) for p, r in summary.bad])
+    return summary
+
+
+def _write_one(
+    out: Path, item: Prepared, result: Explanation, i: int, method: str,
+    class_names: Sequence[str] | None, cmap: str, alpha: float, box_fraction: float,
+) -> dict[str, Any]:
+    stem = f"{item.stem}_{method.replace('+', 'p')}"
+    spatial = tuple(item.display.shape[1:])
+    maps = upsample(result.maps[i : i + 1], spatial)[0].clamp(0, 1)  # (K, *S) at the input's own size
+    name_of = (lambda c: class_names[c]) if class_names else (lambda c: f"class {c}")
+    record: dict[str, Any] = {
+        "source": str(item.path), "method": method, "layers": result.layers, "auto_layer": result.info.get("auto_layer"),
+        "predicted": int(result.predictions[i]), "predicted_name": name_of(int(result.predictions[i])),
+        "targets": [], "npy": f"{stem}.npy",
+    }
+    with atomic_path(out / f"{stem}.npy") as tmp:
+        with open(tmp, "wb") as handle:
+            np.save(handle, maps.cpu().numpy().astype(np.float32))
+    if item.loaded.is_3d:
+        from medlens.io.nifti import write_nifti
+
+        write_nifti(out / f"{stem}.nii.gz", maps.cpu(), item.loaded.meta)
+        record["nifti"] = f"{stem}.nii.gz"
+    for k, cls in enumerate(result.targets[i].tolist()):
+        heat = maps[k]
+        regions = component_regions(heat, fraction=box_fraction)
+        cell = argmax_cell_box(result.raw[i, k], spatial) if result.raw.dim() == result.maps.dim() else None
+        boxes = [r["box"] for r in regions]
+        png = f"{stem}_c{cls}.png"
+        with atomic_path(out / png) as tmp:
+            tmp.write_bytes(png_bytes(draw(item.display.cpu(), heat.cpu(), cmap, alpha, boxes[:3])))
+        record["targets"].append({
+            "class": cls, "name": name_of(cls), "score": float(result.scores[i, k]), "png": png,
+            "boxes": [{"box": [int(v) for v in r["box"]], "peak": float(r.get("peak", 0.0))} for r in regions],
+            "argmax_cell_box": [int(v) for v in cell] if cell is not None else None,
+        })
+    write_text(out / f"{stem}.json", json.dumps(record, indent=2))
+    return record
+
+
+def _write_index(out: Path, summary: RunSummary) -> None:
+    """A page that shows every overlay, with the prediction, the score and the files."""
+    from medlens.render.html import html_page
+
+    cards = []
+    for rec in summary.written:
+        for t in rec["targets"]:
+            cards.append(
+                f'<figure class="card"><img src="{html.escape(t["png"])}" alt="{html.escape(rec["source"])}">'
+                f"<figcaption><b>{html.escape(Path(rec['source']).name)}</b><br>{html.escape(rec['method'])}: "
+                f"{html.escape(t['name'])} (score {t['score']:.3g}); predicted {html.escape(rec['predicted_name'])}<br>"
+                f'<a href="{html.escape(rec["npy"])}">map .npy</a>'
+                + (f' · <a href="{html.escape(rec["nifti"])}">NIfTI</a>' if "nifti" in rec else "")
+                + "</figcaption></figure>"
+            )
+    bad = "".join(f"<li><code>{html.escape(str(p))}</code>: {html.escape(r)}</li>" for p, r in summary.bad)
+    sections = [("Explanations", f'<div class="gallery">{"".join(cards) or "<p>Nothing was explained.</p>"}</div>')]
+    if bad:
+        sections.append(("Inputs that were skipped", f"<ul>{bad}</ul>"))
+    write_text(out / "index.html", html_page("medlens explain", sections))
