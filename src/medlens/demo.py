@@ -221,7 +221,7 @@ def run_demo(out_dir: str | Path, config: DemoConfig | None = None, overwrite: b
     result = DemoResult(accuracy, rows, skipped, train_seconds=train_seconds)
     out.mkdir(parents=True, exist_ok=True)
     result.files.append(save_weights(model, out / "model.safetensors"))
-    result.files.append(write_phantoms(out / "phantoms", test.to("cpu"), overwrite=True))
+    result.files.append(write_phantoms(out / "phantoms", test.to("cpu"), fmt="png" if cfg.dims == 2 else "nifti", overwrite=True))
     result.files.append(write_text(out / "results.csv", _csv(rows)))
     result.files.append(write_text(out / "report.html", _report(model, test, result, all_maps, losses, cfg)))
     return result

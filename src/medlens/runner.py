@@ -22,10 +22,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from medlens.boxes import argmax_cell_box, component_regions
-from medlens.engine import Explanation, explain, upsample
+from medlens.capture import resolve_layer
+from medlens.engine import Explanation, explain, get_method, upsample
 from medlens.errors import MedlensError
 from medlens.io.atomic import atomic_path, write_text
-from medlens.io.loading import Loaded, iter_inputs
+from medlens.io.loading import Loaded, expand_inputs, iter_inputs
 from medlens.render.overlay import png_bytes
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -160,6 +161,10 @@ def explain_inputs(
     Returns:
         A :class:`RunSummary` listing what was written and the bad inputs (path, reason).
     """
+    for method in methods:  # argument errors stop the run before any file is read
+        get_method(method, **(method_options or {}))
+    for name in [layer] if isinstance(layer, str) else list(layer or []):
+        resolve_layer(model, name)
     out = Path(out_dir)
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise MedlensError(f"--out {out} is not empty; pass --overwrite to replace results there, or choose another folder")
@@ -175,18 +180,20 @@ def explain_inputs(
         for path, loaded in iter_inputs(inputs, policy=policy):
             if isinstance(loaded, MedlensError):
                 summary.bad.append((path, str(loaded)))
+                bar.update(1)
                 continue
             try:
                 item = prepare(path, loaded, channels, size, normalize)
             except MedlensError as error:
                 summary.bad.append((path, str(error)))
+                bar.update(1)
                 continue
             item.stem = safe_stem(path, taken)
             yield item
 
     from tqdm import tqdm
 
-    bar = tqdm(desc="explaining", unit="image", disable=not progress)
+    bar = tqdm(total=len(expand_inputs(inputs)), desc="explaining", unit="input", disable=not progress)
     for batch in batches_by_shape(prepared(), batch_size):
         x = torch.stack([p.tensor for p in batch]).to(device)
         for method in methods:

@@ -161,7 +161,9 @@ def expand_inputs(paths: Iterable[str | Path]) -> list[Path]:
     A folder whose DICOM files are slices of one series (several files sharing a
     SeriesInstanceUID with ImagePositionPatient) becomes one entry, the folder itself; a
     folder holding slices of several series also stays one entry so reading it reports the
-    mix. Other DICOM files (radiographs, multi-frame files) stay separate.
+    mix. Other DICOM files (radiographs, multi-frame files) stay separate. Annotation images
+    beside their image (``x_mask.png`` next to ``x.png``, as phantoms and many datasets store
+    them) are not inputs and are left out of folders.
     """
     from medlens.io.dicom import is_series_folder
 
@@ -177,8 +179,25 @@ def expand_inputs(paths: Iterable[str | Path]) -> list[Path]:
             if len(dicoms) > 1 and is_series_folder(dicoms):
                 found.append(folder)
                 files = [p for p in files if p not in set(dicoms)]
-            found.extend(files)
+            found.extend(p for p in files if not _is_annotation(p))
     return found
+
+
+ANNOTATION_SUFFIXES = ("_mask", "_seg", "_label", "_labels")
+
+
+def _is_annotation(path: Path) -> bool:
+    """True for ``x_mask.png`` (or _seg/_label) when an image ``x.<ext>`` lies beside it."""
+    name = path.name.lower()
+    ext = next((e for e in (*NIFTI_SUFFIXES[::-1], *IMAGE_SUFFIXES) if name.endswith(e)), None)
+    if ext is None:
+        return False
+    stem = path.name[: -len(ext)]
+    for suffix in ANNOTATION_SUFFIXES:
+        if stem.lower().endswith(suffix):
+            base = stem[: -len(suffix)]
+            return any(path.with_name(base + e).exists() for e in (*IMAGE_SUFFIXES, *NIFTI_SUFFIXES))
+    return False
 
 
 def iter_inputs(
