@@ -81,6 +81,28 @@ def test_scorecam_on_a_unet_region() -> None:
     torch.testing.assert_close(out.raw[:, 0], expected, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("method", ["scorecam", "ablationcam", "occlusion", "rise", "smoothgrad", "integrated-gradients"])
+@pytest.mark.parametrize("dims", [2, 3])
+def test_per_image_regions_follow_their_image_through_the_perturbed_copies(method: str, dims: int) -> None:
+    """A (B, 1, *S) region gives each image its own region: the batch must equal the images
+    explained one at a time with their own region (the copies of image b pool over region b)."""
+    torch.manual_seed(dims)
+    unet = UNet(spatial_dims=dims, in_channels=1, out_channels=2, channels=(4, 8), strides=(2,), num_res_units=0).eval()
+    size = 12 if dims == 2 else 8
+    x = torch.randn(2, 1, *([size] * dims))
+    region = torch.zeros(2, 1, *([size] * dims))
+    region[(0, 0, *([slice(0, 4)] * dims))] = 1
+    region[(1, 0, *([slice(size - 5, size)] * dims))] = 1
+    options = {"n_masks": 12, "window": 4, "samples": 3, "noise_level": 0.0, "steps": 4, "batch_size": 5}
+    layer = "model.1.submodule" if method in ("scorecam", "ablationcam") else None
+    batched = explain(unet, x, method, target="all", layer=layer, region=region, **options)
+    for b in range(2):
+        alone = explain(unet, x[b : b + 1], method, target="all", layer=layer, region=region[b : b + 1], **options)
+        torch.testing.assert_close(batched.scores[b], alone.scores[0])
+        torch.testing.assert_close(batched.raw[b], alone.raw[0], rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(batched.raw[0], batched.raw[1])
+
+
 def test_scorecam_agrees_with_pytorch_grad_cam(resnet: nn.Module) -> None:
     from pytorch_grad_cam import ScoreCAM
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from medlens.engine import Context, Method, register, target_gradients, upsample
 from medlens.errors import MedlensError
 from medlens.methods.cam import GradCAM
-from medlens.targets import pool_scores
+from medlens.targets import Region, pool_scores
 
 
 class InputMethod(Method):
@@ -31,11 +31,22 @@ class InputMethod(Method):
     uses_gradients = False
 
 
-def input_gradients(ctx: Context, x: Tensor, targets: Tensor) -> Tensor:
-    """Gradients (b, K, C_in, *S) of the ``targets`` (b, K) scores w.r.t. inputs ``x`` (b, C_in, *S)."""
+def region_rows(region: Region, x: Tensor, image: Tensor) -> Region:
+    """The pooling region for a stack of inputs made from the images ``image`` (b,) of the batch
+    ``x`` (B, C, *S): a per-image mask (B, 1, *S) is indexed so that every copy keeps its own
+    image's region; a shared region (None, a box, one mask) is returned as it is."""
+    if isinstance(region, Tensor) and region.dim() == x.dim() and region.shape[0] == x.shape[0] > 1:
+        return region[image.to(region.device)]
+    return region
+
+
+def input_gradients(ctx: Context, x: Tensor, targets: Tensor, image: Tensor | None = None) -> Tensor:
+    """Gradients (b, K, C_in, *S) of the ``targets`` (b, K) scores w.r.t. inputs ``x`` (b, C_in, *S),
+    made from the images ``image`` (b,) of ``ctx.x`` (for per-image segmentation regions)."""
+    region = ctx.region if image is None else region_rows(ctx.region, ctx.x, image)
     x = x.detach().requires_grad_(True)
     with torch.enable_grad():
-        logits = pool_scores(ctx.model(x), x, ctx.region)
+        logits = pool_scores(ctx.model(x), x, region)
         return target_gradients(logits, targets, [x], ["input"])[0].detach()
 
 
@@ -54,7 +65,7 @@ def path_gradients(ctx: Context, point: Callable[[Tensor, Tensor], Tensor], n: i
     flat = torch.arange(batch * n, device=ctx.x.device)
     for chunk in flat.split(max(1, int(batch_size))):
         image, step = chunk // n, chunk % n
-        grads = input_gradients(ctx, point(image, step), ctx.targets[image])
+        grads = input_gradients(ctx, point(image, step), ctx.targets[image], image)
         total.index_add_(0, image, grads * _broadcast(weights[step], grads))
     return total
 
@@ -95,8 +106,10 @@ class SmoothGrad(InputMethod):
         spread = sigma.view(b, *(1,) * x.dim()).expand(b, samples, *x.shape[1:])
         noisy = (x.unsqueeze(1) + torch.normal(0.0, spread, generator=generator)).flatten(0, 1)  # (B * samples, C, *S)
         targets = ctx.targets.repeat_interleave(samples, dim=0)
+        images = torch.arange(b, device=x.device).repeat_interleave(samples)
         chunk = int(self.options.get("batch_size", 32))
-        grads = torch.cat([input_gradients(ctx, part, targets[i : i + chunk]) for i, part in zip(range(0, len(noisy), chunk), noisy.split(chunk))])
+        grads = torch.cat([input_gradients(ctx, part, targets[i : i + chunk], images[i : i + chunk])
+                           for i, part in zip(range(0, len(noisy), chunk), noisy.split(chunk))])
         grads = grads.unflatten(0, (b, samples))  # (B, samples, K, C, *S)
         self.attributions = (grads.abs() if absolute else grads).mean(dim=1)  # (B, K, C_in, *S)
         return self.attributions.abs().amax(dim=2)

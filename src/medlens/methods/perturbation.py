@@ -17,9 +17,9 @@ import torch
 from torch import Tensor
 
 from medlens.capture import resolve_layer
-from medlens.engine import Context, Method, normalise, register, upsample
+from medlens.engine import Context, Method, normalise, register, score_batches, upsample
 from medlens.errors import MedlensError
-from medlens.methods.attribution import InputMethod
+from medlens.methods.attribution import InputMethod, region_rows
 from medlens.methods.cam import weighted_cam
 from medlens.targets import pool_scores
 
@@ -29,6 +29,17 @@ def _per_dim(value: int | Sequence[int], ndim: int, name: str) -> tuple[int, ...
     if len(values) != ndim or any(v < 1 for v in values):
         raise MedlensError(f"option {name}={value!r} must be a positive int or {ndim} positive ints")
     return values
+
+
+def _copy_scores(ctx: Context, stack: Tensor) -> Tensor:
+    """Scores (B, c, K) of the explained targets for ``stack`` (B * c, C_in, *S), c perturbed
+    copies per image, image-major, in one forward pass; a per-image segmentation region goes
+    with each image's copies."""
+    batch = ctx.x.shape[0]
+    copies = stack.shape[0] // batch
+    image = torch.arange(batch, device=stack.device).repeat_interleave(copies)
+    region = region_rows(ctx.region, ctx.x, image)
+    return score_batches(ctx.model, stack, ctx.targets, region, batch_size=stack.shape[0]).view(batch, copies, -1)
 
 
 def _chunk(batch_size: int, images: int) -> int:
@@ -108,7 +119,7 @@ class ScoreCAM(Method):
             picked = activation.gather(1, idx.view(*idx.shape, *([1] * (activation.dim() - 2))).expand(-1, -1, *activation.shape[2:]))
             masks = normalise(upsample(picked, x.shape[2:]))  # (B, c, *S)
             masked = (x.unsqueeze(1) * masks.unsqueeze(2)).flatten(0, 1)  # (B*c, C_in, *S)
-            scores.append(ctx.score(masked, batch_size=masked.shape[0]).view(batch, idx.shape[1], -1))
+            scores.append(_copy_scores(ctx, masked))
         logit = torch.cat(scores, dim=1)  # (B, n, K)
         logit = torch.where(live.unsqueeze(2), logit, torch.full_like(logit, -math.inf))
         log_norm = torch.logsumexp(logit, dim=1, keepdim=True)
@@ -197,7 +208,8 @@ class AblationCAM(Method):
                     output = ctx.model(ctx.x.repeat_interleave(copies, dim=0))
         finally:
             handle.remove()
-        logits = pool_scores(output, ctx.x, ctx.region)
+        image = torch.arange(batch, device=ctx.x.device).repeat_interleave(copies)
+        logits = pool_scores(output, ctx.x, region_rows(ctx.region, ctx.x, image))
         return logits.gather(1, targets).view(batch, copies, -1)
 
     @staticmethod
@@ -276,7 +288,7 @@ class Occlusion(InputMethod):
             masks = _outer_masks(axis_masks, torch.arange(start, min(start + per_pass, n_windows), device=x.device))  # (c, *S)
             m = masks.unsqueeze(1).unsqueeze(0)  # (1, c, 1, *S)
             occluded = (x.unsqueeze(1) * (1 - m) + baseline * m).flatten(0, 1)
-            drop = ctx.scores.unsqueeze(1) - ctx.score(occluded, batch_size=occluded.shape[0]).view(batch, masks.shape[0], -1)
+            drop = ctx.scores.unsqueeze(1) - _copy_scores(ctx, occluded)
             total += torch.einsum("bck,c...->bk...", drop, masks)
         return total / _outer_coverage(axis_masks).clamp_min(1)
 
@@ -344,6 +356,6 @@ class RISE(InputMethod):
             masks = rise_masks(grids[part].to(x.device), shifts[part].to(x.device), x.shape[2:])
             m = masks.unsqueeze(1).unsqueeze(0)  # (1, c, 1, *S)
             masked = (x.unsqueeze(1) * m + baseline * (1 - m)).flatten(0, 1)
-            scores = ctx.score(masked, batch_size=masked.shape[0]).view(batch, masks.shape[0], -1)
+            scores = _copy_scores(ctx, masked)
             total += torch.einsum("bck,c...->bk...", scores, masks)
         return total / (n_masks * p_keep)
