@@ -99,7 +99,6 @@ def test_torchvision_capture_equals_need_weights_reference() -> None:
 
 
 def test_monai_sablock_capture_equals_saved_attention() -> None:
-    pytest.importorskip("einops", reason="MONAI's SABlock needs einops, which is not installed")
     from monai.networks.nets import ViT
 
     torch.manual_seed(0)
@@ -109,6 +108,68 @@ def test_monai_sablock_capture_equals_saved_attention() -> None:
     probs = attention_maps(model, x)
     for blk, ours in zip(model.blocks, probs):
         assert (ours - blk.attn.att_mat).abs().max() < 1e-5
+
+
+def _monai_reference_grads(model: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
+    """d logit 0 / d A of every SABlock on a non-flash copy, read at its drop_weights."""
+    ref = copy.deepcopy(model)
+    probs: list[torch.Tensor] = []
+
+    def keep(_m, _i, out):
+        out.retain_grad()
+        probs.append(out)
+
+    for blk in ref.blocks:
+        blk.attn.use_flash_attention = False
+        blk.attn.drop_weights.register_forward_hook(keep)
+    ref(x)[0][:, 0].sum().backward()
+    return [p.grad for p in probs]
+
+
+@pytest.mark.parametrize("include_fc", [True, False])
+def test_monai_flash_attention_and_gradients_on_a_non_square_2d_vit(include_fc: bool) -> None:
+    from monai.networks.blocks.transformerblock import TransformerBlock
+    from monai.networks.nets import ViT
+
+    torch.manual_seed(0)
+    model = ViT(in_channels=1, img_size=(64, 48), patch_size=16, hidden_size=32, mlp_dim=64, num_layers=2, num_heads=4,
+                classification=True, num_classes=3, spatial_dims=2).eval()
+    model.blocks = nn.ModuleList(
+        TransformerBlock(32, 64, 4, use_flash_attention=True, include_fc=include_fc) for _ in range(2)
+    ).eval()
+    x = torch.randn(2, 1, 64, 48)
+    with torch.no_grad():
+        plain = model(x)[0]
+    with AttentionCapture(model, grad=True) as cap, torch.enable_grad():
+        out = model(x.requires_grad_(True))[0]
+    assert torch.equal(out.detach(), plain)
+    assert cap.probs()[0].shape == (2, 4, 13, 13)
+    grads = torch.autograd.grad(out[:, 0].sum(), cap.probs())
+    for ours, ref in zip(grads, _monai_reference_grads(model, x.detach())):
+        assert (ours - ref).abs().max() < 1e-5 * max(1.0, float(ref.abs().max()))
+    for method in ("rollout", "grad-rollout", "chefer", "chefer-generic"):
+        raw = medlens.explain(model, x.detach(), method=method, target=1).raw
+        assert raw.shape == (2, 1, 4, 3) and torch.isfinite(raw).all() and raw.abs().sum() > 0, method
+
+
+def test_monai_unetr_capture_equals_saved_attention_and_keeps_outputs() -> None:
+    from monai.networks.nets import UNETR
+
+    torch.manual_seed(0)
+    model = UNETR(in_channels=1, out_channels=2, img_size=(32, 32, 16), feature_size=8, hidden_size=32, mlp_dim=64,
+                  num_heads=4, save_attn=True).eval()
+    x = torch.randn(2, 1, 32, 32, 16)
+    with torch.no_grad():
+        before = model(x)
+    probs = attention_maps(model, x)
+    assert len(probs) == 12 and probs[0].shape == (2, 4, 4, 4)  # 2 x 2 x 1 patches of 16, no class token
+    for blk, ours in zip(model.vit.blocks, probs):
+        assert (ours - blk.attn.att_mat).abs().max() < 1e-5
+    with torch.no_grad():
+        assert torch.equal(model(x), before)
+    rollout = medlens.explain(model, x, method="rollout").raw
+    assert rollout.shape == (2, 1, 2, 2, 1) and torch.isfinite(rollout).all()
+    assert medlens.hook_count(model) == 0
 
 
 def test_hooks_and_modes_restored_even_when_the_forward_fails() -> None:

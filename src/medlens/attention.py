@@ -278,8 +278,12 @@ class AttentionCapture:
 
         self._add(attn.qkv, on_qkv)
         if self.grad:
-            # the merged-heads attention output enters timm's `norm` / MONAI's `out_proj`
-            after = attn.norm if site.kind == "timm" else attn.out_proj
+            # the merged-heads attention output enters timm's `norm` / MONAI's `out_proj`, or
+            # MONAI's `drop_output` when the block has no output projection (include_fc=False)
+            if site.kind == "timm":
+                after = attn.norm
+            else:
+                after = attn.out_proj if getattr(attn, "include_fc", True) else attn.drop_output
             self._add(after, lambda _m, inputs: (self._spliced(index, site, inputs[0]), *inputs[1:]), pre=True)
         if self.record:
             proj = attn.proj if site.kind == "timm" else attn.out_proj
