@@ -130,3 +130,28 @@ def test_bad_arguments(grey_resnet, images):
         perturbation_curve(grey_resnet, images, torch.rand(3, 28, 28), order="random")
     with pytest.raises(MedlensError, match="baseline"):
         perturbation_curve(grey_resnet, images, torch.rand(3, 28, 28), baseline="noise")
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_curves_with_a_region_per_image_on_a_unet(dims):
+    """A segmentation network pooled over one (B, 1, *S) region per image: every curve and the
+    confidence change of the batch equal those of the images scored one at a time."""
+    from monai.networks.nets import UNet
+
+    torch.manual_seed(dims)
+    unet = UNet(spatial_dims=dims, in_channels=1, out_channels=2, channels=(4, 8), strides=(2,), num_res_units=0).eval()
+    size = 12 if dims == 2 else 8
+    x = torch.rand(2, 1, *([size] * dims))
+    region = torch.zeros(2, 1, *([size] * dims))
+    region[(0, 0, *([slice(0, 5)] * dims))] = 1
+    region[(1, 0, *([slice(size - 4, size)] * dims))] = 1
+    maps = torch.rand(2, *([size] * dims))
+    runs = {
+        "deletion": lambda xs, ms, r: perturbation_curve(unet, xs, ms, 1, steps=4, baseline="mean", score="logit", region=r, batch_size=3).scores,
+        "road": lambda xs, ms, r: road(unet, xs, ms, 1, percentages=(30, 70), score="logit", region=r, batch_size=3, seed=None, noise=0, tol=1e-6).scores,  # tight solve: the batch stops its CG jointly
+        "drop": lambda xs, ms, r: confidence_change(unet, xs, ms, 1, region=r)["average_drop"],
+    }
+    for name, run in runs.items():
+        batched = run(x, maps, region)
+        alone = torch.cat([run(x[b : b + 1], maps[b : b + 1], region[b : b + 1]) for b in range(2)])
+        torch.testing.assert_close(batched, alone, rtol=1e-4, atol=1e-5, msg=name)

@@ -1,8 +1,9 @@
 """Faithfulness: does removing what the map calls important change the model's answer?
 
-Every perturbed input is built as a batch on the model's device and scored with
-:func:`medlens.engine.score_batches` in no-grad chunks, so a curve costs its forward passes and
-little else. 2D (B, C, H, W) and 3D (B, C, D, H, W) inputs alike.
+Every perturbed input is built as a batch on the model's device and scored in no-grad chunks,
+so a curve costs its forward passes and little else. 2D (B, C, H, W) and 3D (B, C, D, H, W)
+inputs alike; a segmentation network's scores are pooled over ``region`` (shared, or one
+(B, 1, *S) mask per image that follows the image's perturbed copies).
 
 - :func:`perturbation_curve`: deletion / insertion (Petsiuk et al., RISE, BMVC 2018), also known
   as pixel flipping (Bach et al. 2015) / region perturbation (Samek et al. 2017), most (MoRF) or
@@ -22,9 +23,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from medlens.engine import score_batches
 from medlens.errors import MedlensError
-from medlens.targets import Region
+from medlens.methods.attribution import region_rows
+from medlens.targets import Region, pool_scores
 
 __all__ = [
     "Curve", "confidence_change", "gaussian_filter", "noisy_linear_imputation", "perturbation_curve",
@@ -121,18 +122,21 @@ def _prepare(model: nn.Module, x: Tensor, maps: Tensor, targets: Tensor | int | 
 
 def _class_count(model: nn.Module, x: Tensor, region: Region) -> int:
     """Number of classes, from a forward pass of one image."""
-    from medlens.targets import pool_scores
-
     with torch.no_grad():
-        return pool_scores(model(x[:1]), x[:1], region).shape[1]
+        return pool_scores(model(x[:1]), x[:1], region_rows(region, x, torch.zeros(1, dtype=torch.long))).shape[1]
 
 
-def _all_logits(model: nn.Module, stack: Tensor, region: Region, batch_size: int, n_classes: int | None = None) -> Tensor:
-    """(b, classes) scores of every class for a stack of inputs, via ``score_batches``."""
-    if n_classes is None:
-        n_classes = _class_count(model, stack, region)
-    every = torch.arange(n_classes, device=stack.device)[None]
-    return score_batches(model, stack, every, region, batch_size)
+def _all_logits(model: nn.Module, stack: Tensor, region: Region, batch_size: int) -> Tensor:
+    """(b, classes) scores of every class for a stack of inputs, in no-grad chunks of ``batch_size``.
+    ``region`` is shared by all inputs or, as a (b, 1, *S) tensor, one row per input."""
+    per_row = isinstance(region, Tensor) and region.dim() == stack.dim() and region.shape[0] == stack.shape[0] > 1
+    out = []
+    with torch.no_grad():
+        for start in range(0, stack.shape[0], batch_size):
+            chunk = stack[start : start + batch_size]
+            rows = region[start : start + batch_size] if per_row else region
+            out.append(pool_scores(model(chunk), chunk, rows))
+    return torch.cat(out)
 
 
 def _readout(logits: Tensor, targets: Tensor, score: str) -> tuple[Tensor, Tensor]:
@@ -175,7 +179,8 @@ def _score_steps(
             removed = ~removed
         removed = removed.view(-1, 1, *x.shape[2:])
         stack = fill(xs.repeat_interleave(steps, dim=0), removed, start)
-        logits = _all_logits(model, stack, region, batch_size, n_classes)
+        image = torch.arange(start, start + xs.shape[0], device=x.device).repeat_interleave(steps)
+        logits = _all_logits(model, stack, region_rows(region, x, image), batch_size)
         value, same = _readout(logits, targets[start : start + per_group].repeat_interleave(steps, dim=0), score)
         scores.append(value.view(-1, steps))
         kept.append(same.view(-1, steps))
@@ -402,7 +407,7 @@ def confidence_change(
     """
     flat, targets, n_classes, logits = _prepare(model, x, maps, targets, region, need_logits=True)
     masks = flat.clamp(0, 1).view(x.shape[0], 1, *x.shape[2:])
-    masked = _all_logits(model, x * masks, region, batch_size, n_classes)
+    masked = _all_logits(model, x * masks, region, batch_size)
     clean, _ = _readout(logits, targets, "softmax")
     kept, _ = _readout(masked, targets, "softmax")
     drop = (clean - kept).clamp_min(0) / clean.clamp_min(1e-12)
