@@ -182,3 +182,45 @@ def test_top_k_channels_restricts_any_weighted_cam() -> None:
     torch.testing.assert_close(top2.raw[:, 0], expected, rtol=1e-5, atol=1e-7)
     half = explain(model, x, "gradcam", target=1, layer="1", top_k_channels=0.34)  # a fraction: 2 of 6
     torch.testing.assert_close(half.raw, top2.raw)
+
+
+@pytest.mark.parametrize("name", ["hirescam", "layercam"])
+def test_eigen_smooth_of_the_elementwise_cams_agrees_with_pytorch_grad_cam(resnet: nn.Module, name: str) -> None:
+    """pytorch-grad-cam projects g * A (HiResCAM) and ReLU(g) * A (LayerCAM) when eigen_smooth is set."""
+    import pytorch_grad_cam
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    torch.manual_seed(10)
+    x = torch.randn(2, 3, 32, 32)
+    targets = [3, 1]
+    smooth = explain(resnet, x, name, target=targets, layer="layer2", eigen_smooth=True)
+    plain = explain(resnet, x, name, target=targets, layer="layer2")
+    act, grad = layer_and_grads(resnet, x, targets)
+    stack = grad * act if name == "hirescam" else F.relu(grad) * act
+    expected = F.relu(reference_projection(stack, stack.sum(1)))
+    torch.testing.assert_close(smooth.raw[:, 0], expected, rtol=1e-3, atol=1e-5)
+    assert not torch.allclose(smooth.raw, plain.raw)
+    reference = {"hirescam": pytorch_grad_cam.HiResCAM, "layercam": pytorch_grad_cam.LayerCAM}[name]
+    with reference(model=resnet, target_layers=[resnet.layer2]) as cam:
+        theirs = torch.from_numpy(cam(input_tensor=x, targets=[ClassifierOutputTarget(t) for t in targets], eigen_smooth=True))
+    for i in range(2):  # where the reference's arbitrary SVD sign happens to match ours, the maps agree
+        if pearson(theirs[i], normalise(upsample(expected[i][None, None], (32, 32)))[0, 0]) > 0:
+            assert pearson(smooth.maps[i, 0], theirs[i]) >= 0.99
+
+
+def test_cam_eigen_smooth_and_top_k_for_the_elementwise_cams_in_3d() -> None:
+    torch.manual_seed(11)
+    model = nn.Sequential(nn.Conv3d(1, 6, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool3d(1), nn.Flatten(), nn.Linear(6, 2)).eval()
+    vol = torch.randn(2, 1, 6, 6, 6)
+    act = model[:2](vol).detach()
+    weights = model[4].weight.detach()[1]
+    weighted = (weights.view(1, 6, 1, 1, 1) * act).unsqueeze(1)  # (B, 1, C, *s)
+    cam = explain(model, vol, "cam", target=1, layer="1", eigen_smooth=True)
+    torch.testing.assert_close(cam.raw, principal_component(weighted), rtol=1e-4, atol=1e-6)
+    keep = torch.zeros(2, 6).scatter_(1, act.mean((2, 3, 4)).topk(2, dim=1).indices, 1.0)
+    grad = (weights / act[0, 0].numel()).view(1, 6, 1, 1, 1)  # d logit / dA of a GAP + linear head
+    top2 = explain(model, vol, "hirescam", target=1, layer="1", top_k_channels=2)
+    torch.testing.assert_close(top2.raw[:, 0], F.relu((keep.view(2, 6, 1, 1, 1) * grad * act).sum(1)), rtol=1e-4, atol=1e-7)
+    for name in ("layercam", "gradcam-elementwise"):
+        assert not torch.allclose(explain(model, vol, name, target=1, layer="1", top_k_channels=2).raw,
+                                  explain(model, vol, name, target=1, layer="1").raw)

@@ -23,16 +23,34 @@ def weighted_sum(weights: Tensor, activation: Tensor) -> Tensor:
     return torch.einsum("bkc,bc...->bk...", weights, activation)
 
 
-def keep_top_channels(weights: Tensor, activation: Tensor, top_k: int | float | None) -> Tensor:
-    """Zero the weights (B, K, C) of all but the ``top_k`` channels (a count, or a fraction in
-    (0, 1)) with the largest mean activation, per image; unchanged when top_k is None."""
+def top_channels(activation: Tensor, top_k: int | float | None) -> Tensor | None:
+    """(B, C) 0/1 mask of the ``top_k`` channels (a count, or a fraction in (0, 1)) with the
+    largest mean activation, per image; None (all channels) when top_k is None or 0."""
     if not top_k:
-        return weights
+        return None
     mean_act = activation.mean(dim=_space(activation, 2))
     count = int(round(top_k * mean_act.shape[1])) if 0 < float(top_k) < 1 else int(top_k)
     count = min(max(count, 1), mean_act.shape[1])
-    keep = torch.zeros_like(mean_act).scatter_(1, mean_act.topk(count, dim=1).indices, 1.0)
-    return weights * keep.unsqueeze(1).to(weights.dtype)
+    return torch.zeros_like(mean_act).scatter_(1, mean_act.topk(count, dim=1).indices, 1.0)
+
+
+def keep_top_channels(weights: Tensor, activation: Tensor, top_k: int | float | None) -> Tensor:
+    """Zero the weights (B, K, C) of all but the ``top_k`` most active channels (see
+    :func:`top_channels`), per image; unchanged when top_k is None."""
+    keep = top_channels(activation, top_k)
+    return weights if keep is None else weights * keep.unsqueeze(1).to(weights.dtype)
+
+
+def elementwise_cam(contribution: Tensor, activation: Tensor, options: dict) -> Tensor:
+    """ReLU(sum_c X[b, k, c]) of per-channel maps X (B, K, C, *s) (e.g. g_c A_c), over the
+    ``top_k_channels`` most active channels if set; with ``eigen_smooth`` the first principal
+    component of X replaces the sum (sign agreeing with it), as pytorch-grad-cam does."""
+    keep = top_channels(activation, options.get("top_k_channels"))
+    if keep is not None:
+        contribution = contribution * keep.view(keep.shape[0], 1, keep.shape[1], *([1] * (contribution.dim() - 3))).to(contribution.dtype)
+    if options.get("eigen_smooth"):
+        return F.relu(principal_component(contribution))
+    return F.relu(contribution.sum(dim=2))
 
 
 def weighted_cam(weights: Tensor, activation: Tensor, options: dict) -> Tensor:
@@ -100,38 +118,39 @@ class XGradCAM(_WeightedCAM):
 @register
 class HiResCAM(Method):
     """HiResCAM (Draelos & Carin, 2020): ReLU(sum_c g_c(s) A_c(s)), element-wise, so the map
-    is exactly the target score's first-order attribution at the layer's resolution."""
+    is exactly the target score's first-order attribution at the layer's resolution.
+    Options ``top_k_channels`` and ``eigen_smooth`` as for the weighted CAMs (with
+    eigen-smoothing the first-order guarantee no longer holds)."""
 
     name = "hirescam"
 
     def layer_map(self, activation: Tensor, gradient: Tensor | None, ctx: Context, layer: str) -> Tensor:
-        return F.relu((gradient * activation.unsqueeze(1)).sum(dim=2))
+        return elementwise_cam(gradient * activation.unsqueeze(1), activation, self.options)
 
 
 @register
 class LayerCAM(Method):
     """LayerCAM (Jiang et al., IEEE TIP 2021): ReLU(sum_c ReLU(g_c(s)) A_c(s)); fusing
-    shallow and deep layers (pass several layers) is the paper's intended use."""
+    shallow and deep layers (pass several layers) is the paper's intended use.
+    Options ``top_k_channels`` and ``eigen_smooth`` as for the weighted CAMs."""
 
     name = "layercam"
 
     def layer_map(self, activation: Tensor, gradient: Tensor | None, ctx: Context, layer: str) -> Tensor:
-        return F.relu((F.relu(gradient) * activation.unsqueeze(1)).sum(dim=2))
+        return elementwise_cam(F.relu(gradient) * activation.unsqueeze(1), activation, self.options)
 
 
 @register
 class GradCAMElementwise(Method):
     """Grad-CAM element-wise (pytorch-grad-cam's GradCAMElementWise): ReLU(sum_c ReLU(g_c(s) A_c(s))),
     the positive part of each channel's first-order contribution. ``eigen_smooth=True`` takes
-    the first principal component of ReLU(g A) instead of the channel sum."""
+    the first principal component of ReLU(g A) instead of the channel sum; ``top_k_channels``
+    as for the weighted CAMs."""
 
     name = "gradcam-elementwise"
 
     def layer_map(self, activation: Tensor, gradient: Tensor | None, ctx: Context, layer: str) -> Tensor:
-        contribution = F.relu(gradient * activation.unsqueeze(1))  # (B, K, C, *s)
-        if self.options.get("eigen_smooth"):
-            return F.relu(principal_component(contribution))
-        return contribution.sum(dim=2)
+        return elementwise_cam(F.relu(gradient * activation.unsqueeze(1)), activation, self.options)
 
 
 def linear_head(model: nn.Module, channels: int) -> nn.Linear:
@@ -152,7 +171,9 @@ def linear_head(model: nn.Module, channels: int) -> nn.Linear:
 class CAM(Method):
     """CAM (Zhou et al., CVPR 2016): M_k(s) = sum_c W[k, c] A_c(s), with W the linear head's
     weights after global average pooling. No gradients are needed. With ``top_k_channels=n``
-    only the n channels with the largest mean activation contribute (per image)."""
+    only the n channels with the largest mean activation contribute (per image); with
+    ``eigen_smooth=True`` the map is the first principal component of W[k, c] A_c (sign agreeing
+    with the sum; not rectified, like the plain CAM)."""
 
     name = "cam"
     uses_gradients = False
@@ -160,6 +181,9 @@ class CAM(Method):
 
     def layer_map(self, activation: Tensor, gradient: Tensor | None, ctx: Context, layer: str) -> Tensor:
         head = linear_head(ctx.model, activation.shape[1])
-        weights = head.weight.detach()[ctx.targets]  # (B, K, C)
+        weights = head.weight.detach()[ctx.targets].to(activation.dtype)  # (B, K, C)
         weights = keep_top_channels(weights, activation, self.options.get("top_k_channels"))
-        return weighted_sum(weights.to(activation.dtype), activation)
+        if self.options.get("eigen_smooth"):
+            shape = (*weights.shape, *([1] * (activation.dim() - 2)))
+            return principal_component(weights.view(shape) * activation.unsqueeze(1))
+        return weighted_sum(weights, activation)
