@@ -140,3 +140,10 @@ def test_cli_writes_prototypes(trained, tmp_path) -> None:
     assert "class 1: model probability" in result.output
     bad = CliRunner().invoke(app, ["prototype", "test_prototype:tiny_cnn", str(weights), "--class", "7", "--size", f"{SIZE},{SIZE}", "--out", str(out)])
     assert bad.exit_code == 2 and "out of range" in bad.output
+    one = CliRunner().invoke(app, ["prototype", "test_prototype:tiny_cnn", str(weights), "-c", "0", "--size", str(SIZE),
+                                   "--steps", "2", "--out", str(tmp_path / "one")])
+    assert one.exit_code == 0, one.output  # one number: that size on every axis of a 2D model
+    assert np.load(tmp_path / "one.npy").shape == (1, 1, SIZE, SIZE)
+    clash = CliRunner().invoke(app, ["prototype", "test_prototype:tiny_cnn", str(weights), "-c", "0", "--size", f"{SIZE},{SIZE}",
+                                     "--dims", "3", "--out", str(tmp_path / "clash")])
+    assert clash.exit_code == 2 and "--dims is 3" in clash.output

@@ -62,7 +62,8 @@ def prototype_command(
     classes: list[int] = typer.Option(..., "--class", "-c", help="class to build a prototype of; repeat for several"),
     num_classes: int = typer.Option(2, "--num-classes", "-n", help="classes of the model"),
     in_channels: int = typer.Option(1, "--in-channels", help="input channels of the model"),
-    size: str = typer.Option("64,64", "--size", help="input size, e.g. 64,64 or 32,32,32"),
+    size: str = typer.Option("64,64", "--size", help="input size, e.g. 64 (every axis), 64,64 or 32,32,32"),
+    dims: Optional[int] = typer.Option(None, "--dims", help="2 for images, 3 for volumes (default: from --size, 2 for one number)"),
     init: Optional[Path] = typer.Option(None, "--init", help="start from this image instead of zeros"),
     mean_images: list[Path] = typer.Option([], "--mean-images", help="images (or folders) of the class: their mean is the pull target"),
     lam: float = typer.Option(0.1, "--lambda", help="weight of the MSE pull toward the class mean"),
@@ -82,6 +83,12 @@ def prototype_command(
     from medlens.methods.prototype import class_prototype
 
     shape = parse_size(size)
+    if dims is not None and dims not in (2, 3):
+        fail(f"--dims {dims}: use 2 for images or 3 for volumes")
+    if len(shape) == 1:
+        shape = shape * (dims or 2)
+    elif dims is not None and len(shape) != dims:
+        fail(f"--size {size} has {len(shape)} axes but --dims is {dims}")
     try:
         net = load_model(model, weights, num_classes, in_channels, len(shape), device)
         dev = next(net.parameters()).device
