@@ -2,9 +2,9 @@
 medlens attention rollout and Chefer transformer attribution as ratios of a plain forward pass,
 and ViT Grad-CAM (last block's norm1) against pytorch-grad-cam's GradCAM with a reshape transform.
 
-``medlens.explain`` runs the engine's forward pass before the method's own capture pass; the
-``vit_relevance`` rows are the methods alone (one forward pass), which is what the engine costs
-once it lets a method hook into its forward pass.
+``medlens.explain`` hands the forward pass to the attention method (one pass, its own hooks), so
+the ``explain`` rows should match the ``vit_relevance`` rows (the method alone) up to the
+upsampling and normalisation of the maps.
 
 Run: .venv/bin/python benchmarks/bench_vit.py [--batch 8] [--repeats 3] [--threads N]
 """

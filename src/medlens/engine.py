@@ -122,6 +122,11 @@ class Method:
     def __init__(self, **options: Any) -> None:
         self.options = options
 
+    #: a method that runs the model itself (its own hooks, e.g. attention capture) defines
+    #: ``run(model, x, target, region) -> (raw (B, K, *s), logits (B, N), targets (B, K))``
+    #: and the engine then makes no forward pass of its own.
+    run: Callable[..., tuple[Tensor, Tensor, Tensor]] | None = None
+
     def check(self, model: nn.Module, x: Tensor, task: str) -> None:
         """Raise MedlensError if the method cannot apply to this model and input."""
         if self.classification_only and task != "classification":
@@ -166,23 +171,32 @@ def upsample(maps: Tensor, size: Sequence[int]) -> Tensor:
     return F.interpolate(maps.float(), size=tuple(size), mode=mode, align_corners=False)
 
 
-def normalise(maps: Tensor) -> Tensor:
+def normalise(maps: Tensor, inplace: bool = False) -> Tensor:
     """Min-max normalise each (b, k) map to [0, 1]; a flat map becomes zeros, never NaN.
 
     A map whose span is below 1e-6 of its largest magnitude counts as flat: it is rounding noise
-    (e.g. a Grad-CAM whose gradients cancel), and stretching it would draw a confident map."""
+    (e.g. a Grad-CAM whose gradients cancel), and stretching it would draw a confident map.
+    One pass finds both extremes; the shift and scale are written into one new tensor (into
+    ``maps`` itself with ``inplace=True``, for a tensor the caller has just made). Subtracting
+    the minimum first keeps every value >= 0 exactly."""
     flat = maps.flatten(2)
-    lo = flat.amin(dim=2, keepdim=True)
-    hi = flat.amax(dim=2, keepdim=True)
+    lo, hi = torch.aminmax(flat, dim=2, keepdim=True)
     span = hi - lo
     floor = 1e-6 * torch.maximum(hi.abs(), lo.abs())
     scale = torch.where((span > floor) & (span > 0), 1.0 / span, torch.zeros_like(span))  # (B, K, 1): cheap
-    return ((flat - lo) * scale).view_as(maps)
+    shifted = flat.sub_(lo) if inplace else flat - lo
+    return shifted.mul_(scale).view_as(maps)
+
+
+def upsample_normalised(raw: Tensor, size: Sequence[int]) -> Tensor:
+    """Maps at ``size``, each normalised to [0, 1], with no more copies than needed."""
+    maps = upsample(raw, size)
+    return normalise(maps, inplace=maps is not raw)
 
 
 def fuse_layer_maps(maps: Sequence[Tensor], size: Sequence[int], fusion: str = "mean") -> Tensor:
     """Fuse per-layer maps: each upsampled to ``size`` and normalised, then mean, max or product."""
-    stacked = torch.stack([normalise(upsample(m, size)) for m in maps])
+    stacked = torch.stack([upsample_normalised(m, size) for m in maps])
     if fusion == "mean":
         return stacked.mean(0)
     if fusion == "max":
@@ -304,6 +318,11 @@ def explain(
 
         return aug_smooth(model, x, method, target=target, layer=layer, region=region, **options)
     algo = get_method(method, **options)
+    if algo.run is not None:
+        with preserved_modes(model):
+            raw, logits, targets = algo.run(model, x, target, region)
+        maps = upsample_normalised(raw, x.shape[2:])
+        return Explanation(maps, raw, targets, logits.gather(1, targets), logits, algo.name, [], "classification")
     info: dict[str, Any] = {}
     layers: list[str] = []
     if algo.uses_layer:
@@ -350,5 +369,5 @@ def explain(
         cap.close()
         _as_feature_maps(ctx, model)
         raw = algo.compute(ctx)
-    maps = normalise(upsample(raw, x.shape[2:]))
+    maps = upsample_normalised(raw, x.shape[2:])
     return Explanation(maps, raw, targets, ctx.scores, ctx.logits, algo.name, layers, task, info)

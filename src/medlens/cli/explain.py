@@ -79,7 +79,7 @@ def explain_command(
     alpha: float = typer.Option(0.5, "--alpha", help="overlay opacity"),
     box_fraction: float = typer.Option(0.05, "--box-fraction", help="boxes around the top fraction of each map"),
     block: Optional[int] = typer.Option(None, "--block", help="ViT block for attention methods"),
-    head_fusion: Optional[str] = typer.Option(None, "--head-fusion", help="ViT heads: mean, max or min"),
+    head_fusion: Optional[str] = typer.Option(None, "--head-fusion", help="ViT heads: mean, max or min (attention also takes none: one map per head)"),
     discard_ratio: Optional[float] = typer.Option(None, "--discard-ratio", help="rollout: share of weakest attention dropped"),
     option: list[str] = typer.Option([], "--option", help="further method option key=value; repeatable"),
     policy: Optional[str] = typer.Option(None, "--policy", help="DICOM header policy that refuses files not fitting the model, e.g. chest-radiograph"),
@@ -109,7 +109,7 @@ def explain_command(
     images = len({r["source"] for r in summary.written})
     typer.echo(f"explained {images} input(s) with {', '.join(method)}; results in {out / 'index.html'}")
     for path, reason in summary.bad:
-        typer.secho(f"skipped {path}: {reason}", fg=typer.colors.YELLOW, err=True)
+        typer.secho(f"skipped: {reason}" if str(path) in reason else f"skipped {path}: {reason}", fg=typer.colors.YELLOW, err=True)
     if not summary.written:
         raise typer.Exit(1)
 

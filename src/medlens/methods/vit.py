@@ -15,6 +15,8 @@ Options (also ``medlens explain --block/--head-fusion/--discard-ratio``):
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import weakref
 from contextlib import ExitStack, nullcontext
 from typing import Any
@@ -289,6 +291,16 @@ def _forward(model: nn.Module, x: Tensor, region: Region, targets: Any) -> tuple
     return logits, resolve_targets(targets, logits.detach())
 
 
+@dataclass
+class ViTRun:
+    """What one attention forward pass gives: maps (B, K, *grid), the pooled logits (B, N) and
+    the resolved targets (B, K)."""
+
+    maps: Tensor
+    logits: Tensor
+    targets: Tensor
+
+
 def vit_relevance(
     model: nn.Module,
     x: Tensor,
@@ -314,6 +326,15 @@ def vit_relevance(
         (B, K, *grid) maps (K = number of targets; for ``attention`` with ``head_fusion="none"``,
         (B, heads, *grid)).
     """
+    return vit_run(model, x, method, targets, region, block, head_fusion, discard_ratio).maps
+
+
+def vit_run(
+    model: nn.Module, x: Tensor, method: str = "rollout", targets: Any = "pred", region: Region = None,
+    block: int = -1, head_fusion: str = "mean", discard_ratio: float = 0.0,
+) -> ViTRun:
+    """:func:`vit_relevance` with the logits and targets of its forward pass kept (what
+    :func:`medlens.explain` needs, so it does not run the model a second time)."""
     key = method.lower().replace("_", "-")
     with preserved_modes(model):
         if key in ("attention", "rollout"):
@@ -337,11 +358,11 @@ def _class_agnostic(model, x, key, targets, region, block, head_fusion, discard_
         attn = mats[0] if per_head else mats[0].unsqueeze(1)  # (B, H or 1, N, N)
         maps = patch_map((query[:, None, None, :] @ attn).squeeze(-2), model, x)  # (B, H or 1, *grid)
         if per_head:
-            return maps
+            return ViTRun(maps, logits, targets)
     else:
         mats = [residual_rows(discard_lowest(m, float(discard_ratio))) for m in mats]
         maps = patch_map(roll_out(query, mats), model, x).unsqueeze(1)
-    return maps.expand(-1, targets.shape[1], *maps.shape[2:])
+    return ViTRun(maps.expand(-1, targets.shape[1], *maps.shape[2:]), logits, targets)
 
 
 def _gradient_based(model, x, key, targets, region, head_fusion, discard_ratio) -> Tensor:
@@ -365,7 +386,7 @@ def _gradient_based(model, x, key, targets, region, head_fusion, discard_ratio) 
         else:
             fused = [residual_rows(discard_lowest(fuse_heads(w, head_fusion).clamp(min=0), float(discard_ratio))) for w in weighted]
             row = roll_out(query, fused)
-    return patch_map(row, model, x).unflatten(0, (batch, k))
+    return ViTRun(patch_map(row, model, x).unflatten(0, (batch, k)), logits.detach(), targets)
 
 
 def _chefer_rollout(model, cap: AttentionCapture, head: HeadCapture, logits, targets, grads, query, spatial) -> Tensor:
@@ -395,15 +416,20 @@ def _repeat(rec: BlockRecord, k: int) -> BlockRecord:
 
 # --- registered methods ----------------------------------------------------------------------
 class _ViTMethod(Method):
-    """A ViT attention method run through :func:`vit_relevance` on the engine's context."""
+    """A ViT attention method: it runs the model itself (:meth:`run`), with its own hooks, so
+    :func:`medlens.explain` makes no forward pass of its own."""
 
     uses_layer = False
     uses_gradients = False
     key = ""
 
-    def compute(self, ctx: Context) -> Tensor:
+    def run(self, model: nn.Module, x: Tensor, target: Any, region: Region) -> tuple[Tensor, Tensor, Tensor]:
         opts = {k: self.options[k] for k in ("block", "head_fusion", "discard_ratio") if self.options.get(k) is not None}
-        return vit_relevance(ctx.model, ctx.x, self.key, targets=ctx.targets, region=ctx.region, **opts)
+        result = vit_run(model, x, self.key, targets=target, region=region, **opts)
+        return result.maps, result.logits, result.targets
+
+    def compute(self, ctx: Context) -> Tensor:
+        return self.run(ctx.model, ctx.x, ctx.targets, ctx.region)[0]
 
 
 @register
