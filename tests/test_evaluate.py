@@ -43,6 +43,9 @@ def test_runner_on_phantoms_writes_rows_tables_and_report(grey_resnet, tmp_path)
     html = (tmp_path / "report.html").read_text()
     assert html.count("data:image/png;base64") >= 3  # curves + one gallery per method
     assert "pointing_game" in (tmp_path / "summary.md").read_text()
+    assert result.unannotated == [name]
+    assert f"1 image(s) without annotation, localisation not scored (NaN): {name}" in (tmp_path / "summary.md").read_text()
+    assert "1 image(s) without annotation" in html
 
 
 def test_runner_on_3d_phantoms(tmp_path):
@@ -91,8 +94,34 @@ def test_cli_on_phantoms(tmp_path):
     assert result.exit_code == 0, result.output
     assert "| gradcam |" in result.output and "sanity check" in result.output
     assert (out / "sanity.csv").exists() and (out / "report.html").exists()
+    sanity = pd.read_csv(out / "sanity.csv")
+    assert set(sanity["mode"]) == {"cascading", "independent"}  # Adebayo et al.'s two randomisations
+    assert sanity[["spearman", "ssim"]].notna().all().all()
+    layers = sanity.query("mode == 'independent'")["randomised"].tolist()
+    assert layers[0] == "conv1" and layers[-1] == "fc"  # one block at a time, input to output
+    assert sanity.query("mode == 'cascading'")["randomised"].tolist() == layers[::-1]  # output to input, cumulative
     bad = CliRunner().invoke(app, ["evaluate", "torchvision:resnet18", str(tmp_path / "missing"), "-o", str(out)])
     assert bad.exit_code == 2 and "no such dataset" in bad.output
+
+
+def gap_cnn(num_classes: int = 2, in_channels: int = 1, spatial_dims: int = 2) -> torch.nn.Module:
+    """A small GAP CNN in 2D or 3D, built through the CLI spec ``test_evaluate:gap_cnn``."""
+    conv = {2: torch.nn.Conv2d, 3: torch.nn.Conv3d}[spatial_dims]
+    pool = {2: torch.nn.AdaptiveAvgPool2d, 3: torch.nn.AdaptiveAvgPool3d}[spatial_dims]
+    return torch.nn.Sequential(conv(in_channels, 8, 3, padding=1), torch.nn.ReLU(), conv(8, 8, 3, padding=1), torch.nn.ReLU(),
+                               pool(1), torch.nn.Flatten(), torch.nn.Linear(8, num_classes))
+
+
+def test_cli_on_3d_phantoms_follows_dims(tmp_path):
+    """``--dims 3`` makes the phantoms volumes too, so a 3D model gets 3D inputs."""
+    from medlens.cli import app
+
+    out = tmp_path / "eval3d"
+    result = CliRunner().invoke(app, ["evaluate", "test_evaluate:gap_cnn", "phantoms:2:16", "--dims", "3", "--in-channels", "1",
+                                      "-m", "gradcam", "--metric", "localisation", "--bootstrap", "20", "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    rows = pd.read_csv(out / "rows.csv")
+    assert len(rows) == 2 and rows["iou@10"].between(0, 1).all()
 
 
 def test_paper_benchmark_tables_and_maps(tmp_path):

@@ -6,7 +6,7 @@ Data is any iterable of ``(name, image (C, *S), label or None, mask (1, *S) or N
 in-memory lists all work. Items are streamed in batches of equal shape; every image gives one
 row per (model, method) with every metric column; aggregates carry bootstrap 95% confidence
 intervals. Outputs: ``rows.csv`` (+ ``rows.parquet``), ``summary.csv``, ``summary.md``,
-``sanity.csv`` (if asked) and ``report.html`` with mean deletion/insertion curves and per-method
+``sanity.csv`` (cascading and independent randomisation, if asked) and ``report.html`` with mean deletion/insertion curves and per-method
 galleries of the best and worst cases (images embedded).
 """
 
@@ -63,6 +63,21 @@ class EvalResult:
     def table(self, metrics: Sequence[str] | None = None) -> str:
         """The summary as a Markdown table: methods as rows, metrics as columns, mean [95% CI]."""
         return markdown_table(self.summary, metrics)
+
+    @property
+    def unannotated(self) -> list[str]:
+        """Images without any annotation (empty mask and box): localisation is NaN for them, not scored."""
+        if "empty_annotation" not in self.rows:
+            return []
+        return list(dict.fromkeys(self.rows.loc[self.rows["empty_annotation"] == 1, "image"]))
+
+    def empty_note(self) -> str:
+        """One line reporting the images whose annotation is empty (or '' if none)."""
+        names = self.unannotated
+        if not names:
+            return ""
+        shown = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
+        return f"{len(names)} image(s) without annotation, localisation not scored (NaN): {shown}"
 
 
 # ---------------------------------------------------------------- data
@@ -239,6 +254,7 @@ def evaluate(
     gallery: int = 4,
     progress: bool = True,
     sanity_images: int = 4,
+    sanity_modes: Sequence[str] = ("cascading", "independent"),
     seed: int = 0,
 ) -> EvalResult:
     """Evaluate explanation methods on annotated images.
@@ -249,8 +265,8 @@ def evaluate(
         methods: registered method names.
         metrics: groups from ``localisation`` (needs masks or boxes), ``faithfulness`` (deletion,
             insertion, ROAD, confidence), ``complexity`` (Gini, entropy), ``robustness``
-            (max-sensitivity, 5 noisy copies per image) and ``sanity`` (cascading randomisation
-            on the first ``sanity_images`` images).
+            (max-sensitivity, 5 noisy copies per image) and ``sanity`` (parameter randomisation
+            in each of ``sanity_modes``, Spearman and SSIM per step, on the first ``sanity_images`` images).
         out_dir: where to write the tables and report; None writes nothing.
         target: ``"label"`` (the annotated class, the prediction where an item has no label) or ``"pred"``.
         layer, method_options: passed to :func:`medlens.explain` (options per method name).
@@ -326,7 +342,7 @@ def evaluate(
     if not rows:
         raise MedlensError("evaluate: the dataset gave no items")
     if sanity_batch:
-        sanity_rows = _run_sanity(models, sanity_batch, methods, layer, method_options, target)
+        sanity_rows = _run_sanity(models, sanity_batch, methods, layer, method_options, target, sanity_modes)
     table = pd.DataFrame(rows)
     summary = summarise(table, n_boot, seed)
     curves = {(m, meth, kind): (acc[0], acc[1] / acc[2]) for (m, meth, kind), acc in curve_sums.items()}
@@ -337,16 +353,18 @@ def evaluate(
 
 
 def _run_sanity(models: Mapping[str, nn.Module], batch: list[Item], methods: Sequence[str], layer: str | None,
-                method_options: Mapping[str, Mapping[str, Any]], target: str) -> list[dict[str, Any]]:
+                method_options: Mapping[str, Mapping[str, Any]], target: str,
+                modes: Sequence[str] = ("cascading", "independent")) -> list[dict[str, Any]]:
     out = []
     for model_name, model in models.items():
         x = torch.stack([torch.as_tensor(it[1]).float() for it in batch]).to(_device_of(model))
         labels = [it[2] for it in batch]
         tgt = "pred" if target == "pred" or any(l is None for l in labels) else torch.tensor(labels, device=x.device)
         for method in methods:
-            res = model_randomisation(model, x, method, target=tgt, layer=layer, **dict(method_options.get(method, {})))
-            for row in res.rows():
-                out.append({"model": model_name, "method": method, **row, "flagged": res.flagged})
+            for mode in modes:
+                res = model_randomisation(model, x, method, target=tgt, layer=layer, mode=mode, **dict(method_options.get(method, {})))
+                for row in res.rows():
+                    out.append({"model": model_name, "method": method, **row, "flagged": res.flagged})
     return out
 
 
@@ -424,7 +442,8 @@ def write_outputs(result: EvalResult, out: Path, galleries: Mapping[tuple[str, s
         files.append(out / "rows.parquet")
     except ImportError:  # pyarrow missing: the CSV has the same rows
         pass
-    files.append(write_text(out / "summary.md", result.table() + "\n"))
+    note = result.empty_note()
+    files.append(write_text(out / "summary.md", result.table() + ("\n\n" + note if note else "") + "\n"))
     files.append(write_text(out / "report.html", _report_html(result, galleries or {})))
     return files
 
@@ -436,6 +455,8 @@ def _report_html(result: EvalResult, galleries: Mapping[tuple[str, str], _Galler
              "<h1>medlens evaluate</h1>",
              f"<p>{result.rows['image'].nunique()} images, methods: {html.escape(', '.join(result.rows['method'].unique()))}. "
              "Cells: mean [bootstrap 95% CI]; NaN rows (images without annotation) are counted in n_nan, not scored.</p>"]
+    if result.empty_note():
+        parts.append(f"<p><b>{html.escape(result.empty_note())}</b></p>")
     summary = result.summary
     wide = summary.assign(cell=[f"{m:.3f} [{lo:.3f}, {hi:.3f}]" for m, lo, hi in zip(summary["mean"], summary["ci_low"], summary["ci_high"])])
     pivot = wide.pivot_table(index=["model", "method"], columns="metric", values="cell", aggfunc="first", sort=False)
@@ -444,7 +465,7 @@ def _report_html(result: EvalResult, galleries: Mapping[tuple[str, str], _Galler
     if curves:
         parts.append(f"<h2>Deletion and insertion curves</h2><img src='data:image/png;base64,{curves}'>")
     if result.sanity is not None:
-        parts.append("<h2>Sanity check (cascading randomisation)</h2>" + result.sanity.to_html(index=False, float_format=lambda v: f"{v:.3f}"))
+        parts.append("<h2>Sanity check (model parameter randomisation)</h2>" + result.sanity.to_html(index=False, float_format=lambda v: f"{v:.3f}"))
     if galleries:
         parts.append("<h2>Best and worst cases</h2>")
         for (model, method), gallery in galleries.items():

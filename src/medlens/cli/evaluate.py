@@ -13,7 +13,7 @@ from medlens.cli.explain import fail, load_model, parse_options, parse_size
 from medlens.errors import MedlensError
 
 
-def _data(source: str, size, channels: int, limit: Optional[int], split: Optional[Path], part: str, seed: int):
+def _data(source: str, size, channels: int, limit: Optional[int], split: Optional[Path], part: str, seed: int, dims: int = 2):
     """Items for the runner: ``phantoms[:N[:SIZE[:DIMS]]]`` or a dataset folder / Decathlon / CSV."""
     from medlens.evaluate import folder_items, phantom_items
 
@@ -23,7 +23,7 @@ def _data(source: str, size, channels: int, limit: Optional[int], split: Optiona
         fields = source.split(":")[1:]
         n = int(fields[0]) if fields else 32
         px = int(fields[1]) if len(fields) > 1 else (size[0] if size else 64)
-        dims = int(fields[2]) if len(fields) > 2 else 2
+        dims = int(fields[2]) if len(fields) > 2 else dims
         items = phantom_items(make_phantoms(n, px, dims, seed=seed))
     else:
         if not Path(source).exists():
@@ -79,7 +79,7 @@ def evaluate_command(
         for w in weights or ["none"]:
             name = "random" if w.lower() in ("none", "-", "random") else Path(w).stem
             models[name] = load_model(model, w, num_classes, in_channels, dims, device)
-        items = _data(data, shape, in_channels, limit, split, part, seed)
+        items = _data(data, shape, in_channels, limit, split, part, seed, dims)
         opts = parse_options(option)
         result = evaluate(models, items, method, metric, out_dir=out, batch_size=batch_size, target=target, layer=layer,
                           method_options={m: opts for m in method}, steps=steps, baseline=baseline, road=road,
@@ -88,7 +88,10 @@ def evaluate_command(
         fail(str(err))
     console = Console()
     typer.echo(result.table())
+    if result.empty_note():
+        typer.echo(result.empty_note())
     if result.sanity is not None:
-        flagged = sorted(set(result.sanity.loc[result.sanity["flagged"], "method"]))
+        hits = result.sanity.loc[result.sanity["flagged"], ["method", "mode"]].drop_duplicates()
+        flagged = [f"{m} ({mode})" for m, mode in zip(hits["method"], hits["mode"])]
         console.print(f"sanity check: {'flagged ' + ', '.join(flagged) if flagged else 'every method changes under randomisation'}")
     console.print(f"wrote {len(result.files)} files to {out} (report.html, summary.md, rows.csv)")
