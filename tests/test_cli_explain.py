@@ -170,3 +170,18 @@ def test_demo_command_in_3d(tmp_path):
     assert result.exit_code == 0, result.output
     assert "gradcam" in result.output and "hirescam" in result.output
     assert "Orthogonal slices" in (tmp_path / "d3" / "report.html").read_text()
+
+
+def test_explain_vit_attention_per_head_and_rollout_options(trained_phantom_model, tmp_path):
+    _, phantoms = trained_phantom_model
+    image = sorted(p for p in phantoms.glob("*.png") if "mask" not in p.name)[0]
+    out = tmp_path / "out"
+    result = run("explain", "timm:vit_tiny_patch16_224", "none", image, "--size", "224", "-m", "attention",
+                 "--head-fusion", "none", "--block", "-2", "--out", out)
+    assert result.exit_code == 0, result.output
+    record = json.loads(next(out.glob("*_attention.json")).read_text())
+    assert [t["name"].split(", ")[1] for t in record["targets"]] == ["head 0", "head 1", "head 2"]  # vit_tiny: 3 heads
+    assert np.load(out / record["npy"]).shape == (3, 64, 64)  # back at the image's own size
+    bad = run("explain", "timm:vit_tiny_patch16_224", "none", image, "--size", "224", "-m", "rollout",
+              "--head-fusion", "median", "--out", tmp_path / "o2")
+    assert "median" in bad.output and "mean" in bad.output

@@ -106,6 +106,40 @@ def score_batches(model: nn.Module, x: Tensor, targets: Tensor, region: Region =
     return torch.cat(out)
 
 
+class Options(dict):
+    """A method's keyword options that remember which keys the method read, so a misspelt
+    option (``windoww=3``) is reported instead of silently ignored."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.read: set[str] = set()
+
+    def get(self, key: str, default: Any = None) -> Any:
+        self.read.add(key)
+        return super().get(key, default)
+
+    def __getitem__(self, key: str) -> Any:
+        self.read.add(key)
+        return super().__getitem__(key)
+
+    def __contains__(self, key: object) -> bool:
+        self.read.add(str(key))
+        return super().__contains__(key)
+
+    def unread(self) -> list[str]:
+        return sorted(set(self) - self.read)
+
+
+def warn_unread_options(method: "Method") -> None:
+    """Warn about options ``method`` never looked at (after it ran)."""
+    unread = method.options.unread() if isinstance(method.options, Options) else []
+    if unread:
+        import warnings
+
+        warnings.warn(f"{method.name} did not use option(s) {', '.join(unread)}: check the spelling against its docstring",
+                      UserWarning, stacklevel=3)
+
+
 class Method:
     """Base of all methods: a short function of what the engine captured.
 
@@ -120,7 +154,7 @@ class Method:
     classification_only: bool = False
 
     def __init__(self, **options: Any) -> None:
-        self.options = options
+        self.options = Options(options)
 
     #: a method that runs the model itself (its own hooks, e.g. attention capture) defines
     #: ``run(model, x, target, region) -> (raw (B, K, *s), logits (B, N), targets (B, K))``
@@ -321,6 +355,7 @@ def explain(
     if algo.run is not None:
         with preserved_modes(model):
             raw, logits, targets = algo.run(model, x, target, region)
+        warn_unread_options(algo)
         maps = upsample_normalised(raw, x.shape[2:])
         return Explanation(maps, raw, targets, logits.gather(1, targets), logits, algo.name, [], "classification")
     info: dict[str, Any] = {}
@@ -369,5 +404,6 @@ def explain(
         cap.close()
         _as_feature_maps(ctx, model)
         raw = algo.compute(ctx)
+    warn_unread_options(algo)
     maps = upsample_normalised(raw, x.shape[2:])
     return Explanation(maps, raw, targets, ctx.scores, ctx.logits, algo.name, layers, task, info)

@@ -235,16 +235,20 @@ def _write_one(
 
         write_nifti(out / f"{stem}.nii.gz", maps.cpu(), item.loaded.meta)
         record["nifti"] = f"{stem}.nii.gz"
-    for k, cls in enumerate(result.targets[i].tolist()):
+    classes = result.targets[i].tolist()
+    per_head = maps.shape[0] != len(classes)  # raw attention with head_fusion="none": one map per head
+    for k in range(maps.shape[0]):
+        cls = classes[min(k, len(classes) - 1)]
         heat = maps[k]
         regions = component_regions(heat, fraction=box_fraction)
         cell = argmax_cell_box(result.raw[i, k], spatial) if result.raw.dim() == result.maps.dim() else None
         boxes = [r["box"] for r in regions]
-        png = f"{stem}_c{cls}.png"
+        png = f"{stem}_c{cls}" + (f"_head{k}" if per_head else "") + ".png"
         with atomic_path(out / png) as tmp:
             tmp.write_bytes(png_bytes(draw(item.display.cpu(), heat.cpu(), cmap, alpha, boxes[:3])))
         record["targets"].append({
-            "class": cls, "name": name_of(cls), "score": float(result.scores[i, k]), "png": png,
+            "class": cls, "name": name_of(cls) + (f", head {k}" if per_head else ""),
+            "score": float(result.scores[i, min(k, len(classes) - 1)]), "png": png,
             "boxes": [{"box": [int(v) for v in r["box"]], "peak": float(r.get("peak", 0.0))} for r in regions],
             "argmax_cell_box": [int(v) for v in cell] if cell is not None else None,
         })
