@@ -73,6 +73,25 @@ def test_empty_annotations_are_reported_not_scored():
     assert torch.isnan(topk_box_iou(maps, empty_box)[2]).all()
 
 
+@pytest.mark.parametrize("dims", [2, 3])
+def test_a_constant_map_points_nowhere_and_puts_no_mass_inside(dims):
+    """An all-zero (or constant) map has no maximum to point with: a miss, not a hit, and no NaN
+    that would read as an empty annotation; the fraction rule gives the annotation's share."""
+    shape = (2, *([8] * dims))
+    masks = torch.zeros(shape, dtype=torch.bool)
+    masks[(slice(None), *([slice(2, 4)] * dims))] = True
+    share = 2**dims / 8**dims
+    for maps in (torch.zeros(shape), torch.full(shape, 0.3)):
+        for ties in ("any", "all", "first"):
+            assert pointing_game(maps, masks, ties=ties).tolist() == [0.0, 0.0], ties
+        assert pointing_game(maps, masks, ties="fraction").tolist() == pytest.approx([share, share])
+    cols = localisation_metrics(torch.zeros(shape), masks)
+    assert cols["relevance_mass"].tolist() == [0.0, 0.0] and cols["energy_pointing_game"].tolist() == [0.0, 0.0]
+    peaked = torch.zeros(shape)
+    peaked[(slice(None), *([3] * dims))] = 1.0
+    assert pointing_game(peaked, masks).tolist() == [1.0, 1.0]
+
+
 def test_pointing_game_tie_rules():
     _, masks = box_case(2, batch=1)
     maps = torch.zeros(masks.shape)

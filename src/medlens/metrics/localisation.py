@@ -110,6 +110,10 @@ def pointing_game(maps: Tensor, masks: Tensor, tolerance: int = 0, ties: str = "
             maximal pixels inside (a value in [0, 1]); ``"first"``: the first maximal pixel in
             raster order decides (``argmax`` semantics).
 
+    A constant map (e.g. a Grad-CAM whose evidence is all negative, normalised to zeros) points
+    nowhere: it is a miss under ``"any"``, ``"all"`` and ``"first"`` (Quantus counts it as a hit,
+    every pixel being maximal), and the annotation's share of the image under ``"fraction"``.
+
     Returns:
         (B,) float: 1 hit, 0 miss (or a fraction), NaN for empty annotations.
     """
@@ -130,6 +134,9 @@ def pointing_game(maps: Tensor, masks: Tensor, tolerance: int = 0, ties: str = "
             hit = n_inside / at_max.sum(dim=1)
         else:
             raise MedlensError(f"ties must be 'any', 'all', 'fraction' or 'first'; got {ties!r}")
+    if ties != "fraction":
+        constant = flat.amax(dim=1) == flat.amin(dim=1)
+        hit = hit.masked_fill(constant, 0.0)
     return _nan_where_empty(hit, masks)
 
 
@@ -146,11 +153,15 @@ def energy_pointing_game(maps: Tensor, masks: Tensor) -> Tensor:
 
 def relevance_mass(maps: Tensor, masks: Tensor) -> Tensor:
     """Relevance mass accuracy (Arras et al., Information Fusion 2022): sum(m * g) / sum(m),
-    over signed values as in Quantus' ``RelevanceMassAccuracy`` (use non-negative maps)."""
+    over signed values as in Quantus' ``RelevanceMassAccuracy`` (use non-negative maps).
+    An all-zero map puts no mass inside: 0 (Quantus: NaN, which would read as an empty annotation)."""
     maps = _as_maps(maps)
     masks = _as_masks(masks, maps)
     flat = maps.flatten(1).float()
-    return _nan_where_empty(_inner(flat, masks.flatten(1)) / flat.sum(dim=1), masks)
+    total = flat.sum(dim=1)
+    inside = _inner(flat, masks.flatten(1))
+    mass = torch.where(total != 0, inside / torch.where(total != 0, total, torch.ones_like(total)), torch.zeros_like(total))
+    return _nan_where_empty(mass, masks)
 
 
 def relevance_rank_accuracy(maps: Tensor, masks: Tensor) -> Tensor:
