@@ -197,3 +197,23 @@ def test_hippocampus_unet2d_on_axial_slices(hippocampus: Path, tmp_path: Path) -
     voxels = sum(int(v) for r in _rows(tmp_path / "run" / "confusion_matrix.csv") for v in list(r.values())[1:])
     depths = sum(nib.as_closest_canonical(nib.load(r["path"])).shape[2] for r in _rows(tmp_path / "run" / "validation_samples.csv"))
     assert voxels == 32 * 48 * depths  # every axial slice of every validation volume, at 32x48
+
+
+def test_auto_precision_uses_bf16_on_cpu_only_where_it_is_native() -> None:
+    from medlens.train.run import cpu_has_fast_bf16, pick_precision
+
+    assert pick_precision("32-true", "cpu") == "32-true" and pick_precision("bf16-mixed", "cpu") == "bf16-mixed"
+    native = torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    assert cpu_has_fast_bf16() is bool(native)
+    # emulated bf16 (an AVX2-only CPU) trains many times slower than float32, so auto keeps float32 there
+    assert pick_precision("auto", "cpu") == ("bf16-mixed" if native else "32-true")
+
+
+def test_mixed_precision_run_on_hippocampus_slices(hippocampus: Path, tmp_path: Path) -> None:
+    overrides = [f"data.root={hippocampus}", "data.slices=true", "data.image_size=[32,48]", "data.limit=5",
+                 "data.batch_size=32", "trainer.max_epochs=1", "trainer.progress=none", "trainer.precision=bf16-mixed",
+                 "model.kwargs={channels: [4, 8], strides: [2], num_res_units: 0}"]
+    result = train(load_config(CONFIGS / "hippocampus_unet3d.yaml", overrides), out_dir=tmp_path / "run", enable_model_summary=False)
+    summary = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert summary["precision"] == "bf16-mixed" and 0.0 <= result.metrics["val_dice"] <= 1.0
+    assert all(t.dtype == torch.float32 for t in read_state_dict(result.weights).values())  # bf16 compute, fp32 weights

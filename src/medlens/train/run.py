@@ -50,18 +50,25 @@ class TrainResult:
     files: dict[str, Path] = field(default_factory=dict)
 
 
+def cpu_has_fast_bf16() -> bool:
+    """Whether oneDNN runs bf16 natively on this CPU (AVX-512 or AMX on x86, BF16 on Arm).
+
+    Without it a bf16 autocast still *works* on CPU but is emulated: a ResNet-18 training step is
+    about 15x slower than in float32 on an AVX2-only machine, so ``auto`` must not pick it there.
+    """
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # a torch build without oneDNN
+        return False
+
+
 def pick_precision(requested: str, accelerator: str) -> str:
-    """``auto``: 16-mixed on CUDA, bf16-mixed on CPU when a bf16 autocast matmul works there, else 32."""
+    """``auto``: 16-mixed on CUDA, bf16-mixed on a CPU with native bf16 (see :func:`cpu_has_fast_bf16`), else 32-true."""
     if requested != "auto":
         return requested
     if accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available():
         return "16-mixed"
-    try:
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            ok = (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.bfloat16
-    except RuntimeError:
-        ok = False
-    return "bf16-mixed" if ok else "32-true"
+    return "bf16-mixed" if cpu_has_fast_bf16() else "32-true"
 
 
 def build_network(config: TrainConfig, num_classes: int) -> nn.Module:
