@@ -223,9 +223,11 @@ def normalise(maps: Tensor, inplace: bool = False) -> Tensor:
 
 
 def upsample_normalised(raw: Tensor, size: Sequence[int]) -> Tensor:
-    """Maps at ``size``, each normalised to [0, 1], with no more copies than needed."""
-    maps = upsample(raw, size)
-    return normalise(maps, inplace=maps is not raw)
+    """Maps at ``size``, each normalised to [0, 1]: :func:`upsample` then :func:`normalise`,
+    computed with one write of the output (see :mod:`medlens.resample`)."""
+    from medlens.resample import upsample_normalised as fused
+
+    return fused(raw, size)
 
 
 def fuse_layer_maps(maps: Sequence[Tensor], size: Sequence[int], fusion: str = "mean") -> Tensor:
