@@ -179,3 +179,21 @@ def test_guided_backprop_on_unets_2d_and_3d() -> None:
     with pytest.raises(MedlensError, match="needs nn.ReLU modules"):
         explain(prelu_unet, torch.randn(1, 1, 16, 16), "guided-backprop")
     assert hook_count(prelu_unet) == 0
+
+
+def test_guided_gradcam_passes_gradcam_options_on_and_counts_them_as_used() -> None:
+    import warnings
+
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Conv2d(1, 6, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 2)).eval()
+    x = torch.randn(2, 1, 8, 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # an option reported as unused would raise here
+        top2 = explain(model, x, "guided-gradcam", target=1, layer="1", top_k_channels=2)
+    plain = explain(model, x, "guided-gradcam", target=1, layer="1")
+    cam2 = explain(model, x, "gradcam", target=1, layer="1", top_k_channels=2)
+    cam = explain(model, x, "gradcam", target=1, layer="1")
+    inside = cam.raw > 1e-4  # the layer keeps the input resolution: L is the raw Grad-CAM itself
+    guided = plain.raw[inside] / cam.raw[inside]  # max_c |R_c(s)|, the guided-backprop part
+    torch.testing.assert_close(top2.raw[inside], guided * cam2.raw[inside], rtol=1e-4, atol=1e-6)
+    assert not torch.allclose(top2.raw, plain.raw)

@@ -253,11 +253,14 @@ class GuidedBackprop(InputMethod):
 @register
 class GuidedGradCAM(Method):
     """Guided Grad-CAM (Selvaraju et al., ICCV 2017): guided backprop R times the Grad-CAM map
-    upsampled to the input (bilinear; Captum's default is nearest), M(s) = max_c |R_c(s)| * L(s)."""
+    upsampled to the input (bilinear; Captum's default is nearest), M(s) = max_c |R_c(s)| * L(s).
+    Grad-CAM's options (``top_k_channels``, ``eigen_smooth``, ``fusion``) apply to L."""
 
     name = "guided-gradcam"
 
     def compute(self, ctx: Context) -> Tensor:
-        cam = upsample(GradCAM(**self.options).compute(ctx), ctx.x.shape[2:])  # (B, K, *S)
+        gradcam = GradCAM()
+        gradcam.options = self.options  # the same options object: what Grad-CAM reads counts as used
+        cam = upsample(gradcam.compute(ctx), ctx.x.shape[2:])  # (B, K, *S)
         self.attributions = guided_gradients(ctx, self.options.get("batch_size", 32)) * cam.unsqueeze(2)
         return self.attributions.abs().amax(dim=2)
