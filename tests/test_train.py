@@ -217,3 +217,30 @@ def test_mixed_precision_run_on_hippocampus_slices(hippocampus: Path, tmp_path: 
     summary = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert summary["precision"] == "bf16-mixed" and 0.0 <= result.metrics["val_dice"] <= 1.0
     assert all(t.dtype == torch.float32 for t in read_state_dict(result.weights).values())  # bf16 compute, fp32 weights
+
+
+def test_run_interrupted_mid_epoch_resumes_from_its_last_checkpoint(hippocampus: Path, tmp_path: Path) -> None:
+    import lightning as L
+
+    class PowerCut(L.Callback):
+        """Stops the run with an error in the middle of the second epoch, as a crash or a kill would."""
+
+        def on_train_batch_start(self, trainer, module, batch, batch_idx):
+            if trainer.current_epoch == 1 and batch_idx == 1:
+                raise RuntimeError("power cut")
+
+    overrides = [f"data.root={hippocampus}", "data.limit=10", "data.image_size=[16,24,16]", "data.batch_size=2",
+                 "trainer.max_epochs=3", "trainer.progress=none", "trainer.log_every_n_steps=1",
+                 "model.kwargs={channels: [4, 8], strides: [2], num_res_units: 0}"]
+    config = load_config(CONFIGS / "hippocampus_unet3d.yaml", overrides)
+    run = tmp_path / "run"
+    with pytest.raises(RuntimeError, match="power cut"):
+        train(config, out_dir=run, enable_model_summary=False, callbacks=[PowerCut()])
+    saved = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert saved["epoch"] == 0 and saved["global_step"] == 4  # 8 training volumes in batches of 2: one epoch
+    result = train(config, out_dir=run, resume=True, enable_model_summary=False)
+    assert result.epochs == 3 and 0.0 <= result.metrics["val_dice"] <= 1.0
+    final = torch.load(result.last_checkpoint, map_location="cpu", weights_only=True)
+    assert final["global_step"] == 3 * 4  # epochs 1 and 2 redone from the checkpoint, epoch 0 not repeated
+    rows = [r for r in _rows(run / "logs" / "metrics.csv") if r.get("val_dice")]
+    assert sorted(int(r["epoch"]) for r in rows) == [0, 1, 2]  # one validation row per epoch, none lost or doubled

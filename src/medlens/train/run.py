@@ -90,7 +90,8 @@ def train(config: TrainConfig | str | Path, out_dir: str | Path | None = None, r
         config: a :class:`TrainConfig` or a YAML path.
         out_dir: the run folder (default: ``config.out`` or ``runs/<name>``).
         resume: continue from ``checkpoints/last.ckpt`` when it exists (same split, epoch counter goes on).
-        **trainer_kwargs: extra ``lightning.Trainer`` arguments (e.g. ``enable_model_summary=False``).
+        **trainer_kwargs: extra ``lightning.Trainer`` arguments (e.g. ``enable_model_summary=False``);
+            ``callbacks`` are added to the run's own (checkpoints, early stopping, logs).
 
     Returns:
         TrainResult with the best checkpoint and the best model's validation metrics.
@@ -162,6 +163,7 @@ def _trainer(config: TrainConfig, out: Path, **overrides: Any) -> L.Trainer:
     for key in ("limit_train_batches", "limit_val_batches"):
         if getattr(tc, key) is not None:
             args[key] = getattr(tc, key)
+    callbacks.extend(overrides.pop("callbacks", None) or [])  # a caller's callbacks join ours, never replace them
     args.update(overrides)
     return L.Trainer(**args)
 
