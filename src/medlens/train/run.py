@@ -200,9 +200,11 @@ def predict_validation(module: L.LightningModule, data: MedlensDataModule, preci
     data.setup("validate")
     key = "label" if data.task == "classification" else "mask"
     truth, predicted, images = [], [], []
-    autocast = "bf16" in str(precision)
+    # the same autocast as the validation loop of that precision, so the predictions match its val_acc
+    dtype = torch.bfloat16 if "bf16" in str(precision) else torch.float16
+    mixed = str(precision).endswith("-mixed") and (dtype == torch.bfloat16 or device.type == "cuda")
     for batch in data.val_dataloader():
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+        with torch.autocast(device.type, dtype=dtype, enabled=mixed):
             logits = model(batch["image"].to(device)).float()
         predicted.append(logits.argmax(1, keepdim=key == "mask").cpu())
         truth.append(batch[key])
