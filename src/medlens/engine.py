@@ -280,6 +280,17 @@ def target_gradients(
     return [(p[0] if len(p) == 1 else torch.cat(p)).transpose(0, 1) for p in parts]
 
 
+#: gradient elements per chunk of targets (16 MiB of float32): small enough to stay in cache
+TARGET_CHUNK_ELEMENTS = 2**22
+
+
+def target_chunk(n_targets: int, inputs: Sequence[Tensor], budget: int | None = None) -> int:
+    """How many targets' gradients w.r.t. ``inputs`` fit in ``budget`` elements (at least 1)."""
+    budget = TARGET_CHUNK_ELEMENTS if budget is None else budget
+    per_target = sum(t.numel() for t in inputs)
+    return max(1, min(n_targets, budget // max(per_target, 1)))
+
+
 def check_input(model: nn.Module, x: Tensor) -> None:
     """Raise a one-line MedlensError for inputs the model cannot take."""
     if not isinstance(x, Tensor):
@@ -387,25 +398,33 @@ def explain(
             if algo.uses_input_gradients:
                 grad_inputs.append(x_in)
                 grad_names.append("input")
-            grads = target_gradients(logits, targets, grad_inputs, grad_names) if grad_inputs else []
+            # layer-gradient methods run per chunk of targets: all 1000 classes never hold
+            # 1000 full gradient tensors at once (and the chunk's buffers stay in cache)
+            per_chunk = target_chunk(targets.shape[1], grad_inputs) if grad_inputs and not algo.uses_input_gradients else targets.shape[1]
         finally:
             torch.set_grad_enabled(grad_mode)
-        ctx = Context(
-            model=model,
-            x=x.detach(),
-            targets=targets,
-            scores=scores.detach(),
-            logits=logits.detach(),
-            layers=layers,
-            activations={l: cap.activations[l].detach() for l in layers},
-            gradients=dict(zip(layers, grads[: len(layers)])) if algo.uses_gradients else {},
-            input_gradients=grads[-1] if algo.uses_input_gradients else None,
-            region=region,
-            task=task,
-        )
+        activations = {l: cap.activations[l].detach() for l in layers}
         cap.close()
-        _as_feature_maps(ctx, model)
-        raw = algo.compute(ctx)
+        raws = []
+        for start in range(0, targets.shape[1], per_chunk):
+            part = slice(start, start + per_chunk)
+            grads = target_gradients(logits, targets[:, part], grad_inputs, grad_names) if grad_inputs else []
+            ctx = Context(
+                model=model,
+                x=x.detach(),
+                targets=targets[:, part],
+                scores=scores[:, part].detach(),
+                logits=logits.detach(),
+                layers=layers,
+                activations=dict(activations),
+                gradients=dict(zip(layers, grads[: len(layers)])) if algo.uses_gradients else {},
+                input_gradients=grads[-1] if algo.uses_input_gradients else None,
+                region=region,
+                task=task,
+            )
+            _as_feature_maps(ctx, model)
+            raws.append(algo.compute(ctx))
+        raw = raws[0] if len(raws) == 1 else torch.cat(raws, dim=1)
     warn_unread_options(algo)
     maps = upsample_normalised(raw, x.shape[2:])
-    return Explanation(maps, raw, targets, ctx.scores, ctx.logits, algo.name, layers, task, info)
+    return Explanation(maps, raw, targets, scores.detach(), logits.detach(), algo.name, layers, task, info)
