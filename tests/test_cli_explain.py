@@ -185,3 +185,11 @@ def test_explain_vit_attention_per_head_and_rollout_options(trained_phantom_mode
     bad = run("explain", "timm:vit_tiny_patch16_224", "none", image, "--size", "224", "-m", "rollout",
               "--head-fusion", "median", "--out", tmp_path / "o2")
     assert "median" in bad.output and "mean" in bad.output
+
+
+def test_a_model_that_fails_on_the_inputs_is_reported_per_file_not_as_a_traceback(trained_phantom_model, tmp_path):
+    weights, phantoms = trained_phantom_model
+    result = run("explain", "medlens.demo:phantom_net", weights, phantoms, "--in-channels", "1", "--size", "4", "--out", tmp_path / "o")
+    assert result.exit_code == 1 and result.exception is None or isinstance(result.exception, SystemExit), result.output
+    skipped = [line for line in result.output.splitlines() if line.startswith("skipped")]
+    assert len(skipped) == 6 and all("RuntimeError" in line for line in skipped), result.output

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from medlens.boxes import argmax_cell_box, component_regions
 from medlens.capture import resolve_layer
 from medlens.engine import Explanation, explain, get_method, upsample
-from medlens.errors import MedlensError
+from medlens.errors import MedlensError, one_line
 from medlens.io.atomic import atomic_path, write_text
 from medlens.io.loading import Loaded, expand_inputs, iter_inputs
 from medlens.render.overlay import png_bytes
@@ -199,8 +199,8 @@ def explain_inputs(
         for method in methods:
             try:
                 result = explain(model, x, method, target=target, layer=layer, **(method_options or {}))
-            except MedlensError as error:
-                summary.bad.extend((p.path, f"{method}: {error}") for p in batch)
+            except (MedlensError, RuntimeError) as error:  # RuntimeError: the model itself failed on these inputs
+                summary.bad.extend((p.path, f"{method}: {one_line(error)}") for p in batch)
                 continue
             for i, item in enumerate(batch):
                 summary.written.append(_write_one(out, item, result, i, method, class_names, cmap, alpha, box_fraction))

@@ -85,8 +85,13 @@ def region_weights(region: Region, spatial: Sequence[int], batch: int, device: t
         return None
     if isinstance(region, Tensor):
         mask = region.to(device=device, dtype=torch.float32)
+        if mask.dim() == len(spatial) + 1 and mask.shape[0] == batch and batch > 1:
+            mask = mask.unsqueeze(1)  # (B, *S): one mask per image, no channel axis
         while mask.dim() < len(spatial) + 2:
             mask = mask.unsqueeze(0)
+        if mask.dim() != len(spatial) + 2 or mask.shape[0] not in (1, batch) or mask.shape[1] != 1:
+            raise MedlensError(f"region mask has shape {tuple(region.shape)}; expected (*S), (1, *S), (B, *S) or (B, 1, *S) "
+                               f"for {batch} image(s) with {len(spatial)} spatial dims")
         if tuple(mask.shape[2:]) != tuple(spatial):
             mask = torch.nn.functional.interpolate(mask, size=tuple(spatial), mode="nearest")
         return mask.expand(batch, 1, *spatial)

@@ -7,7 +7,7 @@ import typer
 
 from medlens.cli.app import app
 from medlens.cli.explain import fail
-from medlens.errors import MedlensError
+from medlens.errors import MedlensError, one_line
 
 
 @app.command("demo")
@@ -33,8 +33,8 @@ def demo_command(
     config = DemoConfig(n=n, size=size, dims=dims, epochs=epochs, methods=method or None, seed=seed, device=device)
     try:
         result = run_demo(out, config, overwrite=overwrite)
-    except MedlensError as error:
-        fail(str(error))
+    except (MedlensError, RuntimeError) as error:  # RuntimeError: the model itself failed on the input
+        fail(one_line(error))
     headers = {"method": "method", "pointing_game": "PG", "energy_pointing_game": "energy PG", "auroc": "AUROC",
                "deletion_auc": "del AUC↓", "insertion_auc": "ins AUC↑", "sanity_spearman": "rand ρ",
                "sanity": "sanity", "ms_per_image": "ms/img"}

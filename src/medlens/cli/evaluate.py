@@ -10,7 +10,7 @@ import typer
 
 from medlens.cli.app import app
 from medlens.cli.explain import fail, load_model, parse_options, parse_size
-from medlens.errors import MedlensError
+from medlens.errors import MedlensError, one_line
 
 
 def _data(source: str, size, channels: int, limit: Optional[int], split: Optional[Path], part: str, seed: int, dims: int = 2):
@@ -84,8 +84,8 @@ def evaluate_command(
         result = evaluate(models, items, method, metric, out_dir=out, batch_size=batch_size, target=target, layer=layer,
                           method_options={m: opts for m in method}, steps=steps, baseline=baseline, road=road,
                           n_boot=n_boot, seed=seed)
-    except MedlensError as err:
-        fail(str(err))
+    except (MedlensError, RuntimeError) as err:  # RuntimeError: the model itself failed on the input
+        fail(one_line(err))
     console = Console()
     typer.echo(result.table())
     if result.empty_note():

@@ -8,7 +8,7 @@ from typing import Any, Optional
 import typer
 
 from medlens.cli.app import app
-from medlens.errors import MedlensError
+from medlens.errors import MedlensError, one_line
 
 
 def fail(message: str) -> None:
@@ -104,8 +104,8 @@ def explain_command(
             class_names=class_names.split(",") if class_names else None, cmap=cmap, alpha=alpha,
             box_fraction=box_fraction, overwrite=overwrite, policy=header_policy, method_options=options,
         )
-    except MedlensError as error:
-        fail(str(error))
+    except (MedlensError, RuntimeError) as error:  # RuntimeError: the model itself failed on the input
+        fail(one_line(error))
     images = len({r["source"] for r in summary.written})
     typer.echo(f"explained {images} input(s) with {', '.join(method)}; results in {out / 'index.html'}")
     for path, reason in summary.bad:
@@ -148,8 +148,8 @@ def layers_command(
         x = torch.zeros(1, in_channels, *size_tuple)
         infos = trace_layers(net, x)
         chosen = auto_layer(net, x)
-    except MedlensError as error:
-        fail(str(error))
+    except (MedlensError, RuntimeError) as error:  # RuntimeError: the model itself failed on the input
+        fail(one_line(error))
     table = Table(title=f"{model}: {sum(p.numel() for p in net.parameters()):,} parameters, input {tuple(x.shape)}")
     for column in ("layer", "type", "output shape", "parameters", "candidate"):
         table.add_column(column)

@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 
 from medlens.cli.app import app
-from medlens.errors import MedlensError
+from medlens.errors import MedlensError, one_line
 
 
 def _read_stack(paths: list[Path], channels: int, size: tuple[int, ...]):
@@ -99,8 +99,8 @@ def prototype_command(
             result = class_prototype(net, classes, shape=(in_channels, *shape), init=start, class_mean=mean, lam=lam,
                                      steps=steps, lr=lr, tv=tv, jitter=jitter, seed=seed)
         written = _save(result.images, out, overwrite=True)
-    except MedlensError as err:
-        fail(str(err))
+    except (MedlensError, RuntimeError) as err:  # RuntimeError: the model itself failed on the input
+        fail(one_line(err))
     for cls, prob in zip(result.targets.tolist(), result.probabilities.tolist()):
         typer.echo(f"class {cls}: model probability {prob:.3f}")
     for path in written:
