@@ -244,3 +244,45 @@ def test_run_interrupted_mid_epoch_resumes_from_its_last_checkpoint(hippocampus:
     assert final["global_step"] == 3 * 4  # epochs 1 and 2 redone from the checkpoint, epoch 0 not repeated
     rows = [r for r in _rows(run / "logs" / "metrics.csv") if r.get("val_dice")]
     assert sorted(int(r["epoch"]) for r in rows) == [0, 1, 2]  # one validation row per epoch, none lost or doubled
+
+
+def test_unreadable_files_are_left_out_reported_and_the_rest_trains(brain_mri: Path, hippocampus: Path, tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    for folder, source in (("glioma", "glioma"), ("pituitary", "pituitary")):
+        (data / folder).mkdir(parents=True)
+        for image in sorted((brain_mri / source).glob("*.jpg"))[:6]:
+            (data / folder / image.name).symlink_to(image)
+    truncated = data / "pituitary" / "zz_truncated.jpg"
+    truncated.write_bytes(next((brain_mri / "pituitary").glob("*.jpg")).read_bytes()[:3000])
+    (data / "glioma" / "zz_fake.png").write_text("not a picture\n")
+    overrides = [f"data.root={data}", "data.image_size=32", "data.batch_size=4", "data.val_fraction=0.5",
+                 "data.num_workers=1", "trainer.max_epochs=1", "trainer.progress=none"]
+    with pytest.warns(UserWarning, match=r"2 unreadable file\(s\) left out of training"):
+        result = train(load_config(CONFIGS / "brain_mri_resnet18.yaml", overrides), out_dir=tmp_path / "run", enable_model_summary=False)
+    reasons = {Path(r["path"]).name: r["reason"] for r in _rows(tmp_path / "run" / "bad_files.csv")}
+    assert set(reasons) == {"zz_truncated.jpg", "zz_fake.png"} and "truncated" in reasons["zz_truncated.jpg"]
+    validated = [Path(r["path"]).name for r in _rows(tmp_path / "run" / "validation_samples.csv")]
+    split_val = [Path(r["path"]).name for r in _rows(tmp_path / "run" / "split.csv") if r["split"] == "val"]
+    assert set(reasons) & set(split_val) and validated == [n for n in split_val if n not in reasons]
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["bad_files"] == 2
+    assert 0.0 <= result.metrics["val_acc"] <= 1.0
+
+    # volumes (read whole for 2D slices) follow the same rule
+    for folder in ("imagesTr", "labelsTr"):
+        (tmp_path / "task" / folder).mkdir(parents=True)
+        for case in ("hippocampus_001", "hippocampus_003", "hippocampus_004", "hippocampus_006"):
+            (tmp_path / "task" / folder / f"{case}.nii.gz").symlink_to(hippocampus / folder / f"{case}.nii.gz")
+    cases = ("hippocampus_001", "hippocampus_003", "hippocampus_004", "hippocampus_006")
+    manifest = {"labels": {"0": "background", "1": "Anterior", "2": "Posterior"},
+                "training": [{"image": f"./imagesTr/{c}.nii.gz", "label": f"./labelsTr/{c}.nii.gz"} for c in cases]}
+    (tmp_path / "task" / "dataset.json").write_text(json.dumps(manifest))
+    (tmp_path / "task" / "imagesTr" / "hippocampus_003.nii.gz").unlink()
+    (tmp_path / "task" / "imagesTr" / "hippocampus_003.nii.gz").write_bytes((hippocampus / "imagesTr" / "hippocampus_003.nii.gz").read_bytes()[:500])
+    config = load_config(CONFIGS / "hippocampus_unet3d.yaml", [f"data.root={tmp_path / 'task'}", "data.slices=true",
+                                                                "data.image_size=[32,48]", "data.val_fraction=0.5", "data.limit=null"])
+    module = MedlensDataModule(config.data, "segmentation", tmp_path / "slices")
+    module.setup("fit")
+    assert [Path(p).name for p, _ in module.bad_files] == ["hippocampus_003.nii.gz"]
+    assert "corrupt or truncated NIfTI" in module.bad_files[0][1]
+    assert len(module.train_items) + len(module.val_items) == 3
+    assert module.train_set[0]["image"].shape == (1, 32, 48)

@@ -38,3 +38,5 @@ def train_command(
         table.add_row(name, f"{value:.4f}")
     console.print(table)
     console.print(f"best checkpoint: {result.best_checkpoint}\nweights: {result.weights}\nrun folder: {result.out_dir}")
+    if "bad_files" in result.files:
+        console.print(f"[yellow]unreadable files left out of training: listed in {result.files['bad_files']}[/yellow]")

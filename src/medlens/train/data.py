@@ -7,6 +7,11 @@
 The split is deterministic (seeded, stratified, patient-level where a patient ID exists) and is
 written to ``split.csv`` in the run folder; a resumed run reads it back, so the validation images
 never change under a checkpoint. Batches are the dicts of :func:`medlens.io.datasets.collate`.
+
+Every item is read once in :meth:`MedlensDataModule.setup` (the reads fill the per-run cache): a file
+that cannot be read (truncated, corrupt, no pixel data, a mask that does not fit its image) is left
+out with its reason in ``bad_files`` (the run writes them to ``bad_files.csv``) and the rest train,
+instead of the run dying mid-epoch inside a DataLoader worker.
 """
 
 from __future__ import annotations
@@ -51,6 +56,7 @@ class MedlensDataModule(L.LightningDataModule):
         self.val_items: list[Item] = []
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
+        self.bad_files: list[tuple[str, str]] = []
 
     @property
     def split_path(self) -> Path:
@@ -91,15 +97,40 @@ class MedlensDataModule(L.LightningDataModule):
         flips = (-1,) if self.task == "classification" else (0,)
         random = [RandomResizedCrop(cfg.image_size), RandomFlip(flips), RandomIntensity()] if cfg.augment else []
         normalise = Normalise(cfg.mean, cfg.std)  # per-image z-score unless mean/std are given
-        self.train_set = self._dataset(self.train_items, Compose([*random, normalise]))
-        self.val_set = self._dataset(self.val_items, normalise)
+        self.train_items, train_set = self._dataset(self.train_items, Compose([*random, normalise]), "train")
+        self.val_items, val_set = self._dataset(self.val_items, normalise, "val")
+        self.train_set, self.val_set = train_set, val_set
 
-    def _dataset(self, items: list[Item], transform: Transform) -> Dataset:
+    def _readable(self, items: list[Item], volumes: bool) -> tuple[list[Item], dict[int, Sample]]:
+        """Read every item once: (the items that read, their samples by new position); the others go to ``bad_files``."""
+        cfg = self.config
+        probe = MedicalDataset(items, self.classes, None if volumes else Resize(cfg.image_size), cfg.in_channels)
+        kept: list[Item] = []
+        samples: dict[int, Sample] = {}
+        for index, item in enumerate(items):
+            try:
+                sample = probe.read(index) if volumes else probe[index]
+            except MedlensError as error:
+                self.bad_files.append((item.path, str(error)))
+                continue
+            samples[len(kept)] = dict(sample, index=len(kept))
+            kept.append(item)
+        return kept, samples
+
+    def _dataset(self, items: list[Item], transform: Transform, part: str) -> tuple[list[Item], Dataset]:
         cfg, size = self.config, self.config.image_size
-        if self.task == "segmentation" and cfg.slices:
-            volumes = MedicalDataset(items, self.classes, None, cfg.in_channels, cache=True)
-            return VolumeSlices(volumes, axis=2, transform=Compose([Resize(size), transform]))
-        return ResizedCache(MedicalDataset(items, self.classes, Resize(size), cfg.in_channels), transform)
+        slices = self.task == "segmentation" and cfg.slices
+        kept, samples = self._readable(items, volumes=slices)
+        if not kept:
+            first = self.bad_files[-1] if self.bad_files else ("", "")
+            raise MedlensError(f"data.root {cfg.root}: no {part} item could be read (e.g. {first[1]})")
+        if slices:
+            volumes = MedicalDataset(kept, self.classes, None, cfg.in_channels, cache=True)
+            volumes._cache = samples  # type: ignore[assignment]  # read above; not decoded again
+            return kept, VolumeSlices(volumes, axis=2, transform=Compose([Resize(size), transform]))
+        dataset = ResizedCache(MedicalDataset(kept, self.classes, Resize(size), cfg.in_channels), transform)
+        dataset.cache = samples
+        return kept, dataset
 
     def _loader(self, dataset: Dataset | None, shuffle: bool) -> DataLoader:
         assert dataset is not None, "call setup() first"

@@ -8,6 +8,7 @@ The run folder holds::
     best.safetensors              the best weights, loadable with medlens.models.load_weights
     logs/metrics.csv, tb/         CSV and TensorBoard logs
     validation_samples.csv        each validation file with its label and the best model's prediction
+    bad_files.csv                 files that could not be read, left out of training (only when there are some)
     confusion_matrix.csv/.png     rows truth, columns prediction (voxels for segmentation)
     misclassified.png             a gallery of wrongly classified validation images (classification)
     metrics.json                  the best model's validation metrics and the run's timings
@@ -18,6 +19,7 @@ from __future__ import annotations
 import csv
 import json
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -107,6 +109,14 @@ def train(config: TrainConfig | str | Path, out_dir: str | Path | None = None, r
     started = time.perf_counter()
 
     data = MedlensDataModule(config.data, config.task, out).prepare()
+    data.setup("fit")  # reads every item once; unreadable files are left out and reported
+    report = None
+    if data.bad_files:
+        from medlens.io.report import write_bad_files
+
+        report = write_bad_files(out / "bad_files.csv", data.bad_files)
+        warnings.warn(f"{len(data.bad_files)} unreadable file(s) left out of training, listed in {report}: "
+                      f"{data.bad_files[0][1]}", stacklevel=2)
     classes = data.classes
     config_out = config.to_dict() | {"out": str(out)}
     write_text(out / "config.yaml", yaml.safe_dump(config_out, sort_keys=False))
@@ -130,9 +140,12 @@ def train(config: TrainConfig | str | Path, out_dir: str | Path | None = None, r
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
     metrics = {k: float(v) for k, v in checker.validate(module, datamodule=data, verbose=False)[0].items()}
     files = write_reports(module, data, out, precision=trainer.precision, gallery_size=tc.gallery_size)
+    if report is not None:
+        files["bad_files"] = report
     seconds = time.perf_counter() - started
     summary = {"metrics": metrics, "epochs": trainer.current_epoch, "seconds": round(seconds, 1), "best_checkpoint": str(best),
-               "monitor": config.monitor, "precision": str(trainer.precision), "classes": classes}
+               "monitor": config.monitor, "precision": str(trainer.precision), "classes": classes,
+               "bad_files": len(data.bad_files)}
     write_text(out / "metrics.json", json.dumps(summary, indent=2))
     return TrainResult(out, best, last, weights, metrics, trainer.current_epoch, seconds, classes, files)
 
