@@ -423,6 +423,15 @@ class _ViTMethod(Method):
     uses_gradients = False
     key = ""
 
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
+        fusion, ratio = options.get("head_fusion"), options.get("discard_ratio")
+        allowed = HEAD_FUSIONS + (("none", "per-head", "heads") if self.key == "attention" else ())
+        if fusion is not None and fusion not in allowed:
+            raise MedlensError(f"{self.name}: head_fusion {fusion!r} unknown; use {', '.join(allowed)}")
+        if ratio is not None and not 0 <= float(ratio) < 1:
+            raise MedlensError(f"{self.name}: discard_ratio {ratio} must be in [0, 1)")
+
     def run(self, model: nn.Module, x: Tensor, target: Any, region: Region) -> tuple[Tensor, Tensor, Tensor]:
         opts = {k: self.options[k] for k in ("block", "head_fusion", "discard_ratio") if self.options.get(k) is not None}
         result = vit_run(model, x, self.key, targets=target, region=region, **opts)
