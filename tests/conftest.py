@@ -22,6 +22,26 @@ def shared_path(*parts: str) -> Path:
     return path
 
 
+def tiny_timm_vit(depth: int = 2, **kwargs) -> torch.nn.Module:
+    """A small timm ViT (non-square 64x48 input, 3 classes), seeded, in eval mode."""
+    import timm
+
+    torch.manual_seed(0)
+    opts = dict(img_size=(64, 48), depth=depth, num_classes=3)
+    opts.update(kwargs)
+    return timm.create_model("vit_tiny_patch16_224", **opts).eval()
+
+
+def tiny_torchvision_vit() -> torch.nn.Module:
+    """A small torchvision VisionTransformer (64x64, 2 layers, 2 classes), seeded, in eval mode."""
+    import torchvision
+
+    torch.manual_seed(0)
+    return torchvision.models.VisionTransformer(
+        image_size=64, patch_size=16, num_layers=2, num_heads=2, hidden_dim=32, mlp_dim=64, num_classes=2
+    ).eval()
+
+
 @pytest.fixture
 def brain_mri() -> Path:
     return shared_path("brain-tumor-mri")

@@ -14,20 +14,15 @@ import medlens
 from medlens.attention import AttentionCapture, attention_maps, find_attention
 from medlens.errors import MedlensError
 from medlens.tokens import default_token_layer, patch_grid, tokens_to_grid
+from conftest import tiny_timm_vit, tiny_torchvision_vit
 
 
 def tiny_timm(**kwargs) -> nn.Module:
-    torch.manual_seed(0)
-    opts = dict(img_size=(64, 48), depth=2, num_classes=3)
-    opts.update(kwargs)
-    return timm.create_model("vit_tiny_patch16_224", **opts).eval()
+    return tiny_timm_vit(**{"depth": 2, **kwargs})
 
 
 def tiny_torchvision() -> nn.Module:
-    torch.manual_seed(0)
-    return torchvision.models.VisionTransformer(
-        image_size=64, patch_size=16, num_layers=2, num_heads=2, hidden_dim=32, mlp_dim=64, num_classes=2
-    ).eval()
+    return tiny_torchvision_vit()
 
 
 def unfused_timm_reference(model: nn.Module, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:

@@ -14,22 +14,17 @@ from torch import nn
 
 import medlens
 from medlens.errors import MedlensError
+from conftest import tiny_timm_vit, tiny_torchvision_vit
 
 METHODS = ("attention", "rollout", "grad-rollout", "chefer", "chefer-generic")
 
 
 def tiny_timm(**kwargs) -> nn.Module:
-    torch.manual_seed(0)
-    opts = dict(img_size=(64, 48), depth=3, num_classes=3)
-    opts.update(kwargs)
-    return timm.create_model("vit_tiny_patch16_224", **opts).eval()
+    return tiny_timm_vit(**{"depth": 3, **kwargs})
 
 
 def tiny_torchvision() -> nn.Module:
-    torch.manual_seed(0)
-    return torchvision.models.VisionTransformer(
-        image_size=64, patch_size=16, num_layers=2, num_heads=2, hidden_dim=32, mlp_dim=64, num_classes=2
-    ).eval()
+    return tiny_torchvision_vit()
 
 
 def test_uniform_attention_gives_the_closed_form_rollout() -> None:
