@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from medlens.capture import LayerCapture, auto_layer, preserved_modes
 from medlens.errors import MedlensError
+from medlens.resample import normalise, upsample_normalised
 from medlens.targets import Region, TargetSpec, is_segmentation_output, model_output, pool_scores, resolve_targets
 
 
@@ -203,31 +204,6 @@ def upsample(maps: Tensor, size: Sequence[int]) -> Tensor:
         return maps
     mode = {1: "linear", 2: "bilinear", 3: "trilinear"}[len(size)]
     return F.interpolate(maps.float(), size=tuple(size), mode=mode, align_corners=False)
-
-
-def normalise(maps: Tensor, inplace: bool = False) -> Tensor:
-    """Min-max normalise each (b, k) map to [0, 1]; a flat map becomes zeros, never NaN.
-
-    A map whose span is below 1e-6 of its largest magnitude counts as flat: it is rounding noise
-    (e.g. a Grad-CAM whose gradients cancel), and stretching it would draw a confident map.
-    One pass finds both extremes; the shift and scale are written into one new tensor (into
-    ``maps`` itself with ``inplace=True``, for a tensor the caller has just made). Subtracting
-    the minimum first keeps every value >= 0 exactly."""
-    flat = maps.flatten(2)
-    lo, hi = torch.aminmax(flat, dim=2, keepdim=True)
-    span = hi - lo
-    floor = 1e-6 * torch.maximum(hi.abs(), lo.abs())
-    scale = torch.where((span > floor) & (span > 0), 1.0 / span, torch.zeros_like(span))  # (B, K, 1): cheap
-    shifted = flat.sub_(lo) if inplace else flat - lo
-    return shifted.mul_(scale).view_as(maps)
-
-
-def upsample_normalised(raw: Tensor, size: Sequence[int]) -> Tensor:
-    """Maps at ``size``, each normalised to [0, 1]: :func:`upsample` then :func:`normalise`,
-    computed with one write of the output (see :mod:`medlens.resample`)."""
-    from medlens.resample import upsample_normalised as fused
-
-    return fused(raw, size)
 
 
 def fuse_layer_maps(maps: Sequence[Tensor], size: Sequence[int], fusion: str = "mean") -> Tensor:

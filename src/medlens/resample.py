@@ -57,6 +57,23 @@ def _apply(maps: Tensor, matrices: Sequence[Tensor], order: Sequence[int] | None
     return out
 
 
+def inverse_span(lo: Tensor, hi: Tensor) -> Tensor:
+    """1 / (hi - lo), or 0 where the map is flat: a span below 1e-6 of the largest magnitude is
+    rounding noise (e.g. a Grad-CAM whose gradients cancel), and stretching it would draw a
+    confident map."""
+    span = hi - lo
+    floor = 1e-6 * torch.maximum(hi.abs(), lo.abs())
+    return torch.where((span > floor) & (span > 0), 1.0 / span, torch.zeros_like(span))
+
+
+def normalise(maps: Tensor) -> Tensor:
+    """Min-max normalise each (b, k) map of (B, K, *S) to [0, 1]; a flat map becomes zeros,
+    never NaN (see :func:`inverse_span`). Subtracting the minimum first keeps values >= 0 exactly."""
+    flat = maps.flatten(2)
+    lo, hi = torch.aminmax(flat, dim=2, keepdim=True)
+    return (flat - lo).mul_(inverse_span(lo, hi)).view_as(maps)
+
+
 def upsample_normalised(raw: Tensor, size: Sequence[int]) -> Tensor:
     """(B, K, *s) maps -> (B, K, *size), linearly interpolated like ``F.interpolate`` and each
     min-max normalised to [0, 1] (a flat map, or one whose span is below 1e-6 of its largest
@@ -64,8 +81,6 @@ def upsample_normalised(raw: Tensor, size: Sequence[int]) -> Tensor:
     raw = raw.float()
     size = tuple(int(n) for n in size)
     if tuple(raw.shape[2:]) == size:
-        from medlens.engine import normalise
-
         return normalise(raw)
     device = raw.device
     shape_in = raw.shape[2:]
@@ -73,9 +88,7 @@ def upsample_normalised(raw: Tensor, size: Sequence[int]) -> Tensor:
     probes = [m[extreme_rows(a, b).to(device)] for m, a, b in zip(full, shape_in, size)]
     corners = _apply(raw, probes).flatten(2)
     lo, hi = torch.aminmax(corners, dim=2)
-    span = hi - lo
-    floor = 1e-6 * torch.maximum(hi.abs(), lo.abs())
-    scale = torch.where((span > floor) & (span > 0), 1.0 / span, torch.zeros_like(span))
+    scale = inverse_span(lo, hi)
     view = (*scale.shape, *(1,) * len(size))
     shifted = (raw - lo.view(view)) * scale.view(view)  # may dip below 0 at raw samples no output point reaches
     # apply the smallest growth first, so the intermediates stay small and the big write is last

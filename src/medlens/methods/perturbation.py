@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from medlens.capture import resolve_layer
-from medlens.engine import Context, Method, normalise, register, score_batches, upsample
+from medlens.engine import Context, Method, register, score_batches, upsample, upsample_normalised
 from medlens.errors import MedlensError
 from medlens.methods.attribution import InputMethod, region_rows
 from medlens.methods.cam import weighted_cam
@@ -117,7 +117,7 @@ class ScoreCAM(Method):
         for start in range(0, channels.shape[1], per_pass):
             idx = channels[:, start : start + per_pass]  # (B, c)
             picked = activation.gather(1, idx.view(*idx.shape, *([1] * (activation.dim() - 2))).expand(-1, -1, *activation.shape[2:]))
-            masks = normalise(upsample(picked, x.shape[2:]))  # (B, c, *S)
+            masks = upsample_normalised(picked, x.shape[2:])  # (B, c, *S)
             masked = (x.unsqueeze(1) * masks.unsqueeze(2)).flatten(0, 1)  # (B*c, C_in, *S)
             scores.append(_copy_scores(ctx, masked))
         logit = torch.cat(scores, dim=1)  # (B, n, K)
