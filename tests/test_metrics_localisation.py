@@ -8,11 +8,14 @@ import numpy as np
 import pytest
 import torch
 
+from medlens.boxes import box_around, topk_mask
 from medlens.errors import MedlensError
 from medlens.metrics import (
     auroc, average_precision, boxes_to_masks, dice, empty_annotations, energy_pointing_game, entropy, gini,
     localisation_metrics, mask_iou, pointing_game, relevance_mass, relevance_rank_accuracy, topk_box_iou,
 )
+from medlens.metrics import localisation as loc
+from medlens.metrics.localisation import box_iou
 
 
 def box_case(dims: int = 2, size: int = 32, batch: int = 3):
@@ -182,3 +185,111 @@ def test_bad_shapes_are_one_line_errors():
         topk_box_iou(torch.rand(2, 8, 8), torch.zeros(2, 6))
     with pytest.raises(MedlensError, match="masks or boxes"):
         localisation_metrics(torch.rand(2, 8, 8))
+
+
+def tie_heavy_case(seed: int = 3, batch: int = 10, size: int = 24):
+    """Quantised maps (long runs of ties), a constant and a signed-zero map, masks of every kind
+    (empty, full, scattered)."""
+    gen = torch.Generator().manual_seed(seed)
+    maps = (torch.rand(batch, size, size, generator=gen) * 6).floor() / 5 - 0.4
+    maps[0] = 0.0
+    maps[1, : size // 2] = -0.0
+    maps[2] = torch.rand(size // 4, size // 4, generator=gen).repeat_interleave(4, 0).repeat_interleave(4, 1)
+    masks = torch.rand(batch, size, size, generator=gen) > 0.6
+    masks[3] = False
+    masks[4] = True
+    masks[5] = False
+    masks[5, 2:9, 3:12] = True
+    return maps, masks
+
+
+def test_ranking_metrics_equal_sklearn_and_a_stable_sort_on_tied_maps():
+    from sklearn.metrics import average_precision_score, roc_auc_score
+
+    maps, masks = tie_heavy_case()
+    for dtype in (torch.float32, torch.float16, torch.float64):
+        m = maps.to(dtype)
+        ours_auc, ours_ap, ours_rank = auroc(m, masks), average_precision(m, masks), relevance_rank_accuracy(m, masks)
+        for i in range(m.shape[0]):
+            y, s = masks[i].flatten().numpy(), m[i].flatten().float().numpy()
+            if not y.any():
+                assert math.isnan(ours_auc[i]) and math.isnan(ours_ap[i]) and math.isnan(ours_rank[i])
+                continue
+            assert float(ours_ap[i]) == pytest.approx(average_precision_score(y, s), abs=1e-6)
+            if y.all():
+                assert math.isnan(ours_auc[i])
+            else:
+                assert float(ours_auc[i]) == pytest.approx(roc_auc_score(y, s), abs=1e-6)
+            k = int(y.sum())
+            top = m[i].flatten().argsort(descending=True, stable=True)[:k]  # ties by raster order
+            assert float(ours_rank[i]) == pytest.approx(float(masks[i].flatten()[top].float().mean()))
+
+
+def test_average_precision_ranks_minus_infinity_lowest():
+    """A positive pixel at -inf is simply the lowest-ranked one (the former searchsorted
+    formulation counted it as >= nothing and gave it precision 1)."""
+    maps = torch.tensor([[[float("-inf"), 0.2], [0.5, 0.1]]])
+    masks = torch.tensor([[[True, False], [True, False]]])
+    finite = maps.clone()
+    finite[0, 0, 0] = -1.0
+    assert average_precision(maps, masks).item() == average_precision(finite, masks).item() == pytest.approx(0.75)
+    assert auroc(maps, masks).item() == auroc(finite, masks).item()
+
+
+def test_chunks_numpy_and_torch_sorts_give_identical_results(monkeypatch):
+    """The batch is computed in chunks of maps, and the ranking sort runs in numpy on the CPU:
+    neither may change a single bit of any result."""
+    maps, masks = tie_heavy_case(batch=11)
+    gen = torch.Generator().manual_seed(5)
+    smooth = torch.rand(7, 4, 9, 10, generator=gen)  # 3D, almost no ties
+    smooth_masks = torch.rand(7, 4, 9, 10, generator=gen) > 0.5
+
+    def everything():
+        out = {}
+        for name, (m, g) in {"tied": (maps, masks), "3d": (smooth, smooth_masks)}.items():
+            boxes = box_around(g)
+            cols = localisation_metrics(m, g, boxes, percentages=(1, 5, 20, 40, 100), thresholds=(0.0, 0.3), tolerance=1)
+            out.update({f"{name}/{k}": v for k, v in cols.items()})
+            for fn in (pointing_game, energy_pointing_game, relevance_mass, auroc, average_precision,
+                       relevance_rank_accuracy, mask_iou, dice):
+                out[f"{name}/{fn.__name__}"] = fn(m, g)
+            out[f"{name}/topk"] = topk_box_iou(m, boxes, (3, 30))
+        return out
+
+    def same(a, b):
+        return torch.equal(a.isnan(), b.isnan()) and torch.equal(torch.nan_to_num(a), torch.nan_to_num(b))
+
+    monkeypatch.setattr(loc, "_CHUNK_ELEMENTS", 1 << 40)  # one chunk
+    whole = everything()
+    monkeypatch.setattr(loc, "_CHUNK_ELEMENTS", 1)  # chunks of 2-3 maps
+    assert loc._chunks(11, 100) == [slice(0, 2), slice(2, 4), slice(4, 7), slice(7, 9), slice(9, 11)]
+    chunked = everything()
+    monkeypatch.setattr(loc, "_NUMPY_SORT", False)
+    torch_sorted = everything()
+    for key, value in whole.items():
+        assert same(value, chunked[key]), key
+        assert same(value, torch_sorted[key]), key
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_topk_box_iou_include_equals_the_box_around_the_topk_mask(dims):
+    """The include rule's box comes from per-axis maxima; it must be the box of topk_mask's pixels,
+    NaN maps included (NaN is the largest value for topk)."""
+    gen = torch.Generator().manual_seed(dims)
+    shape = (6,) + (12,) * dims
+    maps = (torch.rand(shape, generator=gen) * 4).floor()  # ties
+    maps[1] = torch.rand(shape[1:], generator=gen)
+    maps[2].view(-1)[7] = float("nan")
+    maps[3] = float("nan")
+    boxes = torch.tensor([[2] * dims + [9] * dims] * 6)
+    percentages = (0.5, 5, 10, 20, 40, 100)
+    ours = topk_box_iou(maps, boxes, percentages)
+    for j, p in enumerate(percentages):
+        expected = box_iou(box_around(topk_mask(maps, p / 100)), boxes)
+        torch.testing.assert_close(ours[:, j], expected, equal_nan=True)
+    # with the sort of the ranking metrics (localisation_metrics), the same boxes
+    masks = torch.zeros(shape, dtype=torch.bool)
+    masks[(slice(None),) + (slice(2, 9),) * dims] = True
+    cols = localisation_metrics(maps, masks, boxes, percentages=percentages)
+    for j, p in enumerate(percentages):
+        torch.testing.assert_close(cols[f"iou@{p:g}"], ours[:, j], equal_nan=True)

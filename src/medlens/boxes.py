@@ -25,8 +25,8 @@ from medlens.errors import MedlensError
 Box = list[int]
 
 __all__ = [
-    "Box", "argmax_cell_box", "box_around", "boxes_to_json", "component_boxes", "component_regions",
-    "components", "threshold_mask", "topk_mask",
+    "Box", "argmax_cell_box", "box_around", "box_from_profiles", "boxes_to_json", "component_boxes",
+    "component_regions", "components", "threshold_mask", "topk_mask",
 ]
 
 
@@ -93,17 +93,26 @@ def box_around(mask: Tensor) -> Tensor:
     """
     nd = _check_spatial(mask, "mask", batched=True)
     mask = mask.bool()
-    los, his = [], []
+    profiles = []
     for axis in range(1, nd + 1):
         others = [a for a in range(1, nd + 1) if a != axis]
-        profile = mask.any(dim=others) if others else mask  # (B, S_axis)
+        profiles.append(mask.any(dim=others) if others else mask)  # (B, S_axis)
+    return box_from_profiles(profiles)
+
+
+def box_from_profiles(profiles: Sequence[Tensor]) -> Tensor:
+    """The box of :func:`box_around` from the mask's per-axis profiles: ``profiles[i]`` is (B, S_i)
+    bool, True where some selected pixel lies at that coordinate of axis i (the mask reduced with
+    ``any`` over every other axis). All -1 where nothing is selected."""
+    los, his = [], []
+    for profile in profiles:
         size = profile.shape[1]
         first = profile.int().argmax(dim=1)  # argmax returns the first maximal index
         last = size - 1 - profile.flip(1).int().argmax(dim=1)
         los.append(first)
         his.append(last + 1)
     boxes = torch.stack(los + his, dim=1).long()
-    empty = ~mask.flatten(1).any(dim=1)
+    empty = ~profiles[0].any(dim=1)
     return boxes.masked_fill(empty[:, None], -1)
 
 

@@ -17,11 +17,12 @@ from __future__ import annotations
 import math
 from typing import Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from medlens.boxes import box_around
+from medlens.boxes import box_around, box_from_profiles
 from medlens.errors import MedlensError
 
 __all__ = [
@@ -48,7 +49,8 @@ def _as_masks(masks: Tensor, maps: Tensor) -> Tensor:
     masks = _as_maps(torch.as_tensor(masks), "masks")
     if masks.shape != maps.shape:
         raise MedlensError(f"masks have shape {tuple(masks.shape)} but the maps have {tuple(maps.shape)}")
-    return masks.to(maps.device) != 0
+    masks = masks.to(maps.device)
+    return masks if masks.dtype == torch.bool else masks != 0
 
 
 def boxes_to_masks(boxes: Tensor, shape: Sequence[int]) -> Tensor:
@@ -77,8 +79,28 @@ def empty_annotations(masks: Tensor) -> Tensor:
     return ~(_as_maps(torch.as_tensor(masks), "masks") != 0).flatten(1).any(dim=1)
 
 
+#: Elements (maps x pixels) computed at once. A batch is processed in chunks of about this many,
+#: so that the intermediates (sort keys, tie groups, per-threshold masks) stay in cache and no
+#: float64/int64 copy of a whole large batch is ever allocated.
+_CHUNK_ELEMENTS = 1 << 21
+#: Sort the ranking keys with numpy on the CPU (the torch sort is used when False, and on GPUs).
+_NUMPY_SORT = True
+
+
+def _chunks(rows: int, per_row: int) -> list[slice]:
+    """Balanced row slices of about ``_CHUNK_ELEMENTS`` elements. Every chunk has >= 2 rows when
+    ``rows`` >= 2: torch sums a single row in parallel pieces but several rows one row at a time,
+    so with >= 2 rows per chunk every per-row sum is the same as on the whole batch."""
+    n = max(1, min(rows // 2, math.ceil(rows * per_row / _CHUNK_ELEMENTS)))
+    bounds = [round(i * rows / n) for i in range(n + 1)]
+    return [slice(lo, hi) for lo, hi in zip(bounds, bounds[1:])]
+
+
 def _nan_where_empty(values: Tensor, masks: Tensor) -> Tensor:
-    empty = ~masks.flatten(1).any(dim=1)
+    return _nan_where(values, ~masks.flatten(1).any(dim=1))
+
+
+def _nan_where(values: Tensor, empty: Tensor) -> Tensor:
     shape = (-1,) + (1,) * (values.dim() - 1)
     return values.float().masked_fill(empty.view(shape), float("nan"))
 
@@ -94,6 +116,25 @@ def _dilate(masks: Tensor, radius: int) -> Tensor:
         return masks
     pool = F.max_pool2d if masks.dim() == 3 else F.max_pool3d
     return pool(masks[:, None].float(), 2 * radius + 1, stride=1, padding=radius)[:, 0] > 0
+
+
+_POINTING_TIES = ("any", "all", "fraction", "first")
+
+
+def _pointing(flat: Tensor, inside: Tensor, ties: str) -> Tensor:
+    """Pointing game of (C, N) maps against (C, N) bool (already dilated) annotations."""
+    top = flat.amax(dim=1)
+    if ties == "first":
+        hit = inside.gather(1, flat.argmax(dim=1, keepdim=True))[:, 0].float()
+    elif ties == "any":  # a maximal pixel inside <=> the maximum inside equals the global maximum
+        hit = (flat.masked_fill(~inside, float("-inf")).amax(dim=1) == top).float()
+    else:
+        at_max = flat == top[:, None]
+        n_inside = (at_max & inside).sum(dim=1)
+        hit = (n_inside == at_max.sum(dim=1)).float() if ties == "all" else n_inside / at_max.sum(dim=1)
+    if ties != "fraction":
+        hit = hit.masked_fill(top == flat.amin(dim=1), 0.0)  # a constant map points nowhere
+    return hit
 
 
 def pointing_game(maps: Tensor, masks: Tensor, tolerance: int = 0, ties: str = "any") -> Tensor:
@@ -119,25 +160,34 @@ def pointing_game(maps: Tensor, masks: Tensor, tolerance: int = 0, ties: str = "
     """
     maps = _as_maps(maps)
     masks = _as_masks(masks, maps)
-    inside = _dilate(masks, tolerance).flatten(1)
-    flat = maps.flatten(1)
-    if ties == "first":
-        hit = inside.gather(1, flat.argmax(dim=1, keepdim=True))[:, 0].float()
-    elif ties == "any":  # a maximal pixel inside <=> the maximum inside equals the global maximum
-        hit = (flat.masked_fill(~inside, float("-inf")).amax(dim=1) == flat.amax(dim=1)).float()
-    else:
-        at_max = flat == flat.amax(dim=1, keepdim=True)
-        n_inside = (at_max & inside).sum(dim=1)
-        if ties == "all":
-            hit = (n_inside == at_max.sum(dim=1)).float()
-        elif ties == "fraction":
-            hit = n_inside / at_max.sum(dim=1)
-        else:
-            raise MedlensError(f"ties must be 'any', 'all', 'fraction' or 'first'; got {ties!r}")
-    if ties != "fraction":
-        constant = flat.amax(dim=1) == flat.amin(dim=1)
-        hit = hit.masked_fill(constant, 0.0)
+    if ties not in _POINTING_TIES:
+        raise MedlensError(f"ties must be 'any', 'all', 'fraction' or 'first'; got {ties!r}")
+    hit = torch.cat([
+        _pointing(maps[c].flatten(1), _dilate(masks[c], tolerance).flatten(1), ties)
+        for c in _chunks(maps.shape[0], math.prod(maps.shape[1:]))
+    ])
     return _nan_where_empty(hit, masks)
+
+
+def _energy(flat: Tensor, inside: Tensor) -> Tensor:
+    pos = flat.clamp_min(0).float()
+    total = pos.sum(dim=1)
+    share = _inner(pos, inside) / total.clamp_min(torch.finfo(pos.dtype).tiny)
+    return torch.where(total > 0, share, torch.zeros_like(share))
+
+
+def _mass(flat: Tensor, inside: Tensor) -> Tensor:
+    flat = flat.float()
+    total = flat.sum(dim=1)
+    inner = _inner(flat, inside)
+    return torch.where(total != 0, inner / torch.where(total != 0, total, torch.ones_like(total)), torch.zeros_like(total))
+
+
+def _per_chunk(kernel, maps: Tensor, masks: Tensor, *args) -> Tensor:
+    """``kernel(flat, inside, *args)`` on chunks of (C, N) maps and bool annotations, concatenated."""
+    return torch.cat([
+        kernel(maps[c].flatten(1), masks[c].flatten(1), *args) for c in _chunks(maps.shape[0], math.prod(maps.shape[1:]))
+    ])
 
 
 def energy_pointing_game(maps: Tensor, masks: Tensor) -> Tensor:
@@ -145,10 +195,7 @@ def energy_pointing_game(maps: Tensor, masks: Tensor) -> Tensor:
     positive energy inside the annotation, sum(relu(m) * g) / sum(relu(m)); 0 for an all-zero map."""
     maps = _as_maps(maps)
     masks = _as_masks(masks, maps)
-    pos = maps.clamp_min(0).flatten(1).float()
-    total = pos.sum(dim=1)
-    share = _inner(pos, masks.flatten(1)) / total.clamp_min(torch.finfo(pos.dtype).tiny)
-    return _nan_where_empty(torch.where(total > 0, share, torch.zeros_like(share)), masks)
+    return _nan_where_empty(_per_chunk(_energy, maps, masks), masks)
 
 
 def relevance_mass(maps: Tensor, masks: Tensor) -> Tensor:
@@ -157,25 +204,104 @@ def relevance_mass(maps: Tensor, masks: Tensor) -> Tensor:
     An all-zero map puts no mass inside: 0 (Quantus: NaN, which would read as an empty annotation)."""
     maps = _as_maps(maps)
     masks = _as_masks(masks, maps)
-    flat = maps.flatten(1).float()
-    total = flat.sum(dim=1)
-    inside = _inner(flat, masks.flatten(1))
-    mass = torch.where(total != 0, inside / torch.where(total != 0, total, torch.ones_like(total)), torch.zeros_like(total))
-    return _nan_where_empty(mass, masks)
+    return _nan_where_empty(_per_chunk(_mass, maps, masks), masks)
+
+
+def _sort_rows(packed: Tensor) -> Tensor:
+    """Each row of an int64 tensor sorted ascending, in place. The values are distinct (they carry
+    the pixel index), so the result does not depend on the algorithm: numpy's vectorised sort on
+    the CPU (several times faster than torch's there), torch's elsewhere."""
+    if packed.device.type == "cpu" and _NUMPY_SORT:
+        packed.numpy().sort(axis=1)
+        return packed
+    return packed.sort(dim=1).values
+
+
+def _descending_order(flat: Tensor) -> tuple[Tensor, Tensor]:
+    """A stable descending argsort of each row (ties in raster order) and (C, N - 1) bool, True
+    where sorted neighbours j, j+1 are tied as float32 values (the ties of AUROC and AP).
+
+    float32/16 maps: one sort of int64 keys (value bits made order-preserving, negated, then the
+    pixel index), so every key is distinct and the sort needs no stability."""
+    n = flat.shape[1]
+    if flat.dtype in (torch.float32, torch.float16, torch.bfloat16):
+        values = flat.float() + 0.0  # a fresh tensor; -0.0 -> 0.0, so equal values get equal keys
+        if values.numel() and torch.isnan(values.amax()):  # one NaN (any sign bit) is the largest value, as torch.sort
+            values = torch.where(torch.isnan(values), float("nan"), values)
+        key = values.view(torch.int32)
+        key ^= (key >> 31) & 0x7FFFFFFF  # increasing in the value (sign-magnitude -> two's complement)
+        key.bitwise_not_()  # decreasing
+        shift = max(1, (n - 1).bit_length())
+        packed = key.long()
+        packed <<= shift
+        packed |= torch.arange(n, device=flat.device)
+        packed = _sort_rows(packed)
+        order = packed & ((1 << shift) - 1)
+        packed >>= shift
+        return order, packed[:, 1:] == packed[:, :-1]
+    order = flat.argsort(dim=1, descending=True, stable=True)
+    ordered = flat.float().gather(1, order)
+    return order, ordered[:, 1:] == ordered[:, :-1]
+
+
+def _ranking(flat: Tensor, inside: Tensor, want: Sequence[str], counts: Sequence[int] = ()) -> dict[str, Tensor]:
+    """AUROC, AP and rank accuracy of (C, N) maps against (C, N) bool masks from ONE stable
+    descending sort per map, plus the map's k-th largest values for ``counts`` ("kth", (C, K)).
+
+    In descending order a pixel at position j belongs to a run of tied values [s, e]: e + 1 pixels
+    are >= its value and N - 1 - e are below it, so its 1-based average ascending rank is
+    (2N - s - e) / 2, and the positives among the first e + 1 give AP's precision at its value.
+    Every count is an exact integer, so the results equal the searchsorted formulation's.
+    """
+    n = flat.shape[1]
+    order, tied = _descending_order(flat)
+    out: dict[str, Tensor] = {}
+    if counts:
+        out["kth"] = flat.gather(1, order[:, [k - 1 for k in counts]])
+    if not want:
+        return out
+    ranked_inside = inside.gather(1, order)
+    cum_pos = ranked_inside.cumsum(dim=1, dtype=torch.int32 if 2 * n < 2**31 else torch.int64)
+    n_pos = cum_pos[:, -1].long()  # = inside.sum(dim=1)
+    outside = ~ranked_inside
+    # runs of ties: each pixel's first (start) and last (end) sorted position, by running maxima
+    position = torch.arange(n, device=flat.device, dtype=cum_pos.dtype)
+    false = torch.zeros_like(tied[:, :1])
+    ends = torch.where(torch.cat([tied, false], 1).flip(1), 0, position).cummax(dim=1).values.flip(1)
+    ends = ends.neg_().add_(n - 1)
+    if "auroc" in want:
+        starts = torch.where(torch.cat([false, tied], 1), 0, position).cummax(dim=1).values
+        run_sums = starts.add_(ends).masked_fill_(outside, 0).sum(dim=1, dtype=torch.int64)
+        twice_ranks = 2 * n * n_pos - run_sums  # sum over positives of 2N - s - e
+        n_pos_f = n_pos.double()
+        n_neg = n - n_pos_f
+        value = (twice_ranks.double() / 2 - n_pos_f * (n_pos_f + 1) / 2) / (n_pos_f * n_neg)
+        out["auroc"] = torch.where(n_neg > 0, value, torch.full_like(value, float("nan")))
+    if "average_precision" in want:
+        at_least_pos = cum_pos.gather(1, ends.long())  # positives >= the value
+        precision = at_least_pos.double().div_(ends.add_(1)).masked_fill_(outside, 0.0)
+        # summed in raster order, as precision * inside over the unsorted pixels (order is a
+        # permutation: every element is written)
+        raster = torch.empty_like(precision).scatter_(1, order, precision)
+        out["average_precision"] = raster.sum(dim=1) / n_pos.clamp_min(1)
+    if "rank_accuracy" in want:
+        hits = cum_pos.gather(1, (n_pos - 1).clamp_min(0)[:, None])[:, 0].long().masked_fill(n_pos == 0, 0)
+        out["rank_accuracy"] = hits / n_pos.clamp_min(1)
+    return out
+
+
+def _ranking_metric(maps: Tensor, masks: Tensor, name: str) -> Tensor:
+    maps = _as_maps(maps)
+    masks = _as_masks(masks, maps)
+    values = _per_chunk(lambda flat, inside: _ranking(flat, inside, (name,))[name], maps, masks)
+    return _nan_where_empty(values.float(), masks)
 
 
 def relevance_rank_accuracy(maps: Tensor, masks: Tensor) -> Tensor:
     """Relevance rank accuracy (Arras et al. 2022): with K = |annotation|, the share of the map's
     K highest pixels that lie inside it. Ties at the K-th value are broken by raster order
     (a stable descending sort), deterministic on every device."""
-    maps = _as_maps(maps)
-    masks = _as_masks(masks, maps)
-    flat, inside = maps.flatten(1), masks.flatten(1)
-    order = flat.argsort(dim=1, descending=True, stable=True)
-    k = inside.sum(dim=1, keepdim=True)
-    ranked_inside = inside.gather(1, order)
-    in_top = torch.arange(flat.shape[1], device=flat.device) < k
-    return _nan_where_empty((ranked_inside & in_top).sum(dim=1) / k.squeeze(1).clamp_min(1), masks)
+    return _ranking_metric(maps, masks, "rank_accuracy")
 
 
 def box_iou(boxes_a: Tensor, boxes_b: Tensor) -> Tensor:
@@ -210,45 +336,104 @@ def topk_box_iou(
         (B, len(percentages)) IoU in [0, 1], NaN for empty annotation boxes.
     """
     maps = _as_maps(maps)
+    boxes = _check_boxes(maps, boxes)
+    counts = _topk_counts(maps, percentages)
+    if ties not in ("include", "exact"):
+        raise MedlensError(f"ties must be 'include' or 'exact'; got {ties!r}")
+    if ties == "include":
+        chunks = _chunks(maps.shape[0], math.prod(maps.shape[1:]))
+        kth = torch.cat([_kth_largest(maps[c].flatten(1), counts) for c in chunks])
+        return _topk_iou(maps, kth, boxes)
+    flat = maps.flatten(1)
+    _, indices = flat.topk(max(counts), dim=1)  # the same selection as medlens.boxes.topk_mask
+    out = []
+    for k in counts:
+        selected = torch.zeros_like(flat, dtype=torch.bool).scatter_(1, indices[:, :k], True)
+        out.append(box_iou(box_around(selected.view(maps.shape)), boxes))
+    return torch.stack(out, dim=1).masked_fill(_empty_boxes(boxes)[:, None], float("nan"))
+
+
+def _check_boxes(maps: Tensor, boxes: Tensor) -> Tensor:
     boxes = torch.as_tensor(boxes, device=maps.device)
     nd = maps.dim() - 1
     if boxes.dim() != 2 or boxes.shape != (maps.shape[0], 2 * nd):
         raise MedlensError(f"boxes must have shape ({maps.shape[0]}, {2 * nd}); got {tuple(boxes.shape)}")
-    empty = ((boxes[:, nd:] - boxes[:, :nd]) <= 0).any(dim=1)
+    return boxes
+
+
+def _empty_boxes(boxes: Tensor) -> Tensor:
+    nd = boxes.shape[1] // 2
+    return ((boxes[:, nd:] - boxes[:, :nd]) <= 0).any(dim=1)
+
+
+def _topk_counts(maps: Tensor, percentages: Sequence[float]) -> list[int]:
     bad = [p for p in percentages if not 0 < float(p) <= 100]
     if bad:
         raise MedlensError(f"percentages must be in (0, 100]; got {bad[0]}")
-    if ties not in ("include", "exact"):
-        raise MedlensError(f"ties must be 'include' or 'exact'; got {ties!r}")
-    flat = maps.flatten(1)
-    counts = [max(1, math.ceil(float(p) / 100.0 * flat.shape[1])) for p in percentages]
-    # one topk for the largest k serves every percentage (its values come sorted), the same
-    # selection as medlens.boxes.topk_mask
-    values, indices = flat.topk(max(counts), dim=1)
+    n = math.prod(maps.shape[1:])
+    return [max(1, math.ceil(float(p) / 100.0 * n)) for p in percentages]
+
+
+def _kth_largest(flat: Tensor, counts: Sequence[int]) -> Tensor:
+    """(C, K): each row's k-th largest value for every k in ``counts`` (as ``topk``'s, NaN largest)."""
+    n = flat.shape[1]
+    if flat.device.type == "cpu" and flat.dtype in (torch.float32, torch.float64):
+        ordered = np.sort(flat.numpy(), axis=1)  # numpy puts NaN last, i.e. largest, as topk does
+        return torch.from_numpy(ordered[:, [n - k for k in counts]])
+    values, _ = flat.topk(max(counts), dim=1)
+    return values[:, [k - 1 for k in counts]]
+
+
+def _topk_iou(maps: Tensor, kth: Tensor, boxes: Tensor) -> Tensor:
+    """IoU with ``boxes`` of the box around the pixels >= each k-th largest value ``kth`` (B, K).
+
+    Some pixel of row y is >= v exactly when the row's maximum is >= v, so the box comes from
+    the per-axis maxima of the map (max over every other axis), never from a (B, N) mask per k.
+    A map with NaN (whose maxima are NaN) uses the masks."""
+    nd = maps.dim() - 1
+    extents = []
+    for axis in range(1, nd + 1):
+        others = [a for a in range(1, nd + 1) if a != axis]
+        extents.append(maps.amax(dim=others))  # (B, S_axis)
+    nan_rows = torch.zeros(maps.shape[0], dtype=torch.bool, device=maps.device)
+    if maps.is_floating_point():
+        nan_rows = torch.isnan(extents[0]).any(dim=1) | torch.isnan(kth).any(dim=1)
     out = []
-    for k in counts:
-        if ties == "include":
-            selected = flat >= values[:, k - 1 : k]
-        else:
-            selected = torch.zeros_like(flat, dtype=torch.bool).scatter_(1, indices[:, :k], True)
-        out.append(box_iou(box_around(selected.view(maps.shape)), boxes))
-    return torch.stack(out, dim=1).masked_fill(empty[:, None], float("nan"))
+    for i in range(kth.shape[1]):
+        v = kth[:, i : i + 1]
+        box = box_from_profiles([extent >= v for extent in extents])
+        if bool(nan_rows.any()):
+            rows = nan_rows.nonzero()[:, 0]
+            selected = maps[rows].flatten(1) >= v[rows]
+            box[rows] = box_around(selected.view((-1,) + maps.shape[1:]))
+        out.append(box_iou(box, boxes))
+    return torch.stack(out, dim=1).masked_fill(_empty_boxes(boxes)[:, None], float("nan"))
 
 
-def _threshold_overlap(maps: Tensor, masks: Tensor, thresholds: Sequence[float]) -> tuple[Tensor, Tensor, Tensor]:
-    """Per threshold (B, T): |P & G|, |P|, |G| with P = map >= t."""
-    flat, inside = maps.flatten(1), masks.flatten(1)
+def _threshold_overlap(
+    flat: Tensor, inside: Tensor, thresholds: Sequence[float], inside_f: Tensor | None = None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Per threshold (C, T): |P & G|, |P|, |G| with P = map >= t, of (C, N) maps and bool
+    annotations (``inside_f``: ``inside.float()`` when the caller has it)."""
     t = torch.as_tensor(list(thresholds), dtype=flat.dtype, device=flat.device)
-    predicted = (flat[:, None, :] >= t[None, :, None]).float()  # (B, T, N)
-    inter = torch.bmm(predicted, inside.float()[:, :, None])[:, :, 0]
+    predicted = (flat[:, None, :] >= t[None, :, None]).float()  # (C, T, N)
+    inter = torch.bmm(predicted, (inside.float() if inside_f is None else inside_f)[:, :, None])[:, :, 0]
     return inter, predicted.sum(dim=2), inside.sum(dim=1, keepdim=True).float()
+
+
+def _overlap(maps: Tensor, masks: Tensor, thresholds: Sequence[float]) -> tuple[Tensor, Tensor, Tensor]:
+    parts = [
+        _threshold_overlap(maps[c].flatten(1), masks[c].flatten(1), thresholds)
+        for c in _chunks(maps.shape[0], math.prod(maps.shape[1:]) * max(1, len(thresholds)))
+    ]
+    return tuple(torch.cat(column) for column in zip(*parts))  # type: ignore[return-value]
 
 
 def mask_iou(maps: Tensor, masks: Tensor, thresholds: Sequence[float] = (0.5,)) -> Tensor:
     """IoU of the thresholded map (map >= t) with the annotation mask: (B, T), NaN if empty."""
     maps = _as_maps(maps)
     masks = _as_masks(masks, maps)
-    inter, pred, true = _threshold_overlap(maps, masks, thresholds)
+    inter, pred, true = _overlap(maps, masks, thresholds)
     return _nan_where_empty(inter / (pred + true - inter).clamp_min(1), masks)
 
 
@@ -256,12 +441,13 @@ def dice(maps: Tensor, masks: Tensor, thresholds: Sequence[float] = (0.5,)) -> T
     """Dice 2|P & G| / (|P| + |G|) of the thresholded map with the mask: (B, T), NaN if empty."""
     maps = _as_maps(maps)
     masks = _as_masks(masks, maps)
-    inter, pred, true = _threshold_overlap(maps, masks, thresholds)
+    inter, pred, true = _overlap(maps, masks, thresholds)
     return _nan_where_empty(2 * inter / (pred + true).clamp_min(1), masks)
 
 
 def _ties_ranks(flat: Tensor) -> tuple[Tensor, Tensor]:
-    """Sorted values (B, N) and each value's count of strictly smaller / smaller-or-equal values."""
+    """Each value's count of strictly smaller / smaller-or-equal values in its row (B, N).
+    (Used by :mod:`medlens.metrics.sanity`; the ranking metrics here use :func:`_ranking`.)"""
     ordered = flat.sort(dim=1).values
     below = torch.searchsorted(ordered, flat, right=False)
     at_most = torch.searchsorted(ordered, flat, right=True)
@@ -276,35 +462,35 @@ def auroc(maps: Tensor, masks: Tensor) -> Tensor:
     NaN when the mask is empty; 0.5 convention is not applied when the mask covers everything
     (NaN too, since there is no negative pixel).
     """
-    maps = _as_maps(maps)
-    masks = _as_masks(masks, maps)
-    flat, inside = maps.flatten(1).float(), masks.flatten(1)
-    below, at_most = _ties_ranks(flat)
-    mid_rank = (below + at_most + 1).double() / 2  # 1-based average rank
-    n_pos = inside.sum(dim=1).double()
-    n_neg = inside.shape[1] - n_pos
-    rank_sum = (mid_rank * inside).sum(dim=1)
-    value = (rank_sum - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
-    value = torch.where(n_neg > 0, value, torch.full_like(value, float("nan")))
-    return _nan_where_empty(value.float(), masks)
+    return _ranking_metric(maps, masks, "auroc")
 
 
 def average_precision(maps: Tensor, masks: Tensor) -> Tensor:
     """Average precision of the map as a pixel classifier of the mask: the mean over positive
     pixels of the precision at their value, precision(v) = |{g, m >= v}| / |{m >= v}|.
     Ties form one threshold, so this equals sklearn's ``average_precision_score``."""
-    maps = _as_maps(maps)
-    masks = _as_masks(masks, maps)
-    flat, inside = maps.flatten(1).float(), masks.flatten(1)
-    n = flat.shape[1]
-    ordered_all = flat.sort(dim=1).values
-    ordered_pos = flat.masked_fill(~inside, float("-inf")).sort(dim=1).values
-    at_least_all = n - torch.searchsorted(ordered_all, flat, right=False)
-    at_least_pos = n - torch.searchsorted(ordered_pos, flat, right=False)
-    precision = at_least_pos.double() / at_least_all.double()
-    n_pos = inside.sum(dim=1)
-    value = (precision * inside).sum(dim=1) / n_pos.clamp_min(1)
-    return _nan_where_empty(value.float(), masks)
+    return _ranking_metric(maps, masks, "average_precision")
+
+
+_RANKING = ("auroc", "average_precision", "rank_accuracy")
+
+
+def _fused(flat: Tensor, inside: Tensor, tolerance_inside: Tensor, thresholds: Sequence[float],
+           counts: Sequence[int], ranking: bool) -> dict[str, Tensor]:
+    """Every metric of one chunk of (C, N) maps and bool annotations, sharing the passes."""
+    inside_f = inside.float()
+    inter, pred, true = _threshold_overlap(flat, inside, thresholds, inside_f)
+    out = {
+        "pointing_game": _pointing(flat, tolerance_inside, "any"),
+        "energy_pointing_game": _energy(flat, inside_f),
+        "relevance_mass": _mass(flat, inside_f),
+        "inter": inter, "pred": pred, "true": true,
+    }
+    if ranking:
+        out.update(_ranking(flat, inside, _RANKING, counts))
+    else:
+        out["kth"] = _kth_largest(flat, counts)
+    return out
 
 
 def localisation_metrics(
@@ -321,6 +507,9 @@ def localisation_metrics(
     With only ``boxes``, the box is used as the mask. ``ranking=False`` skips the sort-based
     metrics (AUROC, AP, rank accuracy), the only ones that cost more than a few passes.
     The ``empty_annotation`` column (1.0/0.0) flags images whose metrics are NaN.
+
+    The batch is computed in chunks of maps that share their passes: with ``ranking`` one sort
+    per map serves AUROC, AP, rank accuracy and every top-k percentage.
     """
     maps = _as_maps(maps)
     if masks is None and boxes is None:
@@ -328,25 +517,31 @@ def localisation_metrics(
     if masks is None:
         masks = boxes_to_masks(torch.as_tensor(boxes, device=maps.device), maps.shape[1:])
     masks = _as_masks(masks, maps)
+    boxes = box_around(masks) if boxes is None else _check_boxes(maps, boxes)
+    counts = _topk_counts(maps, percentages)
+    parts = []
+    for c in _chunks(maps.shape[0], math.prod(maps.shape[1:]) * max(1, len(thresholds))):
+        chunk = masks[c]
+        parts.append(_fused(maps[c].flatten(1), chunk.flatten(1), _dilate(chunk, tolerance).flatten(1),
+                            thresholds, counts, ranking))
+    cols = {name: torch.cat([part[name] for part in parts]) for name in parts[0]}
+    empty = ~torch.cat([part["true"][:, 0] > 0 for part in parts])
     out: dict[str, Tensor] = {
-        "empty_annotation": empty_annotations(masks).float(),
-        "pointing_game": pointing_game(maps, masks, tolerance=tolerance),
-        "energy_pointing_game": energy_pointing_game(maps, masks),
-        "relevance_mass": relevance_mass(maps, masks),
+        "empty_annotation": empty.float(),
+        "pointing_game": _nan_where(cols["pointing_game"], empty),
+        "energy_pointing_game": _nan_where(cols["energy_pointing_game"], empty),
+        "relevance_mass": _nan_where(cols["relevance_mass"], empty),
     }
-    inter, pred, true = _threshold_overlap(maps, masks, thresholds)  # shared by IoU and Dice
-    ious = _nan_where_empty(inter / (pred + true - inter).clamp_min(1), masks)
-    dices = _nan_where_empty(2 * inter / (pred + true).clamp_min(1), masks)
+    inter, pred, true = cols["inter"], cols["pred"], cols["true"]  # shared by IoU and Dice
+    ious = _nan_where(inter / (pred + true - inter).clamp_min(1), empty)
+    dices = _nan_where(2 * inter / (pred + true).clamp_min(1), empty)
     for i, t in enumerate(thresholds):
         out[f"mask_iou@{t:g}"] = ious[:, i]
         out[f"dice@{t:g}"] = dices[:, i]
-    if boxes is None:
-        boxes = box_around(masks)
-    topk = topk_box_iou(maps, torch.as_tensor(boxes, device=maps.device), percentages)
+    topk = _topk_iou(maps, cols["kth"], boxes)
     for i, p in enumerate(percentages):
         out[f"iou@{p:g}"] = topk[:, i]
     if ranking:
-        out["auroc"] = auroc(maps, masks)
-        out["average_precision"] = average_precision(maps, masks)
-        out["rank_accuracy"] = relevance_rank_accuracy(maps, masks)
+        for name in _RANKING:
+            out[name] = _nan_where(cols[name].float(), empty)
     return out
