@@ -84,7 +84,7 @@ def main() -> None:
     rows.append(("ROAD (9 percentages, accuracy)", t_floor_r, t_road, t_rq, road_diff))
 
     print(f"\nFaithfulness: ResNet-18 (1-channel), 8 images at 112x112, {args.threads} threads, best of {args.repeats}")
-    print(f"| metric | forward floor s | medlens s | Quantus s | medlens / floor | Quantus / floor | speed-up vs Quantus | max abs diff |")
+    print("| metric | forward floor s | medlens s | Quantus s | medlens / floor | Quantus / floor | speed-up vs Quantus | max abs diff |")
     print("|---|---|---|---|---|---|---|---|")
     for name, floor, ours, q, d in rows:
         print(f"| {name} | {floor:.3f} | {ours:.3f} | {q:.3f} | {ours / floor:.2f}x | {q / floor:.2f}x | {q / ours:.1f}x | {d:.1e} |")

@@ -72,7 +72,7 @@ def test_unknown_metric_group(grey_resnet):
 
 
 def test_folder_items_turn_yolo_boxes_into_pixel_boxes(brain_mri):
-    from medlens.io.datasets import index_image_folder, read_yolo_boxes
+    from medlens.io.datasets import index_image_folder
 
     items, classes = index_image_folder(brain_mri)
     chosen = [it for it in items if it.boxes][:2]

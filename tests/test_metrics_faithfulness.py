@@ -76,7 +76,7 @@ def test_road_equals_quantus(grey_resnet, images):
 
 
 def test_imputation_matches_quantus_sparse_solve():
-    quantus = pytest.importorskip("quantus")
+    pytest.importorskip("quantus")
     from quantus.functions.perturb_func import noisy_linear_imputation as quantus_imputation
 
     gen = torch.Generator().manual_seed(0)

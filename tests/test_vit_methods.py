@@ -9,7 +9,6 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
-import torchvision
 from torch import nn
 
 import medlens

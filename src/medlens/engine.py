@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from medlens.capture import LayerCapture, auto_layer, preserved_modes
 from medlens.errors import MedlensError
-from medlens.resample import normalise, upsample_normalised
+from medlens.resample import normalise, upsample_normalised  # noqa: F401  (normalise: re-exported for methods)
 from medlens.targets import Region, TargetSpec, is_segmentation_output, model_output, pool_scores, resolve_targets
 
 

@@ -18,7 +18,6 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from medlens.boxes import argmax_cell_box, component_regions

@@ -168,7 +168,7 @@ def _decode(ds, path: Path) -> np.ndarray:
             array = ds.pixel_array
             if ds.get("PhotometricInterpretation") == "PALETTE COLOR":
                 array = pydicom.pixels.apply_color_lut(array, ds)
-    except (RuntimeError, NotImplementedError) as error:
+    except (RuntimeError, NotImplementedError):
         name = getattr(syntax, "name", syntax)
         raise MedlensError(f"{path}: no installed pydicom pixel handler decodes transfer syntax '{name}' "
                            "(install pylibjpeg or python-gdcm)") from None

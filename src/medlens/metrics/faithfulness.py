@@ -15,7 +15,6 @@ inputs alike; a segmentation network's scores are pooled over ``region`` (shared
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Sequence
 
