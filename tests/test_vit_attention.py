@@ -25,9 +25,10 @@ def tiny_torchvision() -> nn.Module:
     return tiny_torchvision_vit()
 
 
-def unfused_timm_reference(model: nn.Module, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """Attention of a copy with the non-fused path switched on, read at its attn_drop (the
-    classic hook), plus its grads of logit 0 w.r.t. each attention."""
+def reference_attention(model: nn.Module, x: torch.Tensor, read_site, logit0) -> list[torch.Tensor]:
+    """Attention probabilities of a copy, read at the module ``read_site(block.attn)`` returns (the
+    classic hook, after switching the copy to its non-fused path), with their gradients of
+    ``logit0(output).sum()`` retained."""
     ref = copy.deepcopy(model)
     probs: list[torch.Tensor] = []
 
@@ -36,9 +37,19 @@ def unfused_timm_reference(model: nn.Module, x: torch.Tensor) -> tuple[list[torc
         probs.append(out)
 
     for blk in ref.blocks:
-        blk.attn.fused_attn = False
-        blk.attn.attn_drop.register_forward_hook(keep)
-    ref(x)[:, 0].sum().backward()
+        read_site(blk.attn).register_forward_hook(keep)
+    logit0(ref(x)).sum().backward()
+    return probs
+
+
+def _timm_unfused_site(attn: nn.Module) -> nn.Module:
+    attn.fused_attn = False
+    return attn.attn_drop
+
+
+def unfused_timm_reference(model: nn.Module, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Attention of a non-fused copy at its attn_drop, plus its grads of logit 0 w.r.t. each attention."""
+    probs = reference_attention(model, x, _timm_unfused_site, lambda out: out[:, 0])
     return probs, torch.stack([p.grad for p in probs])
 
 
@@ -105,20 +116,14 @@ def test_monai_sablock_capture_equals_saved_attention() -> None:
         assert (ours - blk.attn.att_mat).abs().max() < 1e-5
 
 
+def _monai_non_flash_site(attn: nn.Module) -> nn.Module:
+    attn.use_flash_attention = False
+    return attn.drop_weights
+
+
 def _monai_reference_grads(model: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
     """d logit 0 / d A of every SABlock on a non-flash copy, read at its drop_weights."""
-    ref = copy.deepcopy(model)
-    probs: list[torch.Tensor] = []
-
-    def keep(_m, _i, out):
-        out.retain_grad()
-        probs.append(out)
-
-    for blk in ref.blocks:
-        blk.attn.use_flash_attention = False
-        blk.attn.drop_weights.register_forward_hook(keep)
-    ref(x)[0][:, 0].sum().backward()
-    return [p.grad for p in probs]
+    return [p.grad for p in reference_attention(model, x, _monai_non_flash_site, lambda out: out[0][:, 0])]
 
 
 @pytest.mark.parametrize("include_fc", [True, False])
