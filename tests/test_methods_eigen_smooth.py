@@ -46,6 +46,18 @@ def reference_projection(stack: torch.Tensor, evidence: torch.Tensor) -> torch.T
     return proj * torch.tensor(signs).view(-1, 1, 1)
 
 
+def assert_agrees_with_reference(reference, resnet, x, targets, expected, ours) -> None:
+    """pytorch-grad-cam's eigen-smoothed map at ``layer2`` agrees with ``ours`` (B, H, W) wherever the
+    reference's arbitrary SVD sign happens to match our (sign-fixed) ``expected`` raw maps."""
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    with reference(model=resnet, target_layers=[resnet.layer2]) as cam:
+        theirs = torch.from_numpy(cam(input_tensor=x, targets=[ClassifierOutputTarget(t) for t in targets], eigen_smooth=True))
+    for i in range(len(targets)):
+        if pearson(theirs[i], normalise(upsample(expected[i][None, None], tuple(x.shape[2:])))[0, 0]) > 0:
+            assert pearson(ours[i], theirs[i]) >= 0.99
+
+
 def test_eigencam_is_the_reference_projection_with_the_evidence_sign(resnet: nn.Module) -> None:
     from pytorch_grad_cam import EigenCAM
 
@@ -89,7 +101,6 @@ def test_principal_component_sign_does_not_depend_on_the_svd() -> None:
 
 def test_eigen_smooth_is_the_projection_of_the_weighted_activations(resnet: nn.Module) -> None:
     from pytorch_grad_cam import GradCAM
-    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
     torch.manual_seed(4)
     x = torch.randn(2, 3, 32, 32)
@@ -99,11 +110,7 @@ def test_eigen_smooth_is_the_projection_of_the_weighted_activations(resnet: nn.M
     weighted = grad.mean((2, 3), keepdim=True) * act
     expected = F.relu(reference_projection(weighted, weighted.sum(1)))
     torch.testing.assert_close(smooth.raw[:, 0], expected, rtol=1e-3, atol=1e-5)
-    with GradCAM(model=resnet, target_layers=[resnet.layer2]) as cam:
-        theirs = torch.from_numpy(cam(input_tensor=x, targets=[ClassifierOutputTarget(t) for t in targets], eigen_smooth=True))
-    for i in range(2):  # where the reference's arbitrary SVD sign happens to match ours, the maps agree
-        if pearson(theirs[i], normalise(upsample(expected[i][None, None], (32, 32)))[0, 0]) > 0:
-            assert pearson(smooth.maps[i, 0], theirs[i]) >= 0.99
+    assert_agrees_with_reference(GradCAM, resnet, x, targets, expected, smooth.maps[:, 0])
 
 
 def test_eigen_smooth_with_perturbation_cams_in_3d() -> None:
@@ -188,7 +195,6 @@ def test_top_k_channels_restricts_any_weighted_cam() -> None:
 def test_eigen_smooth_of_the_elementwise_cams_agrees_with_pytorch_grad_cam(resnet: nn.Module, name: str) -> None:
     """pytorch-grad-cam projects g * A (HiResCAM) and ReLU(g) * A (LayerCAM) when eigen_smooth is set."""
     import pytorch_grad_cam
-    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
     torch.manual_seed(10)
     x = torch.randn(2, 3, 32, 32)
@@ -201,11 +207,7 @@ def test_eigen_smooth_of_the_elementwise_cams_agrees_with_pytorch_grad_cam(resne
     torch.testing.assert_close(smooth.raw[:, 0], expected, rtol=1e-3, atol=1e-5)
     assert not torch.allclose(smooth.raw, plain.raw)
     reference = {"hirescam": pytorch_grad_cam.HiResCAM, "layercam": pytorch_grad_cam.LayerCAM}[name]
-    with reference(model=resnet, target_layers=[resnet.layer2]) as cam:
-        theirs = torch.from_numpy(cam(input_tensor=x, targets=[ClassifierOutputTarget(t) for t in targets], eigen_smooth=True))
-    for i in range(2):  # where the reference's arbitrary SVD sign happens to match ours, the maps agree
-        if pearson(theirs[i], normalise(upsample(expected[i][None, None], (32, 32)))[0, 0]) > 0:
-            assert pearson(smooth.maps[i, 0], theirs[i]) >= 0.99
+    assert_agrees_with_reference(reference, resnet, x, targets, expected, smooth.maps[:, 0])
 
 
 def test_cam_eigen_smooth_and_top_k_for_the_elementwise_cams_in_3d() -> None:
