@@ -145,7 +145,7 @@ def applicable_methods(model: nn.Module, x: Tensor, names: Sequence[str] | None 
     chosen, skipped = [], {}
     for name in names or sorted(METHODS):
         try:
-            explain(model, x[:2], name)
+            explain(model, x[:2], name, **DEMO_OPTIONS.get(name, {}))
             chosen.append(name)
         except MedlensError as error:
             skipped[name] = str(error)

@@ -25,7 +25,7 @@ from medlens.capture import resolve_layer
 from medlens.engine import Explanation, explain, get_method, upsample
 from medlens.errors import MedlensError, one_line
 from medlens.io.atomic import atomic_path, write_text
-from medlens.io.loading import Loaded, expand_inputs, iter_inputs
+from medlens.io.loading import Loaded, iter_inputs, plan_inputs
 from medlens.render.overlay import png_bytes
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -176,7 +176,7 @@ def explain_inputs(
     taken: set[str] = set()
 
     def prepared() -> Iterable[Prepared]:
-        for path, loaded in iter_inputs(inputs, policy=policy):
+        for path, loaded in iter_inputs(inputs, policy=policy, plan=plan):
             if isinstance(loaded, MedlensError):
                 summary.bad.append((path, str(loaded)))
                 bar.update(1)
@@ -192,7 +192,8 @@ def explain_inputs(
 
     from tqdm import tqdm
 
-    bar = tqdm(total=len(expand_inputs(inputs)), desc="explaining", unit="input", disable=not progress)
+    plan = plan_inputs(inputs)  # folders expanded once: the total here, the reading below
+    bar = tqdm(total=len(plan), desc="explaining", unit="input", disable=not progress)
     for batch in batches_by_shape(prepared(), batch_size):
         x = torch.stack([p.tensor for p in batch]).to(device)
         for method in methods:

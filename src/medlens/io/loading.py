@@ -200,26 +200,35 @@ def _is_annotation(path: Path) -> bool:
     return False
 
 
+def plan_inputs(paths: Iterable[str | Path]) -> list[tuple[Path, MedlensError | None]]:
+    """Every input ``paths`` names, folders expanded (see :func:`expand_inputs`), each with None,
+    or with the error of a folder that holds nothing readable. Nothing is read yet, so a caller
+    can count the work (a progress bar's total) and then pass the plan to :func:`iter_inputs`."""
+    plan: list[tuple[Path, MedlensError | None]] = []
+    for raw in paths:
+        path = Path(raw)
+        entries = expand_inputs([path]) if path.is_dir() else [path]
+        if not entries:
+            plan.append((path, MedlensError(f"{path}: folder holds no image, DICOM or NIfTI file")))
+        plan.extend((entry, None) for entry in entries)
+    return plan
+
+
 def iter_inputs(
-    paths: Iterable[str | Path], policy: Any | None = None
+    paths: Iterable[str | Path], policy: Any | None = None, plan: list[tuple[Path, MedlensError | None]] | None = None
 ) -> Iterator[tuple[Path, Loaded | MedlensError]]:
     """Yield ``(path, Loaded)`` for each readable input, or ``(path, MedlensError)`` for a bad one.
 
     Folders are expanded recursively (images, NIfTI, DICOM with or without extension, a DICOM
     series folder as one volume). A folder with nothing readable in it yields one error for the
-    folder. Nothing is raised for a bad file, so the caller can list it and go on.
+    folder. Nothing is raised for a bad file, so the caller can list it and go on. ``plan``, from
+    :func:`plan_inputs` on the same ``paths``, saves expanding the folders a second time.
     """
-    for raw in paths:
-        path = Path(raw)
-        if path.is_dir():
-            entries = expand_inputs([path])
-            if not entries:
-                yield path, MedlensError(f"{path}: folder holds no image, DICOM or NIfTI file")
-                continue
-        else:
-            entries = [path]
-        for entry in entries:
-            try:
-                yield entry, read_image(entry, policy=policy)
-            except MedlensError as error:
-                yield entry, error
+    for entry, problem in plan if plan is not None else plan_inputs(paths):
+        if problem is not None:
+            yield entry, problem
+            continue
+        try:
+            yield entry, read_image(entry, policy=policy)
+        except MedlensError as error:
+            yield entry, error
