@@ -38,7 +38,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(2)
     torch.manual_seed(0)
-    from medlens.io.datasets import MedicalDataset, eval_transforms, index_image_folder, write_split
+    from medlens.data.datasets import MedicalDataset, eval_transforms, index_image_folder, write_split
     from medlens.models import build_model, load_weights, save_weights
 
     items, classes = index_image_folder(DATA)
@@ -110,7 +110,7 @@ def run_paper_protocol(args: argparse.Namespace, weights: Path, test: list) -> N
     import numpy as np
     from PIL import Image
 
-    from medlens.protocols.paper_benchmark import run_paper_benchmark
+    from medlens.workflows.protocols.paper_benchmark import run_paper_benchmark
 
     img_dir, mask_dir = args.out / "paper" / "images", args.out / "paper" / "masks"
     img_dir.mkdir(parents=True, exist_ok=True)

@@ -9,7 +9,7 @@ import pytest
 import scipy.ndimage as ndi
 import torch
 
-from medlens.boxes import (
+from medlens.core.boxes import (
     argmax_cell_box, box_around, boxes_to_json, component_boxes, component_regions, components,
     threshold_mask, topk_mask,
 )

@@ -15,9 +15,10 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from medlens.cli import app
-from medlens.demo import DemoConfig, PhantomNet, run_demo, train_classifier
+from medlens.models import PhantomNet
+from medlens.workflows.demo import DemoConfig, run_demo, train_classifier
 from medlens.models import save_weights
-from medlens.phantoms import make_phantoms, write_phantoms
+from medlens.data.phantoms import make_phantoms, write_phantoms
 
 runner = CliRunner()
 
@@ -45,7 +46,7 @@ def test_explain_folder_writes_overlays_maps_boxes_and_reports_bad_files(trained
     shutil.copytree(phantoms, inputs)
     (inputs / "broken.png").write_bytes(b"not a png at all")
     out = tmp_path / "out"
-    result = run("explain", "medlens.demo:phantom_net", weights, inputs, "--in-channels", "1", "-m", "gradcam",
+    result = run("explain", "medlens.models:phantom_net", weights, inputs, "--in-channels", "1", "-m", "gradcam",
                  "-m", "layercam", "--target", "all", "--class-names", "round,elongated", "--out", out)
     assert result.exit_code == 0, result.output
     images = sorted(p for p in phantoms.glob("*.png") if "mask" not in p.name)
@@ -64,16 +65,16 @@ def test_explain_folder_writes_overlays_maps_boxes_and_reports_bad_files(trained
     page = (out / "index.html").read_text()
     assert page.count("<figure") == 2 * 2 * len(images) and "skipped" in page
 
-    again = run("explain", "medlens.demo:phantom_net", weights, inputs, "--in-channels", "1", "--out", out)
+    again = run("explain", "medlens.models:phantom_net", weights, inputs, "--in-channels", "1", "--out", out)
     assert again.exit_code == 2 and "not empty" in again.output and "--overwrite" in again.output
-    forced = run("explain", "medlens.demo:phantom_net", weights, inputs, "--in-channels", "1", "--out", out, "--overwrite")
+    forced = run("explain", "medlens.models:phantom_net", weights, inputs, "--in-channels", "1", "--out", out, "--overwrite")
     assert forced.exit_code == 0, forced.output
 
 
 def test_explain_maps_point_at_the_lesion_of_a_trained_model(trained_phantom_model, tmp_path):
     weights, phantoms = trained_phantom_model
     out = tmp_path / "out"
-    result = run("explain", "medlens.demo:phantom_net", weights, phantoms, "--in-channels", "1", "-m", "gradcam", "--out", out)
+    result = run("explain", "medlens.models:phantom_net", weights, phantoms, "--in-channels", "1", "-m", "gradcam", "--out", out)
     assert result.exit_code == 0, result.output
     inside = []
     for record in (json.loads(p.read_text()) for p in out.glob("*.json")):
@@ -87,10 +88,10 @@ def test_explain_maps_point_at_the_lesion_of_a_trained_model(trained_phantom_mod
 def test_explain_refuses_bad_arguments_with_one_line(trained_phantom_model, tmp_path):
     weights, phantoms = trained_phantom_model
     cases = [
-        (["medlens.demo:phantom_net", tmp_path / "missing.safetensors", phantoms, "--in-channels", "1"], "missing.safetensors"),
-        (["medlens.demo:phantom_net", weights, phantoms, "--in-channels", "1", "-m", "gradcma"], "gradcma"),
-        (["medlens.demo:phantom_net", weights, phantoms, "--in-channels", "1", "--layer", "features.99"], "features.99"),
-        (["medlens.demo:phantom_net", weights, phantoms, "--in-channels", "1", "--size", "3x"], "--size"),
+        (["medlens.models:phantom_net", tmp_path / "missing.safetensors", phantoms, "--in-channels", "1"], "missing.safetensors"),
+        (["medlens.models:phantom_net", weights, phantoms, "--in-channels", "1", "-m", "gradcma"], "gradcma"),
+        (["medlens.models:phantom_net", weights, phantoms, "--in-channels", "1", "--layer", "features.99"], "features.99"),
+        (["medlens.models:phantom_net", weights, phantoms, "--in-channels", "1", "--size", "3x"], "--size"),
         (["nosuchlib:net", weights, phantoms], "nosuchlib"),
     ]
     for i, (args, needle) in enumerate(cases):
@@ -189,7 +190,7 @@ def test_explain_vit_attention_per_head_and_rollout_options(trained_phantom_mode
 
 def test_a_model_that_fails_on_the_inputs_is_reported_per_file_not_as_a_traceback(trained_phantom_model, tmp_path):
     weights, phantoms = trained_phantom_model
-    result = run("explain", "medlens.demo:phantom_net", weights, phantoms, "--in-channels", "1", "--size", "4", "--out", tmp_path / "o")
+    result = run("explain", "medlens.models:phantom_net", weights, phantoms, "--in-channels", "1", "--size", "4", "--out", tmp_path / "o")
     assert result.exit_code == 1 and result.exception is None or isinstance(result.exception, SystemExit), result.output
     skipped = [line for line in result.output.splitlines() if line.startswith("skipped")]
     assert len(skipped) == 6 and all("RuntimeError" in line for line in skipped), result.output

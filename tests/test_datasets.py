@@ -11,7 +11,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from medlens.errors import MedlensError
-from medlens.io.datasets import (
+from medlens.data.datasets import (
     IMAGENET_MEAN, IMAGENET_STD, CenterCrop, Item, MedicalDataset, RandomFlip, Resize, VolumeSlices, collate, eval_transforms, index_csv,
     index_decathlon, index_image_folder, index_mask_folder, index_source, prepare_split, read_split,
     read_yolo_boxes, split_items, train_transforms, write_split,

@@ -11,8 +11,8 @@ from monai.networks.nets import UNet
 from torch import nn
 
 from medlens import MedlensError, explain, hook_count, normalise
-from medlens.capture import auto_layer, trace_layers
-from medlens.targets import resolve_targets
+from medlens.core.capture import auto_layer, trace_layers
+from medlens.core.targets import resolve_targets
 
 
 @pytest.fixture(scope="module")

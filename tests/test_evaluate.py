@@ -10,9 +10,9 @@ import torch
 import torchvision
 from typer.testing import CliRunner
 
-from medlens.evaluate import bootstrap_ci, evaluate, folder_items, phantom_items
+from medlens.workflows.evaluate import bootstrap_ci, evaluate, folder_items, phantom_items
 from medlens.errors import MedlensError
-from medlens.phantoms import make_phantoms
+from medlens.data.phantoms import make_phantoms
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +72,7 @@ def test_unknown_metric_group(grey_resnet):
 
 
 def test_folder_items_turn_yolo_boxes_into_pixel_boxes(brain_mri):
-    from medlens.io.datasets import index_image_folder
+    from medlens.data.datasets import index_image_folder
 
     items, classes = index_image_folder(brain_mri)
     chosen = [it for it in items if it.boxes][:2]
@@ -130,7 +130,7 @@ def test_paper_benchmark_tables_and_maps(tmp_path):
     from PIL import Image
 
     from medlens.metrics import pointing_game, topk_box_iou
-    from medlens.protocols.paper_benchmark import run_paper_benchmark
+    from medlens.workflows.protocols.paper_benchmark import run_paper_benchmark
 
     (tmp_path / "img").mkdir()
     (tmp_path / "mask").mkdir()

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from medlens.boxes import box_around, topk_mask
+from medlens.core.boxes import box_around, topk_mask
 from medlens.errors import MedlensError
 from medlens.metrics import (
     auroc, average_precision, boxes_to_masks, dice, empty_annotations, energy_pointing_game, entropy, gini,

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 import torchvision
 
 import medlens
-from medlens.engine import Context, Method
+from medlens.core.engine import Context, Method
 from medlens.errors import MedlensError
 from medlens.metrics import max_sensitivity, method_explainer, model_randomisation, spearman, ssim
 from medlens.metrics.sanity import randomisation_units

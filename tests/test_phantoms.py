@@ -11,9 +11,9 @@ import pytest
 import torch
 from PIL import Image
 
-from medlens.boxes import box_around
+from medlens.core.boxes import box_around
 from medlens.errors import MedlensError
-from medlens.phantoms import make_phantoms, read_phantoms, write_phantoms
+from medlens.data.phantoms import make_phantoms, read_phantoms, write_phantoms
 
 
 def _lesion_statistics(images: torch.Tensor, masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -14,7 +14,7 @@ from PIL import Image
 import medlens
 from medlens import render
 from medlens.errors import MedlensError
-from medlens.phantoms import make_phantoms
+from medlens.data.phantoms import make_phantoms
 
 
 def _top_colour(cmap: str) -> np.ndarray:

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from medlens.resample import extreme_rows, interpolation_matrix, upsample_normalised
+from medlens.core.resample import extreme_rows, interpolation_matrix, upsample_normalised
 
 
 def reference(raw: torch.Tensor, size: tuple[int, ...]) -> torch.Tensor:

@@ -11,9 +11,9 @@ import torchvision
 from torch import nn
 
 import medlens
-from medlens.attention import AttentionCapture, attention_maps, find_attention
+from medlens.core.attention import AttentionCapture, attention_maps, find_attention
 from medlens.errors import MedlensError
-from medlens.tokens import default_token_layer, patch_grid, tokens_to_grid
+from medlens.core.tokens import default_token_layer, patch_grid, tokens_to_grid
 from conftest import tiny_timm_vit, tiny_torchvision_vit
 
 

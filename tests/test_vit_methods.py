@@ -233,7 +233,7 @@ def test_maps_of_a_trained_vit_point_at_the_lesion() -> None:
 
 
 def test_attention_paper_protocol_writes_224_maps(tmp_path) -> None:
-    from medlens.protocols.attention_paper import run_protocol
+    from medlens.workflows.protocols.attention_paper import run_protocol
 
     torch.manual_seed(0)
     model = timm.create_model("vit_tiny_patch16_224", depth=2, num_classes=2).eval()

@@ -26,7 +26,7 @@ def demo_command(
     from rich.console import Console
     from rich.table import Table
 
-    from medlens.demo import COLUMNS, DemoConfig, run_demo
+    from medlens.workflows.demo import COLUMNS, DemoConfig, run_demo
 
     if n < 10 or size < 16 or dims not in (2, 3) or epochs < 1:
         fail("--n must be >= 10, --size >= 16, --dims 2 or 3 and --epochs >= 1")
@@ -48,5 +48,5 @@ def demo_command(
     for name, reason in sorted(result.skipped.items()):
         console.print(f"[dim]not applicable: {name}: {reason}[/dim]")
     console.print(f"report: {out / 'report.html'}")
-    console.print(f"try next: medlens explain medlens.demo:phantom_net {out / 'model.safetensors'} {out / 'phantoms'} "
+    console.print(f"try next: medlens explain medlens.models:phantom_net {out / 'model.safetensors'} {out / 'phantoms'} "
                   f"--in-channels 1 --dims {dims} -m gradcam -m layercam --out {out / 'explain'}")

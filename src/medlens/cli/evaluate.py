@@ -15,10 +15,10 @@ from medlens.errors import MedlensError, one_line
 
 def _data(source: str, size, channels: int, limit: Optional[int], split: Optional[Path], part: str, seed: int, dims: int = 2):
     """Items for the runner: ``phantoms[:N[:SIZE[:DIMS]]]`` or a dataset folder / Decathlon / CSV."""
-    from medlens.evaluate import folder_items, phantom_items
+    from medlens.workflows.evaluate import folder_items, phantom_items
 
     if source.startswith("phantoms"):
-        from medlens.phantoms import make_phantoms
+        from medlens.data.phantoms import make_phantoms
 
         fields = source.split(":")[1:]
         n = int(fields[0]) if fields else 32
@@ -30,7 +30,7 @@ def _data(source: str, size, channels: int, limit: Optional[int], split: Optiona
             raise MedlensError(f"{source}: no such dataset folder or file (or use phantoms:N)")
         subset = None
         if split is not None:
-            from medlens.io.datasets import read_split
+            from medlens.data.datasets import read_split
 
             parts = read_split(split)
             if part not in parts:
@@ -71,7 +71,7 @@ def evaluate_command(
     sanity; per-image rows, summary tables with bootstrap 95% CIs and report.html."""
     from rich.console import Console
 
-    from medlens.evaluate import evaluate
+    from medlens.workflows.evaluate import evaluate
 
     try:
         shape = parse_size(size)

@@ -86,7 +86,7 @@ def explain_command(
     overwrite: bool = typer.Option(False, "--overwrite", help="replace results already in --out"),
 ) -> None:
     """Explain a model's decisions on images and volumes; writes overlays, maps, boxes and index.html."""
-    from medlens.runner import explain_inputs
+    from medlens.workflows.explain import explain_inputs
 
     options = parse_options(option)
     for key, value in (("block", block), ("head_fusion", head_fusion), ("discard_ratio", discard_ratio)):
@@ -138,7 +138,7 @@ def layers_command(
     from rich.console import Console
     from rich.table import Table
 
-    from medlens.capture import auto_layer, trace_layers
+    from medlens.core.capture import auto_layer, trace_layers
 
     size_tuple = parse_size(size) or (224,)
     if len(size_tuple) == 1:

@@ -1,7 +1,7 @@
 """Reading and writing medical images: DICOM, NIfTI, PNG/JPEG/TIFF; the bad-files report.
 
 ``read_image`` and ``iter_inputs`` are the entry points; ``write_nifti`` writes a map back in the
-geometry of its input. Datasets and transforms for training live in ``medlens.io.datasets``.
+geometry of its input. Datasets and transforms for training live in ``medlens.data.datasets``.
 """
 
 from medlens.io.atomic import atomic_path, write_bytes, write_text

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from medlens.errors import MedlensError
-from medlens.io.loading import Loaded, first_line
+from medlens.io.loaded import Loaded, _is_dicom, first_line, is_readable
 
 HEADER_TAGS = (
     "Modality", "BodyPartExamined", "PatientPosition", "ViewPosition", "PhotometricInterpretation",
@@ -302,8 +302,6 @@ def read_dicom(path: str | Path) -> Loaded:
 
 
 def _dicom_files(folder: Path) -> list[Path]:
-    from medlens.io.loading import _is_dicom, is_readable
-
     return sorted(p for p in folder.iterdir() if is_readable(p) and _is_dicom(p))
 
 

@@ -10,7 +10,7 @@ from PIL import Image, UnidentifiedImageError
 
 from medlens.errors import MedlensError
 from medlens.io.atomic import atomic_path
-from medlens.io.loading import Loaded, first_line
+from medlens.io.loaded import Loaded, first_line
 
 TIFF_SUFFIXES = (".tif", ".tiff")
 # Pillow modes whose pixels are taken as they are; every other mode is converted first.

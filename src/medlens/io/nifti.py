@@ -17,7 +17,7 @@ import torch
 
 from medlens.errors import MedlensError
 from medlens.io.atomic import atomic_path
-from medlens.io.loading import Loaded, first_line
+from medlens.io.loaded import Loaded, first_line
 
 
 def _nib():

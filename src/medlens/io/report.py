@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from medlens.io.atomic import write_text
-from medlens.io.loading import first_line
+from medlens.io.loaded import first_line
 
 
 @dataclass

@@ -18,10 +18,10 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from medlens.engine import Context, Method, register, target_gradients, upsample
+from medlens.core.engine import Context, Method, register, target_gradients, upsample
 from medlens.errors import MedlensError
 from medlens.methods.cam import GradCAM
-from medlens.targets import Region, pool_scores
+from medlens.core.targets import Region, pool_scores
 
 
 class InputMethod(Method):

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from medlens.engine import Context, Method, register
+from medlens.core.engine import Context, Method, register
 from medlens.errors import MedlensError
 from medlens.methods.smoothing import principal_component
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor
 
-from medlens.engine import Context, Method, register
+from medlens.core.engine import Context, Method, register
 from medlens.methods.smoothing import principal_component
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from medlens.engine import Context, Method, register
+from medlens.core.engine import Context, Method, register
 
 
 @register

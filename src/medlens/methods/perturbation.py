@@ -16,12 +16,12 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from medlens.capture import resolve_layer
-from medlens.engine import Context, Method, register, score_batches, upsample, upsample_normalised
+from medlens.core.capture import resolve_layer
+from medlens.core.engine import Context, Method, register, score_batches, upsample, upsample_normalised
 from medlens.errors import MedlensError
 from medlens.methods.attribution import InputMethod, region_rows
 from medlens.methods.cam import weighted_cam
-from medlens.targets import pool_scores
+from medlens.core.targets import pool_scores
 
 
 def _per_dim(value: int | Sequence[int], ndim: int, name: str) -> tuple[int, ...]:

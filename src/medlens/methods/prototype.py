@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from medlens.capture import preserved_modes
+from medlens.core.capture import preserved_modes
 from medlens.errors import MedlensError
 
 

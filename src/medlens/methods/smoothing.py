@@ -15,10 +15,10 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor, nn
 
-from medlens.capture import preserved_modes
-from medlens.engine import Explanation, Method, explain, normalise
+from medlens.core.capture import preserved_modes
+from medlens.core.engine import Explanation, Method, explain, normalise
 from medlens.errors import MedlensError
-from medlens.targets import Region, TargetSpec, pool_scores, region_weights, resolve_targets
+from medlens.core.targets import Region, TargetSpec, pool_scores, region_weights, resolve_targets
 
 
 def agreeing_sign(projection: Tensor, evidence: Tensor) -> Tensor:

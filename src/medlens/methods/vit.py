@@ -1,7 +1,7 @@
 """Vision Transformer explanations from attention: raw attention, rollout, gradient rollout,
 Chefer et al.'s transformer attribution (LRP) and generic attention explainability.
 
-All of them read the attention each block really uses (see :mod:`medlens.attention`), on the
+All of them read the attention each block really uses (see :mod:`medlens.core.attention`), on the
 unmodified model, batched, for several targets at once. Maps are over the patch grid
 (B, K, *grid); the query is the class token's row (the mean of the patch rows for models
 without a class token). Block order: ``A_1`` is the first block, ``A_L`` the last; rolled-out
@@ -24,12 +24,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from medlens.attention import AttentionCapture, AttentionSite, BlockRecord, block_indices, find_attention, merge_heads
-from medlens.capture import preserved_modes
-from medlens.engine import Context, Method, register
+from medlens.core.attention import AttentionCapture, AttentionSite, BlockRecord, block_indices, find_attention, merge_heads
+from medlens.core.capture import preserved_modes
+from medlens.core.engine import Context, Method, register
 from medlens.errors import MedlensError
-from medlens.targets import Region, model_output, pool_scores, resolve_targets
-from medlens.tokens import has_class_token, patch_grid
+from medlens.core.targets import Region, model_output, pool_scores, resolve_targets
+from medlens.core.tokens import has_class_token, patch_grid
 
 HEAD_FUSIONS = ("mean", "max", "min")
 
@@ -317,7 +317,7 @@ def vit_relevance(
         model: timm / torchvision / MONAI vision transformer (modes restored, nothing changed).
         x: (B, C, *S) input.
         method: ``attention`` | ``rollout`` | ``grad-rollout`` | ``chefer`` | ``chefer-generic``.
-        targets: as in :func:`medlens.targets.resolve_targets` (ignored by class-agnostic methods
+        targets: as in :func:`medlens.core.targets.resolve_targets` (ignored by class-agnostic methods
             except for the output's K dimension).
         region: segmentation pooling region, as in :func:`medlens.explain`.
         block, head_fusion, discard_ratio: see the module docstring.

@@ -58,7 +58,7 @@ def entropy(maps: Tensor) -> Tensor:
 
 def method_explainer(model: nn.Module, method: str, layer: str | None = None, **options: Any) -> Explainer:
     """An ``explain_fn(x, targets) -> (B, *S)`` maps for :func:`max_sensitivity` from a medlens method."""
-    from medlens.engine import explain
+    from medlens.core.engine import explain
 
     def explain_fn(x: Tensor, targets: Tensor) -> Tensor:
         return explain(model, x, method, target=targets.view(-1, 1), layer=layer, **options).maps[:, 0]

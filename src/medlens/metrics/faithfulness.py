@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from medlens.errors import MedlensError
 from medlens.methods.attribution import region_rows
-from medlens.targets import Region, pool_scores
+from medlens.core.targets import Region, pool_scores
 
 __all__ = [
     "Curve", "confidence_change", "gaussian_filter", "noisy_linear_imputation", "perturbation_curve",

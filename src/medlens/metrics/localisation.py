@@ -5,7 +5,7 @@ Conventions:
 - ``maps`` are (B, *S) float tensors, S = (H, W) or (D, H, W) (a (B, 1, *S) map is squeezed).
 - ``masks`` are (B, *S) or (B, 1, *S), any dtype; non-zero means inside the annotation.
 - ``boxes`` are (B, 2 * nd) ``lo..., hi...`` in the array's axis order, ``hi`` exclusive
-  (the convention of :mod:`medlens.boxes`); a box with ``hi <= lo`` on some axis is empty.
+  (the convention of :mod:`medlens.core.boxes`); a box with ``hi <= lo`` on some axis is empty.
 
 Every metric returns a (B,) float tensor (or (B, T) for several thresholds/percentages) with
 **NaN where the annotation is empty**: an image without a lesion has no right answer, so it is
@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from medlens.boxes import box_around, box_from_profiles
+from medlens.core.boxes import box_around, box_from_profiles
 from medlens.errors import MedlensError
 
 __all__ = [
@@ -333,7 +333,7 @@ def topk_box_iou(
         ties: ``"include"`` (default) selects every pixel >= the k-th largest value, so the box
             depends only on the values (a patch-repeated attention map keeps whole patches; a map
             that is flat beyond its top region may select more than k%); ``"exact"`` keeps exactly
-            ceil(k% N) pixels (see :func:`medlens.boxes.topk_mask`).
+            ceil(k% N) pixels (see :func:`medlens.core.boxes.topk_mask`).
 
     Returns:
         (B, len(percentages)) IoU in [0, 1], NaN for empty annotation boxes.
@@ -348,7 +348,7 @@ def topk_box_iou(
         kth = torch.cat([_kth_largest(maps[c].flatten(1), counts) for c in chunks])
         return _topk_iou(maps, kth, boxes)
     flat = maps.flatten(1)
-    _, indices = flat.topk(max(counts), dim=1)  # the same selection as medlens.boxes.topk_mask
+    _, indices = flat.topk(max(counts), dim=1)  # the same selection as medlens.core.boxes.topk_mask
     out = []
     for k in counts:
         selected = torch.zeros_like(flat, dtype=torch.bool).scatter_(1, indices[:, :k], True)

@@ -17,7 +17,7 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor, nn
 
-from medlens.engine import explain
+from medlens.core.engine import explain
 from medlens.errors import MedlensError
 from medlens.metrics.faithfulness import gaussian_filter
 from medlens.metrics.localisation import _ties_ranks

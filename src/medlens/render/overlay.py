@@ -101,7 +101,7 @@ def overlay_tensor(
         raise MedlensError(f"heat map to overlay must be (H, W); got {tuple(heat.shape)}")
     heat = heat.float()
     if tuple(heat.shape) != tuple(base.shape[:2]):
-        from medlens.engine import upsample
+        from medlens.core.engine import upsample
 
         heat = upsample(heat[None, None], base.shape[:2])[0, 0]
     weight = float(alpha) * (heat.clamp(0, 1)[..., None] if alpha_by_heat else 1.0)
@@ -142,7 +142,7 @@ def draw_boxes(
 
     Args:
         rgb: (H, W, 3) uint8.
-        boxes: (K, 4) boxes ``[y0, x0, y1, x1]`` (hi exclusive, as in :mod:`medlens.boxes`);
+        boxes: (K, 4) boxes ``[y0, x0, y1, x1]`` (hi exclusive, as in :mod:`medlens.core.boxes`);
             empty boxes (all -1) are skipped.
         colors: a colour per box (any PIL colour); defaults cycle through :data:`BOX_COLOURS`.
         labels: optional text per box, written just above the box (below it at the image's top edge).

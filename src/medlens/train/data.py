@@ -1,4 +1,4 @@
-"""The Lightning data module for training, built on :mod:`medlens.io.datasets`.
+"""The Lightning data module for training, built on :mod:`medlens.data.datasets`.
 
 * classification: an image folder with one sub-folder per class (``brain-tumor-mri/glioma/1.jpg``);
 * segmentation: a Medical Segmentation Decathlon task (``imagesTr``/``labelsTr``), as 3D volumes or
@@ -6,7 +6,7 @@
 
 The split is deterministic (seeded, stratified, patient-level where a patient ID exists) and is
 written to ``split.csv`` in the run folder; a resumed run reads it back, so the validation images
-never change under a checkpoint. Batches are the dicts of :func:`medlens.io.datasets.collate`.
+never change under a checkpoint. Batches are the dicts of :func:`medlens.data.datasets.collate`.
 
 Every item is read once in :meth:`MedlensDataModule.setup` (the reads fill the per-run cache): a file
 that cannot be read (truncated, corrupt, no pixel data, a mask that does not fit its image) is left
@@ -22,7 +22,7 @@ import lightning as L
 from torch.utils.data import DataLoader, Dataset
 
 from medlens.errors import MedlensError
-from medlens.io.datasets import (
+from medlens.data.datasets import (
     Compose, Item, MedicalDataset, Normalise, RandomFlip, RandomIntensity, RandomResizedCrop, Resize, Sample,
     Transform, VolumeSlices, collate, index_decathlon, index_image_folder, read_split, split_items, write_split,
 )

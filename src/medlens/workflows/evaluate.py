@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from medlens.engine import explain
+from medlens.core.engine import explain
 from medlens.errors import MedlensError
 from medlens.io.atomic import atomic_path, write_text
 from medlens.metrics.complexity import entropy, gini, max_sensitivity, method_explainer
@@ -84,7 +84,7 @@ class EvalResult:
 
 
 def phantom_items(phantoms: Any) -> Iterator[Item]:
-    """Items from a :class:`medlens.phantoms.PhantomSet` (images, labels, masks and boxes)."""
+    """Items from a :class:`medlens.data.phantoms.PhantomSet` (images, labels, masks and boxes)."""
     names = phantoms.names or [f"phantom_{i:04d}" for i in range(len(phantoms.labels))]
     for i, name in enumerate(names):
         yield name, phantoms.images[i], int(phantoms.labels[i]), phantoms.masks[i], phantoms.boxes[i]
@@ -93,11 +93,11 @@ def phantom_items(phantoms: Any) -> Iterator[Item]:
 def folder_items(source: str | Path, size: int | Sequence[int] | None = None, channels: int | None = None,
                  classes: Sequence[str] | None = None, items: Sequence[Any] | None = None,
                  mean: Sequence[float] | None = None, std: Sequence[float] | None = None) -> Iterator[Item]:
-    """Items from a folder dataset (:mod:`medlens.io.datasets`): class folders with YOLO boxes,
+    """Items from a folder dataset (:mod:`medlens.data.datasets`): class folders with YOLO boxes,
     image+mask folders, Decathlon, or a CSV. Boxes (normalised x0, y0, x1, y1) become pixel boxes
     and a mask (their union) after resizing to ``size``; a Decathlon label becomes a foreground mask.
     ``items`` restricts to a subset of the index (e.g. a held-out split)."""
-    from medlens.io.datasets import MedicalDataset, eval_transforms, index_source
+    from medlens.data.datasets import MedicalDataset, eval_transforms, index_source
 
     index, names, _task = index_source(source, classes)
     dataset_items = list(items) if items is not None else index

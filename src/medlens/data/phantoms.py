@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from medlens.boxes import box_around
+from medlens.core.boxes import box_around
 from medlens.errors import MedlensError
 from medlens.io.atomic import atomic_path, write_bytes, write_text
 

@@ -14,10 +14,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from medlens.capture import LayerCapture, auto_layer, preserved_modes
+from medlens.core.capture import LayerCapture, auto_layer, preserved_modes
 from medlens.errors import MedlensError
-from medlens.resample import normalise, upsample_normalised  # noqa: F401  (normalise: re-exported for methods)
-from medlens.targets import Region, TargetSpec, is_segmentation_output, model_output, pool_scores, resolve_targets
+from medlens.core.resample import normalise, upsample_normalised  # noqa: F401  (normalise: re-exported for methods)
+from medlens.core.targets import Region, TargetSpec, is_segmentation_output, model_output, pool_scores, resolve_targets
 
 
 @dataclass
@@ -299,7 +299,7 @@ def _channels_last(act: Tensor, x: Tensor) -> bool:
 
 def _as_feature_maps(ctx: Context, model: nn.Module) -> None:
     """Reshape token activations (B, N, C) and their gradients (B, K, N, C) to (B, C, *grid)."""
-    from medlens.tokens import tokens_to_grid
+    from medlens.core.tokens import tokens_to_grid
 
     for layer, act in ctx.activations.items():
         if act.dim() == ctx.x.dim() and not _channels_last(act, ctx.x):
@@ -327,7 +327,7 @@ def explain(
             (B, N, *S) output). Its modes, flags and hooks are left as they were.
         x: (B, C, H, W) or (B, C, D, H, W) float input on the model's device.
         method: a registered method name (see ``medlens.METHODS``) or a :class:`Method`.
-        target: what to explain; see :func:`medlens.targets.resolve_targets`.
+        target: what to explain; see :func:`medlens.core.targets.resolve_targets`.
         layer: dotted module path(s) for layer methods; None picks the last spatial layer.
         region: for segmentation outputs, the mask or box whose mean logit is explained.
         **options: method options (e.g. ``fusion="product"`` for several layers).

@@ -374,7 +374,7 @@ def attention_maps(model: nn.Module, x: Tensor, blocks: int | Sequence[int] | No
 
     One no-grad forward pass in eval mode; the model's modes are restored.
     """
-    from medlens.capture import preserved_modes
+    from medlens.core.capture import preserved_modes
 
     with preserved_modes(model), AttentionCapture(model, blocks) as cap, torch.no_grad():
         model(x)

@@ -25,12 +25,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from medlens.targets import model_output
-from medlens.engine import explain, normalise
+from medlens.core.targets import model_output
+from medlens.core.engine import explain, normalise
 from medlens.errors import MedlensError
 from medlens.io.atomic import atomic_path
 from medlens.methods.vit import vit_relevance
-from medlens.tokens import default_token_layer
+from medlens.core.tokens import default_token_layer
 
 PAPER_METHODS = ("attention", "gradcam", "chefer")
 MAP_SIZE = (224, 224)

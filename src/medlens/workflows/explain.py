@@ -20,9 +20,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from medlens.boxes import argmax_cell_box, component_regions
-from medlens.capture import resolve_layer
-from medlens.engine import Explanation, explain, get_method, upsample
+from medlens.core.boxes import argmax_cell_box, component_regions
+from medlens.core.capture import resolve_layer
+from medlens.core.engine import Explanation, explain, get_method, upsample
 from medlens.errors import MedlensError, one_line
 from medlens.io.atomic import atomic_path, write_text
 from medlens.io.loading import Loaded, iter_inputs, plan_inputs

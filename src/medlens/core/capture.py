@@ -89,12 +89,12 @@ def trace_layers(model: nn.Module, x: Tensor) -> list[LayerInfo]:
 def auto_layer(model: nn.Module, x: Tensor) -> str:
     """The last layer whose output is still a feature map of the input's rank (B, C, *spatial).
 
-    Transformers get their last block's first norm (see :func:`medlens.tokens.default_token_layer`).
+    Transformers get their last block's first norm (see :func:`medlens.core.tokens.default_token_layer`).
     Adaptive pooling heads are skipped. A ResNet gives ``layer4``, a VGG its ``features``. For a
     segmentation network the output layer itself is spatial: the deepest spatial layer
     (smallest map) is chosen instead, the bottleneck that holds the semantics.
     """
-    from medlens.tokens import default_token_layer
+    from medlens.core.tokens import default_token_layer
 
     token_layer = default_token_layer(model)
     if token_layer is not None:

@@ -28,9 +28,11 @@ from torch import Tensor, nn
 
 from medlens.errors import MedlensError
 from medlens.io.atomic import atomic_path
-from medlens.io.loading import first_line
+from medlens.io.loaded import first_line
 
-__all__ = ["build_model", "load_weights", "save_weights", "read_state_dict", "parse_spec"]
+from medlens.models.phantom import PhantomNet, phantom_net  # noqa: E402
+
+__all__ = ["PhantomNet", "phantom_net", "build_model", "load_weights", "save_weights", "read_state_dict", "parse_spec"]
 
 #: Small defaults for MONAI networks whose constructors need them (a user's kwargs win).
 MONAI_DEFAULTS: dict[str, dict[str, Any]] = {

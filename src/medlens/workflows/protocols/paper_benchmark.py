@@ -10,7 +10,7 @@ reproduces the paper's outputs:
 - pointing-game and IoU@{5,10,20,40} tables with methods as rows and initialisations as
   columns, one CSV per dataset and metric: ``out/<dataset>_<metric>.csv`` (means over images).
 
-The maps follow :mod:`medlens.protocols.attention_paper` (class-1 target for binary models, the
+The maps follow :mod:`medlens.workflows.protocols.attention_paper` (class-1 target for binary models, the
 paper's attention / Grad-CAM / Chefer conventions) for ViTs; any other registered method, or a
 non-ViT model, is explained with :func:`medlens.explain` under the same target rule, resized to
 224x224 and min-max normalised. The IoU box is ONE box around all top-k% pixels (ties included)
@@ -27,8 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from medlens.boxes import box_around
-from medlens.engine import explain, normalise
+from medlens.core.boxes import box_around
+from medlens.core.engine import explain, normalise
 from medlens.errors import MedlensError
 from medlens.io.atomic import atomic_path
 from medlens.metrics.localisation import PAPER_PERCENTAGES, pointing_game, topk_box_iou
@@ -76,8 +76,8 @@ def load_pairs(images: str | Path, masks: str | Path, channels: int = 3,
 def paper_benchmark_maps(model: nn.Module, x: Tensor, method: str) -> Tensor:
     """(B, 224, 224) maps under the paper's conventions (see the module docstring)."""
     try:
-        from medlens.protocols.attention_paper import PAPER_METHODS, paper_maps
-        from medlens.tokens import default_token_layer
+        from medlens.workflows.protocols.attention_paper import PAPER_METHODS, paper_maps
+        from medlens.core.tokens import default_token_layer
 
         is_vit = default_token_layer(model) is not None
     except ImportError:  # the protocol module is optional

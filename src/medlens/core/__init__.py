@@ -1,0 +1,1 @@
+"""The engine: capture, targets, tokens, resampling, attention capture, boxes and explain()."""

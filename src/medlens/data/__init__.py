@@ -1,0 +1,1 @@
+"""Datasets, splits, transforms, input preparation and phantoms."""

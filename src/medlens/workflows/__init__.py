@@ -1,0 +1,1 @@
+"""Workflows over files: explain, evaluate, demo and the paper protocols."""
