@@ -84,6 +84,8 @@ def explain_command(
     option: list[str] = typer.Option([], "--option", help="further method option key=value; repeatable"),
     policy: Optional[str] = typer.Option(None, "--policy", help="DICOM header policy that refuses files not fitting the model, e.g. chest-radiograph"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace results already in --out"),
+    dicom_out: Optional[str] = typer.Option(None, "--dicom-out", help="DICOM inputs: also write pm,seg,sr,sc (Parametric Map, Segmentation, SR, Secondary Capture) or all"),
+    threshold: Optional[float] = typer.Option(None, "--threshold", help="region of each map at or above this value (0..1) for boxes and segments; default: --box-fraction"),
 ) -> None:
     """Explain a model's decisions on images and volumes; writes overlays, maps, boxes and index.html."""
     from medlens.workflows.explain import explain_inputs
@@ -96,6 +98,10 @@ def explain_command(
     if size_tuple is not None and len(size_tuple) == 1:
         size_tuple = size_tuple * dims
     try:
+        if dicom_out:  # refused before the model is built: unknown object types, non-DICOM inputs
+            from medlens.workflows.explain import dicom_options
+
+            dicom_options(inputs, [dicom_out], threshold, box_fraction)
         net = load_model(model, weights, num_classes, in_channels, dims, device)
         header_policy = _policy(policy)
         summary = explain_inputs(
@@ -103,11 +109,16 @@ def explain_command(
             size=size_tuple, normalize=normalize, batch_size=batch_size,
             class_names=class_names.split(",") if class_names else None, cmap=cmap, alpha=alpha,
             box_fraction=box_fraction, overwrite=overwrite, policy=header_policy, method_options=options,
+            dicom_out=[dicom_out] if dicom_out else (), threshold=threshold,
         )
     except (MedlensError, RuntimeError) as error:  # RuntimeError: the model itself failed on the input
         fail(one_line(error))
     images = len({r["source"] for r in summary.written})
     typer.echo(f"explained {images} input(s) with {', '.join(method)}; results in {out / 'index.html'}")
+    for record in summary.written:  # DICOM inputs without a PM's geometry, or a failed DICOM write
+        for key in ("skipped", "error"):
+            if (record.get("dicom") or {}).get(key):
+                typer.secho(f"dicom-out: {record['dicom'][key]}", fg=typer.colors.YELLOW, err=True)
     for path, reason in summary.bad:
         typer.secho(f"skipped: {reason}" if str(path) in reason else f"skipped {path}: {reason}", fg=typer.colors.YELLOW, err=True)
     if not summary.written:

@@ -491,3 +491,46 @@ def write_dicom(
             record["sc"].append(_save(sc, out / f"{stem}_sc_c{k}.dcm", ds0))
     return record
 
+
+
+def check_dicom_inputs(plan: Sequence[tuple[Path, Any]]) -> None:
+    """Refuse (one line) a run with ``--dicom-out`` that names a NIfTI or picture input; folders pass."""
+    from medlens.io.loaded import _is_dicom
+
+    for path, problem in plan:
+        path = Path(path)
+        if problem is None and not path.is_dir() and not _is_dicom(path):
+            raise MedlensError(f"{path}: --dicom-out writes DICOM objects for DICOM inputs only (files or series "
+                               "folders); this input is not DICOM. Drop --dicom-out or this input")
+
+
+def write_for_record(
+    out: Path, meta: dict[str, Any], maps: torch.Tensor, record: dict[str, Any], result: Any, i: int,
+    kinds: Sequence[str], threshold: float | None, box_fraction: float, class_names: Sequence[str] | None,
+    fractional: bool = False,
+) -> dict[str, Any]:
+    """The runner's hook: write_dicom for one input and method from its JSON ``record`` and Explanation.
+
+    Errors become ``{"error": reason}`` so that one bad header does not stop the run.
+    """
+    from PIL import Image
+
+    try:
+        logits = result.logits[i].detach().float().cpu()
+        probabilities = torch.softmax(logits, 0).tolist() if result.task == "classification" else None
+        everyone = list(class_names) if class_names else [f"class {c}" for c in range(logits.numel())]
+        raw = result.raw[i].detach().float().cpu()
+        raw_ranges = [(float(raw[k].min()), float(raw[k].max())) for k in range(raw.shape[0])]
+        overlays = [np.asarray(Image.open(out / t["png"]).convert("RGB")) for t in record["targets"]]
+        stem = Path(record["npy"]).stem
+        return write_dicom(
+            out, meta, maps, method=record["method"], class_names=[t["name"] for t in record["targets"]], kinds=kinds,
+            layers=record.get("layers") or (), stem=stem, predicted_name=record.get("predicted_name"),
+            probabilities=probabilities, all_class_names=everyone, boxes=[t["boxes"] for t in record["targets"]],
+            raw_ranges=raw_ranges if len(raw_ranges) == maps.shape[0] else None, overlays=overlays,
+            threshold=threshold, box_fraction=box_fraction, fractional=fractional,
+        )
+    except (MedlensError, ValueError, TypeError, KeyError, AttributeError, IndexError, OSError) as error:
+        from medlens.errors import one_line
+
+        return {"error": f"{meta.get('source')}: DICOM output failed: {one_line(error)}"}

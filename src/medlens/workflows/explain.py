@@ -154,12 +154,17 @@ def explain_inputs(
     policy: Any = None,
     method_options: dict[str, Any] | None = None,
     progress: bool = True,
+    dicom_out: Sequence[str] = (),
+    threshold: float | None = None,
 ) -> RunSummary:
     """Explain every input and write overlays, maps, boxes and ``index.html`` to ``out_dir``.
 
     Returns:
         A :class:`RunSummary` listing what was written and the bad inputs (path, reason).
+        ``dicom_out`` (any of pm, seg, sr, sc) also writes DICOM objects per DICOM input
+        (:mod:`medlens.io.dicom_out`); ``threshold`` then picks the boxed and segmented region.
     """
+    dicom = dicom_options(inputs, dicom_out, threshold, box_fraction)
     for method in methods:  # argument errors stop the run before any file is read
         get_method(method, **(method_options or {}))
     for name in [layer] if isinstance(layer, str) else list(layer or []):
@@ -203,7 +208,7 @@ def explain_inputs(
                 summary.bad.extend((p.path, f"{method}: {one_line(error)}") for p in batch)
                 continue
             for i, item in enumerate(batch):
-                summary.written.append(_write_one(out, item, result, i, method, class_names, cmap, alpha, box_fraction))
+                summary.written.append(_write_one(out, item, result, i, method, class_names, cmap, alpha, box_fraction, dicom))
         bar.update(len(batch))
     bar.close()
     _write_index(out, summary)
@@ -216,7 +221,7 @@ def explain_inputs(
 
 def _write_one(
     out: Path, item: Prepared, result: Explanation, i: int, method: str,
-    class_names: Sequence[str] | None, cmap: str, alpha: float, box_fraction: float,
+    class_names: Sequence[str] | None, cmap: str, alpha: float, box_fraction: float, dicom: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     stem = f"{item.stem}_{method.replace('+', 'p')}"
     spatial = tuple(item.display.shape[1:])
@@ -240,7 +245,8 @@ def _write_one(
     for k in range(maps.shape[0]):
         cls = classes[min(k, len(classes) - 1)]
         heat = maps[k]
-        regions = component_regions(heat, fraction=box_fraction)
+        regions = component_regions(heat, threshold=dicom["threshold"]) if dicom and dicom["threshold"] is not None \
+            else component_regions(heat, fraction=box_fraction)
         cell = argmax_cell_box(result.raw[i, k], spatial) if result.raw.dim() == result.maps.dim() else None
         boxes = [r["box"] for r in regions]
         png = f"{stem}_c{cls}" + (f"_head{k}" if per_head else "") + ".png"
@@ -252,8 +258,26 @@ def _write_one(
             "boxes": [{"box": [int(v) for v in r["box"]], "peak": float(r.get("peak", 0.0))} for r in regions],
             "argmax_cell_box": [int(v) for v in cell] if cell is not None else None,
         })
+    if dicom:
+        from medlens.io.dicom_out import write_for_record
+
+        record["dicom"] = write_for_record(out, item.loaded.meta, maps.cpu(), record, result, i, dicom["kinds"],
+                                           dicom["threshold"], box_fraction, class_names)
     write_text(out / f"{stem}.json", json.dumps(record, indent=2))
     return record
+
+
+def dicom_options(inputs: Sequence[str | Path], kinds: Sequence[str], threshold: float | None, box_fraction: float):
+    """``--dicom-out`` checked before anything runs: known object types, DICOM inputs only."""
+    if not kinds:
+        return None
+    from medlens.io.dicom_out import check_dicom_inputs, parse_kinds
+
+    if threshold is not None and not 0.0 <= float(threshold) <= 1.0:
+        raise MedlensError(f"--threshold {threshold} must be in [0, 1] (maps are normalised)")
+    chosen = parse_kinds(list(kinds))
+    check_dicom_inputs(plan_inputs(inputs))
+    return {"kinds": chosen, "threshold": threshold}
 
 
 def _write_index(out: Path, summary: RunSummary) -> None:
