@@ -417,3 +417,15 @@ def test_cli_dicom_out(tmp_path):
     assert result.exit_code == 2
     assert len(result.output.strip().splitlines()) == 1 and "DICOM inputs only" in result.output
     assert not (tmp_path / "refused").exists()
+
+
+def test_threshold_alone_sets_the_boxes(tmp_path):
+    from medlens.core.boxes import component_regions
+
+    path = Path(get_testdata_file("CT_small.dcm"))
+    [record] = explain_inputs(model(2), [path], tmp_path / "out", size=(64, 64), threshold=0.7, progress=False).written
+    assert "dicom" not in record
+    heat = torch.from_numpy(np.load(tmp_path / "out" / record["npy"]))[0]
+    assert [b["box"] for b in record["targets"][0]["boxes"]] == [r["box"] for r in component_regions(heat, threshold=0.7)]
+    with pytest.raises(MedlensError, match="--threshold"):
+        explain_inputs(model(2), [path], tmp_path / "other", threshold=1.5, progress=False)

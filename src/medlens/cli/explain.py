@@ -98,10 +98,10 @@ def explain_command(
     if size_tuple is not None and len(size_tuple) == 1:
         size_tuple = size_tuple * dims
     try:
-        if dicom_out:  # refused before the model is built: unknown object types, non-DICOM inputs
+        if dicom_out or threshold is not None:  # refused before the model is built: unknown object types, non-DICOM inputs
             from medlens.workflows.explain import dicom_options
 
-            dicom_options(inputs, [dicom_out], threshold, box_fraction)
+            dicom_options(inputs, [dicom_out] if dicom_out else [], threshold)
         net = load_model(model, weights, num_classes, in_channels, dims, device)
         header_policy = _policy(policy)
         summary = explain_inputs(

@@ -164,7 +164,7 @@ def explain_inputs(
         ``dicom_out`` (any of pm, seg, sr, sc) also writes DICOM objects per DICOM input
         (:mod:`medlens.io.dicom_out`); ``threshold`` then picks the boxed and segmented region.
     """
-    dicom = dicom_options(inputs, dicom_out, threshold, box_fraction)
+    dicom = dicom_options(inputs, dicom_out, threshold)
     for method in methods:  # argument errors stop the run before any file is read
         get_method(method, **(method_options or {}))
     for name in [layer] if isinstance(layer, str) else list(layer or []):
@@ -258,7 +258,7 @@ def _write_one(
             "boxes": [{"box": [int(v) for v in r["box"]], "peak": float(r.get("peak", 0.0))} for r in regions],
             "argmax_cell_box": [int(v) for v in cell] if cell is not None else None,
         })
-    if dicom:
+    if dicom and dicom["kinds"]:
         from medlens.io.dicom_out import write_for_record
 
         record["dicom"] = write_for_record(out, item.loaded.meta, maps.cpu(), record, result, i, dicom["kinds"],
@@ -267,14 +267,14 @@ def _write_one(
     return record
 
 
-def dicom_options(inputs: Sequence[str | Path], kinds: Sequence[str], threshold: float | None, box_fraction: float):
-    """``--dicom-out`` checked before anything runs: known object types, DICOM inputs only."""
-    if not kinds:
-        return None
-    from medlens.io.dicom_out import check_dicom_inputs, parse_kinds
-
+def dicom_options(inputs: Sequence[str | Path], kinds: Sequence[str], threshold: float | None):
+    """``--dicom-out`` checked before anything runs (known object types, DICOM inputs only) and ``--threshold``."""
     if threshold is not None and not 0.0 <= float(threshold) <= 1.0:
         raise MedlensError(f"--threshold {threshold} must be in [0, 1] (maps are normalised)")
+    if not kinds:
+        return None if threshold is None else {"kinds": (), "threshold": threshold}
+    from medlens.io.dicom_out import check_dicom_inputs, parse_kinds
+
     chosen = parse_kinds(list(kinds))
     check_dicom_inputs(plan_inputs(inputs))
     return {"kinds": chosen, "threshold": threshold}
