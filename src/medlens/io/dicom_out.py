@@ -267,16 +267,16 @@ def _regions(source: Source, box: Sequence[int], shape3d: bool):
 
     if shape3d:
         z0, y0, x0, z1, y1, x1 = (int(v) for v in box)
-        slices = range(z0, z1)
     else:
-        y0, x0, y1, x1 = (int(v) for v in box)
-        slices = range(0, 1)
-        z0 = z1 = 0
-    rectangle = np.array([[x0, y0], [x1, y0], [x1, y1], [x0, y1], [x0, y0]], dtype=np.float64)
+        (y0, x0, y1, x1), z0, z1 = (int(v) for v in box), 0, 1
+    rows, columns = int(source.datasets[0].Rows), int(source.datasets[0].Columns)
+    if min(z0, y0, x0) < 0 or z1 > len(source.order) or y1 > rows or x1 > columns:
+        raise MedlensError(f"box {list(box)} lies outside the input ({len(source.order)} x {rows} x {columns}); "
+                           "give boxes at the input's own size")
+    slices = range(z0, z1)
+    rectangle = np.array([[x0, y0], [x1, y0], [x1, y1], [x0, y1], [x0, y0]], dtype=np.float64)  # pixel edges
     position = {tensor_index: j for j, tensor_index in enumerate(source.order)}
     regions = []
-    if z0 < 0 or z1 > len(position) if shape3d else False:
-        raise MedlensError(f"box {list(box)} lies outside the input's {len(position)} slices; give boxes at the input's size")
     for z in slices:
         j = position[z]
         ds = source.datasets[0] if source.multiframe else source.datasets[j]
