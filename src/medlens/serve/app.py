@@ -19,6 +19,7 @@ one model are serialised by a lock, so hooks never interleave.
 from __future__ import annotations
 
 import gzip
+import hashlib
 import hmac
 import io
 import json
@@ -441,6 +442,7 @@ class Server:
             "prediction": {"class": pred, "name": name_of(pred), "probability": float(probs[pred])},
             "probabilities": [{"class": i, "name": name_of(i), "probability": float(p)} for i, p in enumerate(probs.tolist())],
             "targets": targets, "shape": list(spatial),
+            "map_sha256": hashlib.sha256(maps.numpy().astype(np.float32).tobytes()).hexdigest(),
             "downloads": {
                 "raw": f"/api/maps/{map_id}/raw", "npy": f"/api/maps/{map_id}.npy", "png": f"/api/maps/{map_id}.png",
             },
