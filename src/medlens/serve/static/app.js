@@ -99,7 +99,7 @@
       out.data[o] = R; out.data[o + 1] = G; out.data[o + 2] = B; out.data[o + 3] = 255;
     }
     octx.putImageData(out, 0, 0);
-    const box = shape.length === 3 ? 230 : (S.panels.length > 1 ? 400 : 520), scale = Math.min(box / w, box / h);
+    const box = shape.length === 3 ? (S.panels.length > 1 ? 178 : 240) : (S.panels.length > 1 ? 440 : 560), scale = Math.min(box / w, box / h);
     canvas.width = Math.round(w * scale); canvas.height = Math.round(h * scale);
     const ctx = canvas.getContext("2d");
     ctx.imageSmoothingEnabled = scale < 1;
@@ -153,18 +153,20 @@
     }
     div.appendChild(row);
     if (r) {
+      const info = document.createElement("div"); info.className = "info";
       const bars = document.createElement("div"); bars.className = "bars";
       for (const p of r.probabilities.slice(0, 6)) bars.innerHTML += `<div class="bar"><span class="name">${p.name}</span><div class="track"><div class="fill" style="width:${100 * p.probability}%"></div></div><span class="pct">${pct(p.probability)}</span></div>`;
-      div.appendChild(bars);
+      info.appendChild(bars); div.appendChild(info);
       if (r.metrics) {
         const table = document.createElement("table"); table.className = "metrics";
-        const keep = ["pointing_game", "energy_pointing_game", "relevance_mass", "relevance_rank_accuracy", "auroc", "average_precision", "iou@0.5", "dice@0.5"];
-        const keys = Object.keys(r.metrics).filter((k) => keep.includes(k) || k.startsWith("iou") || k.startsWith("dice")).slice(0, 10);
-        for (const k of keys.length ? keys : Object.keys(r.metrics).slice(0, 10)) {
+        const keep = ["pointing_game", "energy_pointing_game", "relevance_mass", "dice@0.5", "iou@10", "auroc"];
+        const keys = keep.filter((k) => k in r.metrics);
+        for (const k of keys.length ? keys : Object.keys(r.metrics).slice(0, 6)) {
           const v = r.metrics[k]; table.innerHTML += `<tr><td>${k.replace(/_/g, " ")}</td><td>${v === null ? "n/a" : v.toFixed(3)}</td></tr>`;
         }
+        const box = document.createElement("div");
         const caption = document.createElement("div"); caption.className = "muted"; caption.textContent = "Scores against the ground truth";
-        div.appendChild(caption); div.appendChild(table);
+        box.appendChild(caption); box.appendChild(table); info.appendChild(box);
       }
       const dl = document.createElement("div"); dl.className = "downloads"; dl.append("Download: ");
       for (const [kind, href] of Object.entries(r.downloads)) {
