@@ -269,3 +269,31 @@ def test_load_concurrent_clients_match_sequential(server):
     assert not errors and len(digests) == 200
     assert all(d == expected[m] for m, d in digests)
     assert last_npy and all(b == reference_npy for b in last_npy)
+
+
+def test_nifti_declaring_huge_volume_is_refused(server):
+    import gzip
+
+    import nibabel as nib
+
+    header = nib.Nifti1Header()
+    header.set_data_dtype(np.uint8)
+    header.set_data_shape((4000, 4000, 4000))
+    raw = header.binaryblock + b"\0" * 4 + b"\0" * 1024  # vox_offset 352: header, extension flag, some data
+    r = server.post("/api/open", files={"file": ("bomb.nii.gz", gzip.compress(raw))})
+    assert r.status_code == 413 and "voxels" in r.json()["detail"]
+    alive(server)
+
+
+def test_busy_model_answers_503_not_a_hang(data_dir):
+    limits = Limits(lock_timeout=0.2)
+    model = served_model("medlens.models:phantom_net", dims=2, size=(32, 32), name="m")
+    app = create_app(model, data_dir=data_dir, limits=limits)
+    with background_server(app) as url, httpx.Client(base_url=url, timeout=30) as client:
+        model.lock.acquire()  # another request holding the model
+        try:
+            r = client.post("/api/explain", data={"path": "mri/1841.jpg", "model": "m"})
+        finally:
+            model.lock.release()
+        assert r.status_code == 503 and "busy" in r.json()["detail"]
+        assert client.post("/api/explain", data={"path": "mri/1841.jpg", "model": "m"}).status_code == 200

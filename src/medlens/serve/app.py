@@ -93,6 +93,8 @@ class Limits:
     zip_total: int = 2048 * MB  # total uncompressed bytes of a zip upload
     zip_ratio: float = 200.0  # largest compression ratio of any member
     zip_members: int = 2000
+    max_voxels: int = 256 * 1024 * 1024  # voxels a NIfTI header may declare
+    lock_timeout: float = 300.0  # seconds a request waits for a model busy with others
 
 
 def parse_bytes(text: str | int) -> int:
@@ -354,10 +356,11 @@ class Server:
                     shutil.rmtree(work, ignore_errors=True)
         return self._read(path, relative)
 
-    @staticmethod
-    def _read(path: Path, name: str) -> Opened:
+    def _read(self, path: Path, name: str) -> Opened:
         from medlens.io.loading import read_image
 
+        if path.is_file() and path.name.lower().endswith((".nii", ".nii.gz")):
+            self._check_nifti_size(path, name)
         try:
             loaded = read_image(path)
             display = loaded.display().float().clamp(0, 1)
@@ -369,6 +372,19 @@ class Server:
             raise HTTPProblem(400, f"{name}: expected a 2D image or a 3D volume")
         loaded.meta["source"] = name
         return Opened(name, loaded, display)
+
+    def _check_nifti_size(self, path: Path, name: str) -> None:
+        """Refuse a NIfTI whose header declares more voxels than ``limits.max_voxels`` (a
+        gzip bomb would otherwise be decompressed into memory by the reader)."""
+        import nibabel as nib
+
+        try:
+            shape = nib.load(str(path)).shape
+        except Exception as error:
+            raise HTTPProblem(400, f"{name}: not a readable NIfTI header ({one_line(error)})") from None
+        voxels = int(np.prod([int(v) for v in shape], dtype=np.float64))
+        if voxels > self.limits.max_voxels:
+            raise HTTPProblem(413, f"{name}: declares {voxels} voxels; at most {self.limits.max_voxels} are accepted")
 
     def describe_image(self, image_id: str, opened: Opened) -> dict[str, Any]:
         meta = opened.loaded.meta
@@ -410,8 +426,15 @@ class Server:
         if region_value is not None:
             region_t = _scale_box(region_value, opened.display.shape[1:], x.shape[2:])
         try:
-            with served.lock:  # hooks of two requests never interleave on one model
+            # hooks of two requests never interleave on one model; a request never waits forever
+            if not served.lock.acquire(timeout=self.limits.lock_timeout):
+                raise HTTPProblem(503, f"model {model_name!r} stayed busy for {self.limits.lock_timeout:.0f} s; try again")
+            try:
                 result = explain(served.model, x, method, target=target or "pred", layer=layer or None, region=region_t)
+            finally:
+                served.lock.release()
+        except HTTPProblem:
+            raise
         except MedlensError as error:
             raise HTTPProblem(400, str(error)) from None
         except Exception as error:  # the model itself failed: a 500 with its message, never a hang
