@@ -297,3 +297,62 @@ def test_busy_model_answers_503_not_a_hang(data_dir):
             model.lock.release()
         assert r.status_code == 503 and "busy" in r.json()["detail"]
         assert client.post("/api/explain", data={"path": "mri/1841.jpg", "model": "m"}).status_code == 200
+
+
+def test_model_from_a_training_run_folder(tmp_path):
+    import json as json_lib
+
+    import yaml
+
+    from medlens.models import build_model, save_weights
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text(yaml.safe_dump({
+        "name": "t", "task": "classification", "model": {"spec": "medlens.models:phantom_net"},
+        "data": {"in_channels": 1, "image_size": [48, 48]},
+    }))
+    (run / "metrics.json").write_text(json_lib.dumps({"classes": ["glioma", "meningioma", "pituitary"]}))
+    torch.manual_seed(1)
+    trained = build_model("medlens.models:phantom_net", num_classes=3, in_channels=1, spatial_dims=2)
+    save_weights(trained, run / "best.safetensors")
+    served = served_model(str(run))
+    assert served.name == "run" and served.size == (48, 48) and served.dims == 2
+    assert served.classes() == ["glioma", "meningioma", "pituitary"]
+    assert torch.equal(served.model.fc.weight, trained.fc.weight)
+    with pytest.raises(Exception, match="only .pt"):
+        served_model("medlens.models:phantom_net", weights=str(run / "config.yaml"))
+
+
+@pytest.mark.slow  # a fresh interpreter imports torch: ~10-20 s on a loaded machine
+def test_cli_serves_on_loopback(data_dir, tmp_path):
+    """`medlens serve` as a real process: it answers on 127.0.0.1 and stops cleanly."""
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = dict(__import__("os").environ, PYTHONPATH=str(Path(__file__).resolve().parents[1] / "src"), OMP_NUM_THREADS="1")
+    code = "from medlens.cli import app; app()"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code, "serve", "--port", str(port), "--data", str(data_dir), "--size", "32", "--class-names", "a,b"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                models = httpx.get(f"http://127.0.0.1:{port}/api/models", timeout=2).json()
+                break
+            except httpx.HTTPError:
+                assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read().decode() if proc.poll() is not None else "no answer"
+                time.sleep(0.3)
+        assert models[0]["classes"] == ["a", "b"] and models[0]["size"] == [32, 32]
+        r = httpx.post(f"http://127.0.0.1:{port}/api/explain", data={"path": "mri/1841.jpg"}, timeout=60)
+        assert r.status_code == 200 and r.json()["prediction"]["name"] in ("a", "b")
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)

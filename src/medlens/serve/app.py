@@ -829,11 +829,16 @@ def served_model(
             raise MedlensError(f"{run}/config.yaml names no model.spec")
         kwargs = dict(model_cfg.get("kwargs") or {})
         in_channels = int(data_cfg.get("in_channels", in_channels))
-        num_classes = int(model_cfg.get("num_classes", data_cfg.get("num_classes", num_classes)))
+        trained: dict[str, Any] = {}
+        if (run / "metrics.json").is_file():
+            trained = json.loads((run / "metrics.json").read_text()) or {}
+        classes = trained.get("classes") or data_cfg.get("class_names") or config.get("class_names")
+        num_classes = int(model_cfg.get("num_classes") or (len(classes) if classes else num_classes))
+        dims = 3 if config.get("task") == "segmentation" and not data_cfg.get("slices") else 2
         if size is None and data_cfg.get("image_size"):
             size = tuple(int(v) for v in data_cfg["image_size"])
-            dims = len(size)
-        class_names = class_names or data_cfg.get("class_names") or config.get("class_names")
+            dims = len(size) if len(size) in (2, 3) else dims
+        class_names = class_names or classes
         if weights is None and (run / "best.safetensors").is_file():
             weights = str(run / "best.safetensors")
         spec = spec_text
