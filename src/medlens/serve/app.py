@@ -473,6 +473,7 @@ class Server:
         }
         if dims == 3:
             answer["downloads"]["nifti"] = f"/api/maps/{map_id}.nii.gz"
+        answer["ground_truth_box"] = truth_box
         if truth_mask is not None or truth_box is not None:
             answer["metrics"] = _metrics(maps[:1], truth_mask, truth_box, spatial)
         return answer

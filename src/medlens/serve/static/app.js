@@ -111,6 +111,14 @@
         if (rect) ctx.strokeRect(rect[1] * scale, rect[0] * scale, (rect[3] - rect[1]) * scale, (rect[2] - rect[0]) * scale);
       }
     }
+    if (panel && panel.result.ground_truth_box) {  // the ground-truth box, dashed
+      const rect = boxOnPlane(panel.result.ground_truth_box, shape, axis, index);
+      if (rect) {
+        ctx.setLineDash([6, 4]); ctx.lineWidth = 2; ctx.strokeStyle = "#ffffff";
+        ctx.strokeRect(rect[1] * scale, rect[0] * scale, (rect[3] - rect[1]) * scale, (rect[2] - rect[0]) * scale);
+        ctx.setLineDash([]);
+      }
+    }
     if (shape.length === 3) {  // linked crosshair
       const others = [0, 1, 2].filter((a) => a !== axis), ry = (S.point[others[0]] + 0.5) * scale, cx = (S.point[others[1]] + 0.5) * scale;
       ctx.strokeStyle = "rgba(255,209,102,0.8)"; ctx.lineWidth = 1; ctx.beginPath();
