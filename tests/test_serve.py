@@ -85,6 +85,7 @@ def test_listings_and_openapi(server):
     assert {"/api/explain", "/api/open", "/api/models", "/api/files"} <= set(schema["paths"])
     page = server.get("/")
     assert page.status_code == 200 and "medlens" in page.text
+    assert "script-src 'self'" in page.headers["content-security-policy"] and page.headers["x-frame-options"] == "DENY"
     assert server.get("/static/app.js").status_code == 200
 
 

@@ -55,7 +55,8 @@ def browser():
 
 @pytest.fixture
 def page(browser, url):
-    page = browser.new_page(viewport={"width": 1400, "height": 820})
+    # bypass_csp: Playwright evaluates its wait predicates with eval, which the page's CSP forbids
+    page = browser.new_page(viewport={"width": 1400, "height": 820}, bypass_csp=True)
     page.goto(url + "/")
     page.wait_for_function("document.querySelectorAll('#method option').length > 3")
     yield page

@@ -548,7 +548,9 @@ def create_app(
     limits = limits or Limits()
     limits.max_upload = parse_bytes(max_upload)
     state = Server([models] if isinstance(models, ServedModel) else list(models), data_dir, token, limits)
-    app = FastAPI(title="medlens serve", version="1", description="Explain medical imaging models in the browser.")
+    # no /docs or /redoc: they would load Swagger from a CDN; the schema is at /openapi.json
+    app = FastAPI(title="medlens serve", version="1", description="Explain medical imaging models in the browser.",
+                  docs_url=None, redoc_url=None)
     app.state.medlens = state
 
     @app.exception_handler(HTTPProblem)
@@ -565,6 +567,10 @@ def create_app(
     @app.get("/", include_in_schema=False)
     def index():
         return FileResponse(STATIC / "index.html", media_type="text/html")
+
+    @app.get("/favicon.ico", include_in_schema=False)
+    def favicon():
+        return Response(status_code=204)
 
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
@@ -772,6 +778,7 @@ class _Guard:
             nonlocal started
             if message["type"] == "http.response.start":
                 started = True
+                message = dict(message, headers=list(message.get("headers", [])) + SECURITY_HEADERS)
             await send(message)
 
         try:
@@ -779,6 +786,16 @@ class _Guard:
         except _TooLarge:
             if not started:
                 await _plain(send, 413, f"request body larger than --max-upload ({self.max_body} bytes)")
+
+
+#: sent with every response: no framing, no MIME sniffing, scripts only from the server itself
+SECURITY_HEADERS = [
+    (b"x-content-type-options", b"nosniff"),
+    (b"x-frame-options", b"DENY"),
+    (b"referrer-policy", b"no-referrer"),
+    (b"content-security-policy", b"default-src 'self'; img-src 'self' blob: data:; style-src 'self' 'unsafe-inline'; "
+                                 b"script-src 'self'; connect-src 'self'; frame-ancestors 'none'"),
+]
 
 
 class _TooLarge(Exception):

@@ -134,17 +134,18 @@
     return [lo[keep[0]], lo[keep[1]], hi[keep[0]], hi[keep[1]]];
   }
 
+  const esc = (text) => String(text).replace(/[&<>"']/g, (c) => ({ "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;" })[c]);
   function pct(p) { return (100 * p).toFixed(1) + "%"; }
   function panelElement(panel, i) {
     const div = document.createElement("div"); div.className = "panel"; div.dataset.method = panel ? panel.result.method : "";
     const r = panel && panel.result;
     if (r) {
-      const layer = r.layers.length ? r.layers.join(", ") + (r.auto_layer ? " (auto)" : "") : "input";
+      const layer = esc(r.layers.length ? r.layers.join(", ") + (r.auto_layer ? " (auto)" : "") : "input");
       const t = r.targets[0];
-      div.innerHTML = `<h3>${r.method} <span class="layer">· ${r.model} · ${layer}</span></h3>
-        <p class="prediction">Prediction <b class="pred-name">${r.prediction.name}</b> · probability <b class="pred-prob">${pct(r.prediction.probability)}</b>${t && t.class !== r.prediction.class ? ` · explaining <b>${t.name}</b>` : ""}</p>`;
+      div.innerHTML = `<h3>${esc(r.method)} <span class="layer">· ${esc(r.model)} · ${layer}</span></h3>
+        <p class="prediction">Prediction <b class="pred-name">${esc(r.prediction.name)}</b> · probability <b class="pred-prob">${pct(r.prediction.probability)}</b>${t && t.class !== r.prediction.class ? ` · explaining <b>${esc(t.name)}</b>` : ""}</p>`;
     } else {
-      div.innerHTML = `<h3>${S.image.name} <span class="layer">· not explained yet</span></h3><p class="prediction">Choose a model and method, then Explain.</p>`;
+      div.innerHTML = `<h3>${esc(S.image.name)} <span class="layer">· not explained yet</span></h3><p class="prediction">Choose a model and method, then Explain.</p>`;
     }
     const row = document.createElement("div"); row.className = "canvases";
     const axes = S.image.dims === 3 ? [0, 1, 2] : [0];
@@ -163,14 +164,14 @@
     if (r) {
       const info = document.createElement("div"); info.className = "info";
       const bars = document.createElement("div"); bars.className = "bars";
-      for (const p of r.probabilities.slice(0, 6)) bars.innerHTML += `<div class="bar"><span class="name">${p.name}</span><div class="track"><div class="fill" style="width:${100 * p.probability}%"></div></div><span class="pct">${pct(p.probability)}</span></div>`;
+      for (const p of r.probabilities.slice(0, 6)) bars.innerHTML += `<div class="bar"><span class="name">${esc(p.name)}</span><div class="track"><div class="fill" style="width:${100 * p.probability}%"></div></div><span class="pct">${pct(p.probability)}</span></div>`;
       info.appendChild(bars); div.appendChild(info);
       if (r.metrics) {
         const table = document.createElement("table"); table.className = "metrics";
         const keep = ["pointing_game", "energy_pointing_game", "relevance_mass", "dice@0.5", "iou@10", "auroc"];
         const keys = keep.filter((k) => k in r.metrics);
         for (const k of keys.length ? keys : Object.keys(r.metrics).slice(0, 6)) {
-          const v = r.metrics[k]; table.innerHTML += `<tr><td>${k.replace(/_/g, " ")}</td><td>${v === null ? "n/a" : v.toFixed(3)}</td></tr>`;
+          const v = r.metrics[k]; table.innerHTML += `<tr><td>${esc(k.replace(/_/g, " "))}</td><td>${v === null ? "n/a" : v.toFixed(3)}</td></tr>`;
         }
         const box = document.createElement("div");
         const caption = document.createElement("div"); caption.className = "muted"; caption.textContent = "Scores against the ground truth";
