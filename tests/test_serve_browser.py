@@ -153,3 +153,26 @@ def save_screenshot(page, target: Path) -> None:
     page.evaluate("window.scrollTo(0, 0); const t = document.getElementById('threshold'); t.value = 0.2; t.dispatchEvent(new Event('input'))")
     image = Image.open(io.BytesIO(page.screenshot(full_page=False))).convert("RGB")
     image.quantize(colors=192, method=Image.Quantize.MEDIANCUT).save(target, optimize=True)
+
+
+def test_page_works_under_its_csp_with_a_token(browser, tmp_path):
+    """No CSP bypass here: the page runs with its own Content-Security-Policy and sends the
+    bearer token from the URL fragment; waits use selectors only (no eval)."""
+    data = tmp_path / "data"
+    data.mkdir()
+    shutil.copy(shared_path("hippocampus", "imagesTr", "hippocampus_001.nii.gz"), data / "volume.nii.gz")
+    model = served_model("medlens.models:phantom_net", dims=3, name="phantom-3d")
+    with background_server(create_app(model, data_dir=data, token="tok")) as base:
+        page = browser.new_page()
+        errors: list[str] = []
+        page.on("console", lambda message: errors.append(message.text) if message.type == "error" else None)
+        page.goto(base + "/#token=tok")
+        page.wait_for_selector("#data-file option[value='volume.nii.gz']", state="attached")
+        page.select_option("#data-file", "volume.nii.gz")
+        page.click("#open-data")
+        page.wait_for_selector("canvas.view-canvas[data-axis='2']")
+        page.click("#explain")
+        page.wait_for_selector(".panel[data-method='gradcam'] .pred-prob", timeout=60_000)
+        assert "%" in page.locator(".pred-prob").inner_text()
+        assert not errors, errors
+        page.close()
