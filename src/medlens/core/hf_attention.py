@@ -41,9 +41,17 @@ def is_hf_projection_attention(module: nn.Module) -> bool:
     )
 
 
+#: Attention modules whose probabilities are softmax(q k^T * scaling) over the block's own tokens.
+HF_ATTENTIONS = tuple(name[: -len("Layer")] + "Attention" for name in HF_BLOCKS)
+
+
 def is_hf_attention(module: nn.Module) -> bool:
-    """True for a global self-attention module of a transformers vision model (an attention site)."""
-    return is_hf_projection_attention(module) and getattr(module, "relative_position_bias", None) is None
+    """True for a global self-attention module of a transformers ViT-family model (an attention site).
+
+    Windowed (Swin) and sequence-reduced (SegFormer) attention are not: their maps are not one
+    token-by-token matrix of the layer, so they are left to the CAM methods.
+    """
+    return type(module).__name__ in HF_ATTENTIONS and is_hf_projection_attention(module) and getattr(module, "relative_position_bias", None) is None
 
 
 def check_hf_site(name: str, attn: nn.Module) -> None:

@@ -162,8 +162,12 @@ class HFImageModel(nn.Module):
         the stage whose (padded, halved per stage) grid has ``n_tokens`` cells, no extra tokens.
         """
         patch = self.patch_size
-        if patch is None:
-            raise MedlensError(f"{type(self.hf).__name__} has no patch size to reshape its tokens into a grid")
+        if patch is None:  # e.g. SegFormer's overlapping patch embeddings: the stride whose grid fits
+            for stride in (1, 2, 4, 8, 16, 32, 64):
+                for grid in (tuple(math.ceil(s / stride) for s in spatial), tuple(s // stride for s in spatial)):
+                    if math.prod(grid) == n_tokens:
+                        return grid, 0
+            raise MedlensError(f"cannot tell the grid of a {n_tokens}-token layer of {type(self.hf).__name__} for a {spatial} input")
         if self._is_hierarchical():
             grid = tuple(math.ceil(s / p) for s, p in zip(spatial, patch))
             for _ in range(len(self.hf.config.depths) + 1):
