@@ -94,13 +94,32 @@ def bundle_transform(compose: Any) -> Callable[[Tensor], Tensor]:
     return apply
 
 
+def _load(net: nn.Module, weights: Path) -> None:
+    """Load the bundle's weights strictly. :func:`read_state_dict` strips a ``model.`` prefix
+    shared by all keys (Lightning, DataParallel); networks whose own keys all start with it
+    (MONAI's UNet) get it back."""
+    from medlens.models import read_state_dict, weight_mismatch
+
+    state = read_state_dict(weights)
+    expected = list(net.state_dict())
+    for prefix in ("model.", "module.", "net."):
+        if expected and all(k.startswith(prefix) for k in expected) and not all(k.startswith(prefix) for k in state):
+            state = {prefix + k: v for k, v in state.items()}
+            break
+    missing, unexpected, shapes = weight_mismatch(net, state)
+    if missing or unexpected or shapes:
+        from medlens.models import _listing
+
+        parts = [_listing(label, names) for label, names in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", shapes)) if names]
+        raise MedlensError(f"bundle weights {weights} do not fit {type(net).__name__}: " + "; ".join(parts))
+    net.load_state_dict(state)
+
+
 def load_bundle(name: str, num_classes: int | None = None, in_channels: int | None = None, spatial_dims: int = 2, **kwargs: Any) -> nn.Module:
     """Build ``bundle:<folder>`` (see the module docstring) in eval mode; the network gets a
     ``preprocessing`` attribute when the config has a ``preprocessing`` entry. The bundle decides
     classes, channels and dims: ``num_classes``/``in_channels``/``spatial_dims`` are ignored;
     ``kwargs`` override config entries (e.g. ``network_def#channels``)."""
-    from medlens.models import load_weights
-
     config, weights = bundle_files(name)
     root = config.parents[1]
     parser = _parser(root, config)
@@ -111,7 +130,7 @@ def load_bundle(name: str, num_classes: int | None = None, in_channels: int | No
     net = _parsed(parser, "network_def", root)
     if not isinstance(net, nn.Module):
         raise MedlensError(f"bundle:{name}: network_def built a {type(net).__name__}, not a torch nn.Module")
-    load_weights(net, weights)
+    _load(net, weights)
     prep = Preprocessing(source=f"bundle:{name}")
     if "preprocessing" in parser:
         prep.transform = bundle_transform(_parsed(parser, "preprocessing", root))
