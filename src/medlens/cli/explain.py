@@ -116,17 +116,17 @@ def explain_command(
 
 
 def model_preprocessing(net: Any, size: Optional[tuple[int, ...]], normalize: Optional[str], class_names: Optional[str]):
-    """(size, normalisation, class names) for the run: the user's, else the model's own
-    (``net.preprocessing`` of hf:/bundle: models) when neither --size nor --normalize is given."""
+    """(size, normalisation, class names) for the run: each the user's (--size, --normalize,
+    --class-names) or else the model's own (``net.preprocessing`` of hf:/bundle: models)."""
     prep = getattr(net, "preprocessing", None)
     names = class_names.split(",") if class_names else None
     if prep is None:
         return size, normalize or "none", names
     if names is None and prep.class_names:
         names = list(prep.class_names)
-    if size is None and normalize is None:
-        return (None if prep.transform is not None else prep.size), prep, names
-    return size, normalize or "none", names
+    if size is None and prep.transform is None:  # a bundle's transforms resize themselves
+        size = prep.size
+    return size, (prep if normalize is None else normalize), names
 
 
 def _policy(name: Optional[str]):
