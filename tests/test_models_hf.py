@@ -251,3 +251,20 @@ def test_cli_explains_an_hf_folder_with_its_own_preprocessing(vit_dir, tmp_path)
     assert len(list(out.rglob("*.png"))) >= 2
     result = CliRunner().invoke(app, ["explain", "hf:no/such-model", "none", str(png), "-o", str(tmp_path / "o2")])
     assert result.exit_code == 2 and "downloads nothing" in result.output
+
+
+def test_hf_beit_attention_with_layer_scale_equals_output_attentions(tmp_path):
+    torch.manual_seed(0)
+    config = transformers.BeitConfig(**TINY, num_labels=2, layer_scale_init_value=0.5)
+    folder = _save(transformers.BeitForImageClassification(config), tmp_path)
+    eager = build_model(f"hf:{folder}", attn_implementation="eager")
+    sdpa = build_model(f"hf:{folder}", attn_implementation="sdpa")
+    x = _x()
+    with torch.no_grad():
+        reference = eager.hf(pixel_values=x, output_attentions=True).attentions
+    for model in (eager, sdpa):
+        assert max(float((a - b).abs().max()) for a, b in zip(attention_maps(model, x), reference)) < 1e-5
+    maps = explain(sdpa, x, "grad-rollout").maps
+    assert maps.shape == (2, 1, 32, 32) and torch.isfinite(maps).all()
+    with pytest.raises(MedlensError, match="chefer supports"):
+        explain(sdpa, x, "chefer")
