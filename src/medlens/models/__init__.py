@@ -66,7 +66,9 @@ def build_model(spec: str, num_classes: int = 2, in_channels: int = 3, spatial_d
     """Build a randomly initialised model from a spec string; nothing is downloaded.
 
     Args:
-        spec: ``torchvision:NAME``, ``timm:NAME``, ``monai:CLASS`` or ``package.module:factory``.
+        spec: ``torchvision:NAME``, ``timm:NAME``, ``monai:CLASS`` or ``package.module:factory``;
+            ``hf:FOLDER`` and ``bundle:FOLDER`` load a saved transformers model / MONAI bundle with
+            its own weights and ``preprocessing`` (classes, channels and dims come from the folder).
         num_classes: outputs of the classifier head (``out_channels`` for segmentation networks).
         in_channels: input channels; torchvision models get their first convolution rebuilt
             when this differs from 3 (the model is ours, freshly built, so that is safe).
