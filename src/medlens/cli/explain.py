@@ -53,15 +53,15 @@ def load_model(spec: str, weights: str, num_classes: int, in_channels: int, dims
 
     model = build_model(spec, num_classes=num_classes, in_channels=in_channels, spatial_dims=dims)
     if weights.lower() not in ("none", "-", "random"):
-        load_weights(model, weights)
+        load_weights(getattr(model, "hf", model), weights)  # an hf: model's own modules take plain HF keys
     chosen = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
     return model.to(chosen).eval()
 
 
 @app.command("explain")
 def explain_command(
-    model: str = typer.Argument(..., help="model spec: torchvision:resnet50, timm:efficientnet_b0, monai:UNet, pkg.module:factory"),
-    weights: str = typer.Argument(..., help=".pth/.pt/.ckpt/.safetensors weights (loaded safely), or 'none'"),
+    model: str = typer.Argument(..., help="model spec: torchvision:resnet50, timm:efficientnet_b0, monai:UNet, pkg.module:factory, hf:FOLDER, bundle:FOLDER"),
+    weights: str = typer.Argument(..., help=".pth/.pt/.ckpt/.safetensors weights (loaded safely), or 'none' (hf:/bundle: folders bring their own)"),
     inputs: list[Path] = typer.Argument(..., help="PNG/JPG/TIFF files, DICOM files or series folders, NIfTI volumes, folders"),
     method: list[str] = typer.Option(["gradcam"], "--method", "-m", help="method name; repeat for several"),
     layer: list[str] = typer.Option([], "--layer", "-l", help="layer path (repeat to fuse layers); default: automatic"),
@@ -71,7 +71,7 @@ def explain_command(
     in_channels: int = typer.Option(3, "--in-channels", help="input channels of the model"),
     dims: int = typer.Option(2, "--dims", help="2 for images, 3 for volumes"),
     size: Optional[str] = typer.Option(None, "--size", help="model input size, e.g. 224 or 224,224 or 64,64,64"),
-    normalize: str = typer.Option("none", "--normalize", help="none, imagenet or zscore"),
+    normalize: Optional[str] = typer.Option(None, "--normalize", help="none, imagenet or zscore (default: the model's own preprocessing for hf:/bundle:, else none)"),
     class_names: Optional[str] = typer.Option(None, "--class-names", help="comma-separated class names"),
     batch_size: int = typer.Option(8, "--batch-size", "-b"),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:1"),
@@ -103,11 +103,12 @@ def explain_command(
 
             dicom_options(inputs, [dicom_out] if dicom_out else [], threshold)
         net = load_model(model, weights, num_classes, in_channels, dims, device)
+        size_tuple, normalization, names = model_preprocessing(net, size_tuple, normalize, class_names)
         header_policy = _policy(policy)
         summary = explain_inputs(
             net, inputs, out, methods=method, target=target, layer=(layer if len(layer) > 1 else (layer[0] if layer else None)),
-            size=size_tuple, normalize=normalize, batch_size=batch_size,
-            class_names=class_names.split(",") if class_names else None, cmap=cmap, alpha=alpha,
+            size=size_tuple, normalize=normalization, batch_size=batch_size,
+            class_names=names, cmap=cmap, alpha=alpha,
             box_fraction=box_fraction, overwrite=overwrite, policy=header_policy, method_options=options,
             dicom_out=[dicom_out] if dicom_out else (), threshold=threshold,
         )
@@ -123,6 +124,20 @@ def explain_command(
         typer.secho(f"skipped: {reason}" if str(path) in reason else f"skipped {path}: {reason}", fg=typer.colors.YELLOW, err=True)
     if not summary.written:
         raise typer.Exit(1)
+
+
+def model_preprocessing(net: Any, size: Optional[tuple[int, ...]], normalize: Optional[str], class_names: Optional[str]):
+    """(size, normalisation, class names) for the run: each the user's (--size, --normalize,
+    --class-names) or else the model's own (``net.preprocessing`` of hf:/bundle: models)."""
+    prep = getattr(net, "preprocessing", None)
+    names = class_names.split(",") if class_names else None
+    if prep is None:
+        return size, normalize or "none", names
+    if names is None and prep.class_names:
+        names = list(prep.class_names)
+    if size is None and prep.transform is None:  # a bundle's transforms resize themselves
+        size = prep.size
+    return size, (prep if normalize is None else normalize), names
 
 
 def _policy(name: Optional[str]):

@@ -34,7 +34,7 @@ class AttentionSite:
 
     Attributes:
         name: dotted path of the attention module.
-        kind: ``"timm"``, ``"torchvision"`` or ``"monai"``.
+        kind: ``"timm"``, ``"torchvision"``, ``"monai"`` or ``"hf"`` (transformers, see :mod:`medlens.core.hf_attention`).
         attn: the attention module; block: its enclosing residual block.
         num_heads: heads; scale: the softmax temperature 1/sqrt(head_dim).
     """
@@ -49,6 +49,10 @@ class AttentionSite:
     def linears(self) -> dict[str, tuple[Tensor, Tensor | None]]:
         """(weight, bias) of the block's qkv, output projection, and two MLP layers."""
         a, b = self.attn, self.block
+        if self.kind == "hf":
+            from medlens.core.hf_attention import hf_linears
+
+            return hf_linears(self)
         if self.kind == "timm":
             fc1, fc2 = b.mlp.fc1, b.mlp.fc2
             qkv, proj = (a.qkv.weight, a.qkv.bias), (a.proj.weight, a.proj.bias)
@@ -63,6 +67,10 @@ class AttentionSite:
 
     def mlp_linears(self) -> tuple[nn.Module, nn.Module]:
         b = self.block
+        if self.kind == "hf":
+            from medlens.core.hf_attention import hf_mlp_linears
+
+            return hf_mlp_linears(self)
         if self.kind == "timm":
             return b.mlp.fc1, b.mlp.fc2
         if self.kind == "monai":
@@ -70,6 +78,10 @@ class AttentionSite:
         return b.mlp[0], b.mlp[3]
 
     def norm2(self) -> nn.Module:
+        if self.kind == "hf":
+            from medlens.core.hf_attention import hf_norm2
+
+            return hf_norm2(self)
         return self.block.ln_2 if self.kind == "torchvision" else self.block.norm2
 
 
@@ -97,13 +109,21 @@ def _site_kind(module: nn.Module) -> str | None:
         return "monai"
     if isinstance(module, nn.MultiheadAttention):
         return "torchvision"
+    from medlens.core.hf_attention import is_hf_attention  # transformers models (no import of transformers)
+
+    if is_hf_attention(module):
+        return "hf"
     return None
 
 
 def _check_site(name: str, kind: str, attn: nn.Module) -> None:
     """Refuse variants whose attention cannot be recomputed from q and k alone."""
     problem = None
-    if kind == "timm" and getattr(attn, "gate", None) is not None:
+    if kind == "hf":
+        from medlens.core.hf_attention import check_hf_site
+
+        check_hf_site(name, attn)
+    elif kind == "timm" and getattr(attn, "gate", None) is not None:
         problem = "gated attention"
     elif kind == "monai" and not getattr(attn, "use_combined_linear", True):
         problem = "separate q/k/v projections (use_combined_linear=False)"
@@ -129,6 +149,12 @@ def find_attention(model: nn.Module) -> list[AttentionSite]:
             continue
         _check_site(name, kind, module)
         parent = modules[name.rsplit(".", 1)[0]] if "." in name else model
+        if kind == "hf":
+            from medlens.core.hf_attention import heads_and_scale
+
+            heads, scale = heads_and_scale(module)
+            sites.append(AttentionSite(name, kind, module, parent, heads, scale))
+            continue
         if kind == "torchvision":
             heads, head_dim = module.num_heads, module.head_dim
         elif kind == "timm":
@@ -139,7 +165,7 @@ def find_attention(model: nn.Module) -> list[AttentionSite]:
     if not sites:
         raise MedlensError(
             f"{type(model).__name__} has no self-attention module medlens can read "
-            "(timm Attention, torch MultiheadAttention, MONAI SABlock)"
+            "(timm Attention, torch MultiheadAttention, MONAI SABlock, transformers ViT/DeiT/BEiT/DINOv2 attention)"
         )
     return sites
 
@@ -346,6 +372,11 @@ class AttentionCapture:
         try:
             for index in self.indices:
                 site = self.sites[index]
+                if site.kind == "hf":
+                    from medlens.core.hf_attention import hook_hf_site
+
+                    hook_hf_site(self, index, site)
+                    continue
                 if site.kind == "torchvision":
                     self._hook_torch_mha(index, site)
                 else:

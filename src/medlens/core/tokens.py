@@ -98,8 +98,12 @@ def tokens_to_grid(tokens: Tensor, model: nn.Module, x: Tensor) -> Tensor:
         return tokens.movedim(-1, 1)
     if tokens.dim() != 3:
         raise MedlensError(f"cannot read a feature map from a layer output of shape {tuple(tokens.shape)}")
-    grid = patch_grid(model, spatial)
-    extra = prefix_tokens(model, tokens.shape[1], spatial)
+    token_grid = getattr(model, "token_grid", None)  # models that know their own layout (medlens.models.hf)
+    if callable(token_grid):
+        grid, extra = token_grid(tokens.shape[1], spatial)
+    else:
+        grid = patch_grid(model, spatial)
+        extra = prefix_tokens(model, tokens.shape[1], spatial)
     return tokens[:, extra:].transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], *grid)
 
 
@@ -114,8 +118,12 @@ def default_token_layer(model: nn.Module) -> str | None:
     This is the last block's first norm (its output is what the last attention reads), as in
     pytorch-grad-cam's ViT tutorial and the attention-maps paper: ``blocks.<last>.norm1`` for
     timm and MONAI ViTs, ``encoder.layers.<last>.ln_1`` for torchvision, and
-    ``layers.<last>.blocks.<last>.norm1`` for timm Swin.
+    ``layers.<last>.blocks.<last>.norm1`` for timm Swin. A model may name its own
+    (``default_token_layer_name``, as :mod:`medlens.models.hf` does).
     """
+    own = getattr(model, "default_token_layer_name", None)
+    if isinstance(own, str):
+        return own
     blocks = getattr(model, "blocks", None)
     if isinstance(blocks, (nn.Sequential, nn.ModuleList)) and len(blocks):
         last = _last_index(blocks)

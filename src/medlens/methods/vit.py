@@ -235,6 +235,9 @@ class HeadCapture:
         def linears(module: nn.Module) -> list[nn.Linear]:
             return [m for m in module.modules() if isinstance(m, nn.Linear)]
 
+        own = getattr(model, "medlens_head_paths", None)  # e.g. transformers ViT/DeiT (medlens.models.hf)
+        if callable(own) and own() is not None:
+            return own()
         if isinstance(getattr(model, "head", None), nn.Linear) and hasattr(model, "global_pool"):
             if getattr(model, "attn_pool", None) is not None or model.global_pool not in ("token", "avg"):
                 raise MedlensError(f"chefer supports token or avg pooling heads, not {model.global_pool!r} / attention pooling")

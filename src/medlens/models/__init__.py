@@ -6,6 +6,10 @@ A model spec names where the architecture comes from:
 * ``timm:efficientnet_b0``      timm.create_model(name, pretrained=False, ...)
 * ``monai:UNet``                any class in monai.networks.nets (UNet, DenseNet121, ViT, ...)
 * ``package.module:factory``    import the module and call the factory
+* ``hf:<folder>``               a transformers image model saved with save_pretrained (safetensors),
+                                with its image processor's preprocessing (:mod:`medlens.models.hf`)
+* ``bundle:<folder>``           a MONAI bundle: network_def, models/model.pt|.safetensors and its
+                                preprocessing transforms (:mod:`medlens.models.bundle`)
 
 Nothing is ever downloaded: every model is built with random initial weights, and trained
 weights come from a local file through :func:`load_weights`, which never unpickles arbitrary
@@ -62,7 +66,9 @@ def build_model(spec: str, num_classes: int = 2, in_channels: int = 3, spatial_d
     """Build a randomly initialised model from a spec string; nothing is downloaded.
 
     Args:
-        spec: ``torchvision:NAME``, ``timm:NAME``, ``monai:CLASS`` or ``package.module:factory``.
+        spec: ``torchvision:NAME``, ``timm:NAME``, ``monai:CLASS`` or ``package.module:factory``;
+            ``hf:FOLDER`` and ``bundle:FOLDER`` load a saved transformers model / MONAI bundle with
+            its own weights and ``preprocessing`` (classes, channels and dims come from the folder).
         num_classes: outputs of the classifier head (``out_channels`` for segmentation networks).
         in_channels: input channels; torchvision models get their first convolution rebuilt
             when this differs from 3 (the model is ours, freshly built, so that is safe).
@@ -74,6 +80,12 @@ def build_model(spec: str, num_classes: int = 2, in_channels: int = 3, spatial_d
         nn.Module with random initial weights.
     """
     source, name = parse_spec(spec)
+    if source.lower() in ("hf", "bundle"):  # folders holding their own weights and preprocessing
+        if source.lower() == "hf":
+            from medlens.models.hf import load_hf as load
+        else:
+            from medlens.models.bundle import load_bundle as load
+        return load(name, num_classes=num_classes, in_channels=in_channels, spatial_dims=spatial_dims, **kwargs)
     builders: dict[str, Callable[..., nn.Module]] = {"torchvision": _torchvision, "timm": _timm, "monai": _monai}
     builder = builders.get(source.lower(), None)
     if builder is None:

@@ -70,7 +70,8 @@ def prepare(
     Args:
         channels: the model's input channels: greyscale is repeated, RGB averaged to grey.
         size: spatial size for the model, e.g. (224, 224); None keeps the image's size.
-        normalize: ``none``, ``imagenet`` (mean/std per RGB channel) or ``zscore`` (per image).
+        normalize: ``none``, ``imagenet`` (mean/std per RGB channel), ``zscore`` (per image), or a
+            callable on the (C, *S) tensor in [0, 1] (a model's ``preprocessing``).
     """
     display = loaded.display().float()
     x = display
@@ -85,7 +86,9 @@ def prepare(
         if len(size) != x.dim() - 1:
             raise MedlensError(f"{path}: --size has {len(size)} numbers for a {x.dim() - 1}D image")
         x = upsample(x.unsqueeze(0), size)[0]
-    if normalize == "imagenet":
+    if callable(normalize):  # a model's own preprocessing (medlens.models.preprocessing.Preprocessing)
+        x = normalize(x)
+    elif normalize == "imagenet":
         if x.shape[0] != 3:
             raise MedlensError("--normalize imagenet needs 3-channel model inputs")
         view = (3,) + (1,) * (x.dim() - 1)
