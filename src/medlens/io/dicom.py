@@ -204,8 +204,8 @@ def _decode(ds, path: Path) -> np.ndarray:
             raise MedlensError(f"{path}: DICOM {modality} ({_NON_IMAGE_MODALITIES[modality]}) holds no image; "
                                "explain the image series it refers to")
         if "Rows" in ds and "Columns" in ds:
-            raise MedlensError(f"{path}: truncated DICOM: the header describes a {ds.Rows}x{ds.Columns} image "
-                               "but the file ends before its pixel data")
+            raise MedlensError(f"{path}: DICOM has no pixel data: the header describes a {ds.Rows}x{ds.Columns} image "
+                               "but the file ends before any pixel data (truncated or stripped file)")
         raise MedlensError(f"{path}: DICOM has no pixel data (Modality {ds.get('Modality', '?')}, "
                            f"SOP class {ds.get('SOPClassUID', '?')})")
     syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
