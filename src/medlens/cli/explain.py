@@ -89,13 +89,13 @@ def load_model(spec: str, weights: str, num_classes: int, in_channels: int, dims
         try:
             load_weights(model, weights)
         except MedlensError as error:
-            hint = _flags_hint(weights, num_classes, in_channels) if "does not fit" in str(error) else ""
+            hint = _flags_hint(weights, num_classes, in_channels, dims) if "does not fit" in str(error) else ""
             raise MedlensError(f"{error}{hint}") from None
     chosen = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
     return model.to(chosen).eval()
 
 
-def _flags_hint(weights: str, num_classes: int, in_channels: int) -> str:
+def _flags_hint(weights: str, num_classes: int, in_channels: int, dims: int | None = None) -> str:
     """'; try --in-channels 1 -n 3' from the shapes of the first convolution and the last 2D weight in the file."""
     from medlens.models import read_state_dict
 
@@ -106,6 +106,8 @@ def _flags_hint(weights: str, num_classes: int, in_channels: int) -> str:
     convs = [v for k, v in state.items() if k.endswith("weight") and v.dim() in (4, 5)]
     heads = [v for k, v in state.items() if k.endswith("weight") and v.dim() == 2]
     flags = []
+    if convs and dims is not None and convs[0].dim() - 2 != dims:
+        flags.append(f"--dims {convs[0].dim() - 2}")
     if convs and int(convs[0].shape[1]) != in_channels:
         flags.append(f"--in-channels {int(convs[0].shape[1])}")
     if heads and int(heads[-1].shape[0]) != num_classes:

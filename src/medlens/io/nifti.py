@@ -54,9 +54,9 @@ def read_nifti(path: str | Path, max_pixels: int | None = None) -> Loaded:
         if len(shape) == 4 and shape[3] > 3:
             raise MedlensError(f"{path}: 4D NIfTI with {shape[3]} volumes along its 4th (time) axis; medlens explains "
                                "3D volumes (up to 3 channels): split it first, e.g. fslsplit or nibabel's four_to_three")
-        _check_data_size(path, loaded, shape)
         canonical = nib.as_closest_canonical(loaded) if len(loaded.shape) >= 3 else loaded
         array = np.asarray(canonical.get_fdata(dtype=np.float32))
+        _check_data_size(path, loaded, shape)  # after a complete read, so a gzip trailer is trustworthy
     except MedlensError:
         raise
     except FileNotFoundError:
