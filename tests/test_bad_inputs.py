@@ -370,7 +370,7 @@ def _weights_cases():
     return [
         ("flipped.pth", flipped, "fails its CRC check"),
         ("truncated.pth", truncated, "truncated"),
-        ("random.pth", lambda p, s: p.write_bytes(os.urandom(4096)), "not a torch file"),
+        ("random.pth", lambda p, s: p.write_bytes(b"\x00" + os.urandom(4096)), "neither a zip archive nor a pickle"),
         ("empty.pth", lambda p, s: p.write_bytes(b""), "empty"),
         ("nan.pth", nan, "NaN or Inf"),
         ("evil.pth", lambda p, s: torch.save({"x": Evil()}, p), "pickles"),
@@ -400,9 +400,9 @@ def test_bad_weights_refused_in_one_line(tmp_path, weights, name, make, fragment
 
 def test_bad_weights_through_the_cli(tmp_path):
     path = tmp_path / "random.pth"
-    path.write_bytes(os.urandom(1000))
+    path.write_bytes(b"\x00" + os.urandom(1000))
     result = _invoke(["explain", SPEC, path, *_good(tmp_path / "in"), "--in-channels", "1", "-o", tmp_path / "out"])
-    assert result.exit_code == 2 and "not a torch file" in result.output and "Traceback" not in result.output
+    assert result.exit_code == 2 and "neither a zip archive nor a pickle" in result.output and "Traceback" not in result.output
 
 
 # ------------------------------------------------------------------------------------------ outputs

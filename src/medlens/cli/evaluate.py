@@ -105,12 +105,14 @@ def evaluate_command(
     opts = parse_options(option)
     bad: list = []
     try:
-        prepare_out_dir(out, overwrite, what="an evaluation")
+        if out.is_dir() and any(out.iterdir()) and not overwrite:
+            raise MedlensError(f"--out {out} is not empty; pass --overwrite to replace an evaluation there, or choose another folder")
         models = {}
         for w in weights or ["none"]:
             name = "random" if w.lower() in ("none", "-", "random") else Path(w).stem
             models[name] = load_model(model, w, num_classes, in_channels, dims, device)
             check_model_fits(models[name], dims, in_channels)
+        prepare_out_dir(out, overwrite, what="an evaluation")
         items = _data(data, shape, in_channels, limit, split, part, seed, dims, bad=bad)
         result = evaluate(models, items, method, metric, out_dir=out, batch_size=batch_size, target=target, layer=layer,
                           method_options={m: opts for m in method}, steps=steps, baseline=baseline, road=road,

@@ -227,7 +227,7 @@ def read_state_dict(path: str | Path) -> dict[str, Tensor]:
         content = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         if not zipfile.is_zipfile(path) and _head(path, 1) != b"\x80":
-            raise MedlensError(f"weights file {path}: not a torch file (neither a zip archive nor a pickle; random or foreign bytes)") from None
+            raise MedlensError(f"weights file {path}: not a readable torch file (neither a zip archive nor a pickle: random or foreign bytes)") from None
         found = re.search(r"(?:unsupported|Unsupported global:) GLOBAL ([\w.]+)", str(err))
         what = f"it pickles {found.group(1)}" if found else "it holds Python objects that are not plain tensors"
         raise MedlensError(f"weights file {path}: refused to unpickle, {what} (only tensors load, weights_only=True)") from None
@@ -247,14 +247,14 @@ def _check_torch_container(path: Path) -> None:
     if head != b"PK\x03\x04":
         return  # legacy pickle format: torch.load's own checks apply
     if not zipfile.is_zipfile(path):
-        raise MedlensError(f"weights file {path}: truncated (a zip archive without its directory: the file was cut short)")
+        raise MedlensError(f"weights file {path}: not a readable torch file (truncated: a zip archive without its directory, the file was cut short)")
     try:
         with zipfile.ZipFile(path) as archive:
             bad = archive.testzip()
     except (zipfile.BadZipFile, OSError, EOFError, ValueError, zlib.error) as err:
-        raise MedlensError(f"weights file {path}: corrupt zip archive ({first_line(err)})") from None
+        raise MedlensError(f"weights file {path}: not a readable torch file (corrupt zip archive: {first_line(err)})") from None
     if bad is not None:
-        raise MedlensError(f"weights file {path}: corrupt, member {bad} fails its CRC check (damaged bytes)")
+        raise MedlensError(f"weights file {path}: not a readable torch file (corrupt: member {bad} fails its CRC check, damaged bytes)")
 
 
 def _check_safetensors_header(path: Path) -> None:
@@ -263,18 +263,18 @@ def _check_safetensors_header(path: Path) -> None:
     head = _head(path, 8)
     length = int.from_bytes(head, "little") if len(head) == 8 else -1
     if length < 2 or 8 + length > size:
-        raise MedlensError(f"weights file {path}: not a safetensors file or truncated (header length {length} "
-                           f"for a file of {size} bytes)")
+        raise MedlensError(f"weights file {path}: not a readable safetensors file (truncated or foreign bytes: header "
+                           f"length {length} for a file of {size} bytes)")
     try:
         with open(path, "rb") as handle:
             handle.seek(8)
             header = json.loads(handle.read(length))
         ends = [int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"]
     except (ValueError, KeyError, TypeError, IndexError, AttributeError):
-        raise MedlensError(f"weights file {path}: corrupt safetensors header (not the expected JSON)") from None
+        raise MedlensError(f"weights file {path}: not a readable safetensors file (corrupt header: not the expected JSON)") from None
     if ends and 8 + length + max(ends) != size:
-        raise MedlensError(f"weights file {path}: truncated or padded safetensors file: its header describes "
-                           f"{8 + length + max(ends)} bytes, the file has {size}")
+        raise MedlensError(f"weights file {path}: not a readable safetensors file (truncated or padded: its header "
+                           f"describes {8 + length + max(ends)} bytes, the file has {size})")
 
 
 def check_finite_weights(state: Mapping[str, Tensor], path: str | Path) -> None:
