@@ -45,6 +45,10 @@ def demo_command(
         fail(one_line(error))
     except OSError as error:
         fail(f"cannot write to {error.filename or out} ({error.strerror or error})")
+    from medlens.workflows.explain import MANIFEST
+
+    with open(out / MANIFEST, "a", encoding="utf-8") as handle:  # what --overwrite removes next time
+        handle.write("".join(f"{Path(f).name}\n" for f in result.files if Path(f).is_file()))
     headers = {"method": "method", "pointing_game": "PG", "energy_pointing_game": "energy PG", "auroc": "AUROC",
                "deletion_auc": "del AUC↓", "insertion_auc": "ins AUC↑", "sanity_spearman": "rand ρ",
                "sanity": "sanity", "ms_per_image": "ms/img"}
