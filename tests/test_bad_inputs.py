@@ -673,3 +673,17 @@ def test_class_list_targets_agree_with_resolve(classes, n):
     else:
         with pytest.raises(MedlensError):
             check_target_spec(spec, n)
+
+
+def test_decathlon_without_manifest_keeps_a_further_label(tmp_path):
+    from conftest import shared_path
+
+    from medlens.data.datasets import MedicalDataset, index_source
+
+    real = shared_path("hippocampus")
+    for part in ("imagesTr", "labelsTr"):
+        (tmp_path / part).mkdir()
+        (tmp_path / part / "hippocampus_001.nii.gz").write_bytes((real / part / "hippocampus_001.nii.gz").read_bytes())
+    items, classes, _ = index_source(tmp_path)
+    sample = MedicalDataset(items, classes).read(0)  # labels 1 and 2 (anterior, posterior) without dataset.json
+    assert int(sample["mask"].max()) == 2
