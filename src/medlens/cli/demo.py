@@ -30,11 +30,25 @@ def demo_command(
 
     if n < 10 or size < 16 or dims not in (2, 3) or epochs < 1:
         fail("--n must be >= 10, --size >= 16, --dims 2 or 3 and --epochs >= 1")
+    if out.exists() and not out.is_dir():
+        fail(f"--out {out} is a file, not a folder")
+    from medlens.workflows.explain import prepare_out_dir
+
+    try:
+        prepare_out_dir(out, overwrite, what="the demo")
+    except MedlensError as error:
+        fail(str(error))
     config = DemoConfig(n=n, size=size, dims=dims, epochs=epochs, methods=method or None, seed=seed, device=device)
     try:
         result = run_demo(out, config, overwrite=overwrite)
     except (MedlensError, RuntimeError) as error:  # RuntimeError: the model itself failed on the input
         fail(one_line(error))
+    except OSError as error:
+        fail(f"cannot write to {error.filename or out} ({error.strerror or error})")
+    from medlens.workflows.explain import MANIFEST
+
+    with open(out / MANIFEST, "a", encoding="utf-8") as handle:  # what --overwrite removes next time
+        handle.write("".join(f"{Path(f).name}\n" for f in result.files if Path(f).is_file()))
     headers = {"method": "method", "pointing_game": "PG", "energy_pointing_game": "energy PG", "auroc": "AUROC",
                "deletion_auc": "del AUC↓", "insertion_auc": "ins AUC↑", "sanity_spearman": "rand ρ",
                "sanity": "sanity", "ms_per_image": "ms/img"}

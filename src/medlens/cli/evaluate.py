@@ -9,21 +9,32 @@ from typing import Optional
 import typer
 
 from medlens.cli.app import app
-from medlens.cli.explain import fail, load_model, parse_options, parse_size
+from medlens.cli.explain import check_model_args, check_model_fits, fail, load_model, parse_options, parse_size
 from medlens.errors import MedlensError, one_line
 
 
-def _data(source: str, size, channels: int, limit: Optional[int], split: Optional[Path], part: str, seed: int, dims: int = 2):
+def _phantom_fields(source: str, size, dims: int) -> tuple[int, int, int]:
+    """``phantoms[:N[:SIZE[:DIMS]]]`` checked (exit 2 naming the argument)."""
+    fields = source.split(":")[1:]
+    if source.split(":")[0] != "phantoms" or len(fields) > 3 or not all(f.isdigit() for f in fields):
+        fail(f"data {source!r}: use phantoms, phantoms:N, phantoms:N:SIZE or phantoms:N:SIZE:DIMS with whole numbers")
+    n = int(fields[0]) if fields else 32
+    px = int(fields[1]) if len(fields) > 1 else (size[0] if size else 64)
+    dims = int(fields[2]) if len(fields) > 2 else dims
+    if n < 1 or px < 8 or px > 1024 or dims not in (2, 3):
+        fail(f"data {source!r}: need N >= 1, 8 <= SIZE <= 1024 and DIMS 2 or 3")
+    return n, px, dims
+
+
+def _data(source: str, size, channels: int, limit: Optional[int], split: Optional[Path], part: str, seed: int, dims: int = 2,
+          bad: Optional[list] = None):
     """Items for the runner: ``phantoms[:N[:SIZE[:DIMS]]]`` or a dataset folder / Decathlon / CSV."""
     from medlens.workflows.evaluate import folder_items, phantom_items
 
     if source.startswith("phantoms"):
         from medlens.data.phantoms import make_phantoms
 
-        fields = source.split(":")[1:]
-        n = int(fields[0]) if fields else 32
-        px = int(fields[1]) if len(fields) > 1 else (size[0] if size else 64)
-        dims = int(fields[2]) if len(fields) > 2 else dims
+        n, px, dims = _phantom_fields(source, size, dims)
         items = phantom_items(make_phantoms(n, px, dims, seed=seed))
     else:
         if not Path(source).exists():
@@ -36,8 +47,8 @@ def _data(source: str, size, channels: int, limit: Optional[int], split: Optiona
             if part not in parts:
                 raise MedlensError(f"{split}: no part {part!r}; it has {', '.join(parts)}")
             subset = parts[part]
-        items = folder_items(source, size=size, channels=channels, items=subset)
-    return itertools.islice(items, limit) if limit else items
+        items = folder_items(source, size=size, channels=channels, items=subset, bad=bad)
+    return itertools.islice(items, limit) if limit is not None else items
 
 
 @app.command("evaluate")
@@ -66,27 +77,61 @@ def evaluate_command(
     n_boot: int = typer.Option(1000, "--bootstrap", help="bootstrap resamples for the 95% CIs"),
     device: str = typer.Option("auto", "--device"),
     seed: int = typer.Option(0, "--seed"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace an earlier evaluation in --out"),
 ) -> None:
     """Evaluate explanation methods: localisation against boxes/masks, faithfulness, complexity,
     sanity; per-image rows, summary tables with bootstrap 95% CIs and report.html."""
     from rich.console import Console
 
     from medlens.workflows.evaluate import evaluate
+    from medlens.workflows.explain import prepare_out_dir
 
+    shape = parse_size(size)
+    check_model_args(num_classes, in_channels, dims, shape, batch_size)
+    if limit is not None and limit < 1:
+        fail(f"--limit {limit}: must be at least 1 (leave it out to evaluate every image)")
+    if target not in ("label", "pred"):
+        fail(f"--target {target!r}: use label or pred")
+    if steps < 1:
+        fail(f"--steps {steps}: must be at least 1")
+    if n_boot < 1:
+        fail(f"--bootstrap {n_boot}: must be at least 1")
+    if baseline not in ("zero", "min", "mean", "blur"):
+        fail(f"--baseline {baseline!r}: use zero, min, mean or blur")
+    if data.startswith("phantoms"):
+        _phantom_fields(data, shape, dims)
+    elif not Path(data).exists():
+        fail(f"{data}: no such dataset folder or file (or use phantoms:N)")
+    opts = parse_options(option)
+    bad: list = []
     try:
-        shape = parse_size(size)
+        if out.is_dir() and any(out.iterdir()) and not overwrite:
+            raise MedlensError(f"--out {out} is not empty; pass --overwrite to replace an evaluation there, or choose another folder")
         models = {}
         for w in weights or ["none"]:
             name = "random" if w.lower() in ("none", "-", "random") else Path(w).stem
             models[name] = load_model(model, w, num_classes, in_channels, dims, device)
-        items = _data(data, shape, in_channels, limit, split, part, seed, dims)
-        opts = parse_options(option)
+            check_model_fits(models[name], dims, in_channels)
+        prepare_out_dir(out, overwrite, what="an evaluation")
+        items = _data(data, shape, in_channels, limit, split, part, seed, dims, bad=bad)
         result = evaluate(models, items, method, metric, out_dir=out, batch_size=batch_size, target=target, layer=layer,
                           method_options={m: opts for m in method}, steps=steps, baseline=baseline, road=road,
                           n_boot=n_boot, seed=seed)
     except (MedlensError, RuntimeError) as err:  # RuntimeError: the model itself failed on the input
         fail(one_line(err))
+    except OSError as err:
+        fail(f"cannot write to {err.filename or out} ({err.strerror or err})")
+    from medlens.workflows.explain import MANIFEST
+
+    with open(out / MANIFEST, "a", encoding="utf-8") as handle:  # what --overwrite removes next time
+        handle.write("".join(f"{Path(f).name}\n" for f in [*result.files, out / "bad_files.csv"]))
     console = Console()
+    if bad:
+        from medlens.io.report import write_bad_files
+
+        write_bad_files(out / "bad_files.csv", bad)
+        for path, reason in bad:
+            typer.secho(f"skipped {path}: {reason}", fg=typer.colors.YELLOW, err=True)
     typer.echo(result.table())
     if result.empty_note():
         typer.echo(result.empty_note())

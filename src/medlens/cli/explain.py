@@ -17,6 +17,9 @@ def fail(message: str) -> None:
     raise typer.Exit(2)
 
 
+MAX_SIZE = 4096  # largest model input side accepted by --size
+
+
 def parse_size(text: Optional[str]) -> Optional[tuple[int, ...]]:
     if not text:
         return None
@@ -24,7 +27,37 @@ def parse_size(text: Optional[str]) -> Optional[tuple[int, ...]]:
         size = tuple(int(v) for v in text.replace("x", ",").split(","))
     except ValueError:
         fail(f"--size {text!r} is not like 224 or 224,224 or 64,64,64")
+    if not 1 <= len(size) <= 3:
+        fail(f"--size {text!r}: give 1, 2 or 3 numbers")
+    if any(not 1 <= v <= MAX_SIZE for v in size):
+        fail(f"--size {text!r}: every side must be between 1 and {MAX_SIZE} pixels")
     return size
+
+
+def check_model_args(num_classes: int, in_channels: int, dims: int, size: Optional[tuple[int, ...]] = None,
+                     batch_size: int = 1, max_pixels: Optional[int] = None) -> None:
+    """Exit 2 with one line naming the argument, before any model or file is touched."""
+    if num_classes < 1:
+        fail(f"--num-classes {num_classes}: a model has at least 1 class")
+    if not 1 <= in_channels <= 64:
+        fail(f"--in-channels {in_channels}: use 1 (greyscale) or 3 (RGB), at most 64")
+    if dims not in (2, 3):
+        fail(f"--dims {dims}: use 2 for images or 3 for volumes")
+    if size is not None and len(size) not in (1, dims):
+        fail(f"--size {','.join(map(str, size))} has {len(size)} numbers but --dims is {dims}")
+    if batch_size < 1:
+        fail(f"--batch-size {batch_size}: must be at least 1")
+    if max_pixels is not None and max_pixels < 1:
+        fail(f"--max-pixels {max_pixels}: must be at least 1")
+
+
+def check_model_fits(net, dims: int, in_channels: int) -> None:
+    """The built model's first convolution against --dims/--in-channels (exit 2 naming the flag)."""
+    from medlens.workflows.explain import model_input_spec
+
+    channels, model_dims = model_input_spec(net)
+    if model_dims is not None and model_dims != dims:
+        fail(f"--dims {dims} but the model's first convolution is {model_dims}D; pass --dims {model_dims}")
 
 
 def parse_options(pairs: list[str]) -> dict[str, Any]:
@@ -53,9 +86,60 @@ def load_model(spec: str, weights: str, num_classes: int, in_channels: int, dims
 
     model = build_model(spec, num_classes=num_classes, in_channels=in_channels, spatial_dims=dims)
     if weights.lower() not in ("none", "-", "random"):
-        load_weights(getattr(model, "hf", model), weights)  # an hf: model's own modules take plain HF keys
+        try:
+            load_weights(getattr(model, "hf", model), weights)  # an hf: model's own modules take plain HF keys
+        except MedlensError as error:
+            hint = _flags_hint(weights, num_classes, in_channels, dims) if "does not fit" in str(error) else ""
+            raise MedlensError(f"{error}{hint}") from None
     chosen = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
     return model.to(chosen).eval()
+
+
+def _flags_hint(weights: str, num_classes: int, in_channels: int, dims: int | None = None) -> str:
+    """'; try --in-channels 1 -n 3' from the shapes of the first convolution and the last 2D weight in the file."""
+    from medlens.models import read_state_dict
+
+    try:
+        state = read_state_dict(weights)
+    except MedlensError:
+        return ""
+    convs = [v for k, v in state.items() if k.endswith("weight") and v.dim() in (4, 5)]
+    heads = [v for k, v in state.items() if k.endswith("weight") and v.dim() == 2]
+    flags = []
+    if convs and dims is not None and convs[0].dim() - 2 != dims:
+        flags.append(f"--dims {convs[0].dim() - 2}")
+    if convs and int(convs[0].shape[1]) != in_channels:
+        flags.append(f"--in-channels {int(convs[0].shape[1])}")
+    if heads and int(heads[-1].shape[0]) != num_classes:
+        flags.append(f"-n {int(heads[-1].shape[0])}")
+    return f"; try {' '.join(flags)}" if flags else ""
+
+
+def check_explain_args(target: str, normalize: str, num_classes: int, in_channels: int, class_names: Optional[str],
+                       alpha: float, box_fraction: float, cmap: str) -> Optional[list[str]]:
+    """Every explain argument that can be checked without reading a file; returns the class names list."""
+    from medlens.core.targets import check_target_spec
+
+    try:
+        check_target_spec(target, num_classes)
+    except MedlensError as error:
+        fail(str(error))
+    if normalize is not None and normalize not in ("none", "imagenet", "zscore"):
+        fail(f"--normalize {normalize!r} not understood: use none, imagenet or zscore")
+    if normalize == "imagenet" and in_channels != 3:
+        fail(f"--normalize imagenet needs --in-channels 3 (got {in_channels})")
+    if not 0.0 <= alpha <= 1.0:
+        fail(f"--alpha {alpha}: must be between 0 and 1")
+    if not 0.0 < box_fraction <= 1.0:
+        fail(f"--box-fraction {box_fraction}: must be above 0 and at most 1")
+    import matplotlib
+
+    if cmap not in matplotlib.colormaps:
+        fail(f"--cmap {cmap!r} is not a matplotlib colormap (e.g. jet, viridis, inferno)")
+    names = [n.strip() for n in class_names.split(",")] if class_names else None
+    if names is not None and len(names) != num_classes:
+        fail(f"--class-names gives {len(names)} name(s) for {num_classes} classes (--num-classes); give one per class")
+    return names
 
 
 @app.command("explain")
@@ -86,15 +170,18 @@ def explain_command(
     overwrite: bool = typer.Option(False, "--overwrite", help="replace results already in --out"),
     dicom_out: Optional[str] = typer.Option(None, "--dicom-out", help="DICOM inputs: also write pm,seg,sr,sc (Parametric Map, Segmentation, SR, Secondary Capture) or all"),
     threshold: Optional[float] = typer.Option(None, "--threshold", help="region of each map at or above this value (0..1) for boxes and segments; default: --box-fraction"),
+    max_pixels: Optional[int] = typer.Option(None, "--max-pixels", help="refuse inputs whose header claims more pixels/voxels (default 2**27)"),
 ) -> None:
     """Explain a model's decisions on images and volumes; writes overlays, maps, boxes and index.html."""
     from medlens.workflows.explain import explain_inputs
 
+    size_tuple = parse_size(size)
+    check_model_args(num_classes, in_channels, dims, size_tuple, batch_size, max_pixels)
+    names = check_explain_args(target, normalize, num_classes, in_channels, class_names, alpha, box_fraction, cmap)
     options = parse_options(option)
     for key, value in (("block", block), ("head_fusion", head_fusion), ("discard_ratio", discard_ratio)):
         if value is not None:
             options[key] = value
-    size_tuple = parse_size(size)
     if size_tuple is not None and len(size_tuple) == 1:
         size_tuple = size_tuple * dims
     try:
@@ -102,15 +189,19 @@ def explain_command(
             from medlens.workflows.explain import dicom_options
 
             dicom_options(inputs, [dicom_out] if dicom_out else [], threshold)
-        net = load_model(model, weights, num_classes, in_channels, dims, device)
-        size_tuple, normalization, names = model_preprocessing(net, size_tuple, normalize, class_names)
         header_policy = _policy(policy)
+        net = load_model(model, weights, num_classes, in_channels, dims, device)
+        size_tuple, normalization, names = model_preprocessing(net, size_tuple, normalize, ",".join(names) if names else None)
+    except (MedlensError, RuntimeError) as error:
+        fail(one_line(error))
+    check_model_fits(net, dims, in_channels)
+    try:
         summary = explain_inputs(
             net, inputs, out, methods=method, target=target, layer=(layer if len(layer) > 1 else (layer[0] if layer else None)),
             size=size_tuple, normalize=normalization, batch_size=batch_size,
             class_names=names, cmap=cmap, alpha=alpha,
             box_fraction=box_fraction, overwrite=overwrite, policy=header_policy, method_options=options,
-            dicom_out=[dicom_out] if dicom_out else (), threshold=threshold,
+            dicom_out=[dicom_out] if dicom_out else (), threshold=threshold, max_pixels=max_pixels,
         )
     except (MedlensError, RuntimeError) as error:  # RuntimeError: the model itself failed on the input
         fail(one_line(error))

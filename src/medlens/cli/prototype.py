@@ -55,6 +55,24 @@ def _save(images, out: Path, overwrite: bool) -> list[Path]:
     return written
 
 
+def _check_writable(out: Path) -> None:
+    """The folder of the --out stem exists (or can be made) and takes files; exit 2 naming it otherwise."""
+    import os
+    import tempfile
+
+    from medlens.cli.explain import fail
+
+    if out.is_dir():
+        fail(f"--out {out} is a folder; give a file stem such as {out / 'prototype'}")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".medlens-probe.", dir=out.parent)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as error:
+        fail(f"--out {out}: cannot write in {out.parent} ({error.strerror or error})")
+
+
 @app.command("prototype")
 def prototype_command(
     model: str = typer.Argument(..., help="model spec: torchvision:resnet18, timm:..., pkg.module:factory"),
@@ -83,6 +101,16 @@ def prototype_command(
     from medlens.methods.prototype import class_prototype
 
     shape = parse_size(size)
+    if num_classes < 1:
+        fail(f"--num-classes {num_classes}: a model has at least 1 class")
+    bad = [c for c in classes if not 0 <= c < num_classes]
+    if bad:
+        fail(f"--class {bad[0]} is out of range for {num_classes} classes (0..{num_classes - 1}; see --num-classes)")
+    if not 1 <= in_channels <= 64:
+        fail(f"--in-channels {in_channels}: use 1 (greyscale) or 3 (RGB), at most 64")
+    if steps < 1 or lr <= 0 or lam < 0 or tv < 0 or jitter < 0:
+        fail("--steps must be >= 1, --lr > 0, and --lambda, --tv, --jitter >= 0")
+    _check_writable(out)
     if dims is not None and dims not in (2, 3):
         fail(f"--dims {dims}: use 2 for images or 3 for volumes")
     if len(shape) == 1:
@@ -101,6 +129,8 @@ def prototype_command(
         written = _save(result.images, out, overwrite=True)
     except (MedlensError, RuntimeError) as err:  # RuntimeError: the model itself failed on the input
         fail(one_line(err))
+    except OSError as err:
+        fail(f"cannot write {err.filename or out} ({err.strerror or err})")
     for cls, prob in zip(result.targets.tolist(), result.probabilities.tolist()):
         typer.echo(f"class {cls}: model probability {prob:.3f}")
     for path in written:

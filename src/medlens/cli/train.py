@@ -27,7 +27,13 @@ def train_command(
     console = Console()
     try:
         path = config if Path(config).is_file() or config.endswith((".yaml", ".yml")) else config_path(config)
-        result = train(load_config(path, set_ or []), out_dir=out, resume=resume)
+        loaded = load_config(path, set_ or [])
+        run_dir = Path(out or loaded.out or Path("runs") / loaded.name)
+        if resume and not (run_dir / "checkpoints" / "last.ckpt").is_file():
+            typer.secho(f"--resume: nothing to resume in {run_dir} (no checkpoints/last.ckpt); starting a fresh run",
+                        fg=typer.colors.YELLOW, err=True)
+            resume = False
+        result = train(loaded, out_dir=out, resume=resume)
     except MedlensError as err:
         typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
         raise typer.Exit(2) from None

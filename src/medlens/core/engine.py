@@ -267,6 +267,15 @@ def target_chunk(n_targets: int, inputs: Sequence[Tensor], budget: int | None = 
     return max(1, min(n_targets, budget // max(per_target, 1)))
 
 
+def _as_model_dtype(model: nn.Module, x: Tensor) -> Tensor:
+    """A floating input of another precision (float64, half) cast to the model's parameter dtype."""
+    if isinstance(x, Tensor) and x.is_floating_point():
+        param = next((p for p in model.parameters() if p.is_floating_point()), None)
+        if param is not None and x.dtype != param.dtype:
+            return x.to(param.dtype)
+    return x
+
+
 def check_input(model: nn.Module, x: Tensor) -> None:
     """Raise a one-line MedlensError for inputs the model cannot take."""
     if not isinstance(x, Tensor):
@@ -275,6 +284,10 @@ def check_input(model: nn.Module, x: Tensor) -> None:
         raise MedlensError(f"input has shape {tuple(x.shape)}; expected (B, C, H, W) or (B, C, D, H, W)")
     if not x.is_floating_point():
         raise MedlensError(f"input dtype is {x.dtype}; convert images to float")
+    if x.shape[0] == 0:
+        raise MedlensError(f"input batch is empty (shape {tuple(x.shape)}); pass at least one image")
+    if any(s == 0 for s in x.shape[1:]):
+        raise MedlensError(f"input has a zero-size axis (shape {tuple(x.shape)})")
     if not bool(torch.isfinite(x).all()):
         raise MedlensError("input contains NaN or Inf values")
     first = next((m for m in model.modules() if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d))), None)
@@ -335,6 +348,7 @@ def explain(
     Returns:
         An :class:`Explanation` with maps (B, K, *S) in [0, 1] on the model's device.
     """
+    x = _as_model_dtype(model, x)
     check_input(model, x)
     if options.pop("aug_smooth", False):
         from medlens.methods.smoothing import aug_smooth

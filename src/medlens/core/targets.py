@@ -38,6 +38,8 @@ def resolve_targets(spec: TargetSpec, logits: Tensor) -> Tensor:
     elif isinstance(spec, int):
         idx = torch.full((batch, 1), spec, dtype=torch.long, device=device)
     elif isinstance(spec, Tensor):
+        if spec.is_floating_point() or spec.is_complex() or spec.dtype == torch.bool:
+            raise MedlensError(f"target tensor has dtype {spec.dtype}; class indices must be an integer tensor")
         idx = spec.to(device=device, dtype=torch.long)
         idx = idx.view(-1, 1) if idx.dim() <= 1 else idx
         if idx.shape[0] == 1 and batch > 1:
@@ -132,3 +134,31 @@ def pool_scores(output: object, x: Tensor, region: Region = None) -> Tensor:
     if bool((total == 0).any()):
         raise MedlensError("the region to pool the segmentation scores over is empty")
     return (output * weights).sum(dim=spatial_dims) / total
+
+
+def check_target_spec(spec: str, n_classes: int | None = None) -> str:
+    """Check a ``--target`` string before anything is read; returns it normalised (lower case, no spaces).
+
+    Accepts ``pred``, ``all``, ``topK`` (``top3``, ``top-3``, ``topk:3``) and class numbers
+    (``2``, ``0,2``); with ``n_classes`` the classes and K are also checked against the model.
+
+    Raises:
+        MedlensError: one line naming ``--target`` and what is wrong.
+    """
+    text = str(spec).strip().lower().replace(" ", "")
+    if text in ("pred", "all"):
+        return text
+    match = re.fullmatch(r"top[-_:]?k?[-_:]?(\d+)", text)
+    if match:
+        k = int(match.group(1))
+        if k < 1 or (n_classes is not None and k > n_classes):
+            raise MedlensError(f"--target {spec!r}: k must be between 1 and {n_classes if n_classes else 'the number of classes'}")
+        return text
+    if re.fullmatch(r"\d+(,\d+)*", text):
+        classes = [int(v) for v in text.split(",")]
+        if n_classes is not None and max(classes) >= n_classes:
+            raise MedlensError(f"--target {spec!r}: class {max(classes)} is out of range for {n_classes} classes (0..{n_classes - 1})")
+        if len(set(classes)) != len(classes):
+            raise MedlensError(f"--target {spec!r}: a class is named twice")
+        return text
+    raise MedlensError(f"--target {spec!r} not understood: use pred, all, topK (e.g. top3), or class numbers like 2 or 0,2")

@@ -91,13 +91,16 @@ def read_yolo_boxes(path: str | Path) -> tuple[list[int], list[tuple[float, floa
     return labels, boxes
 
 
-def index_image_folder(root: str | Path, classes: Sequence[str] | None = None) -> tuple[list[Item], list[str]]:
+def index_image_folder(root: str | Path, classes: Sequence[str] | None = None,
+                       bad: list[tuple[str, str]] | None = None) -> tuple[list[Item], list[str]]:
     """Index ``root/<class>/<image>``; a YOLO ``<image stem>.txt`` beside an image gives its boxes.
 
     Args:
         root: folder with one subfolder per class.
         classes: class names in label order; default the subfolder names sorted. A subfolder
             not in ``classes`` is an error.
+        bad: when a list, an image whose YOLO file is malformed is left out and appended to it
+            as (path, reason) instead of stopping the indexing.
 
     Returns:
         (items, classes).
@@ -115,7 +118,13 @@ def index_image_folder(root: str | Path, classes: Sequence[str] | None = None) -
             raise MedlensError(f"{folder}: class '{folder.name}' is not in the class list {classes}")
         for path in sorted(p for p in folder.rglob("*") if is_readable(p)):
             box_file = path.with_name(_stem(path) + ".txt")
-            box_labels, boxes = read_yolo_boxes(box_file) if box_file.is_file() else ([], [])
+            try:
+                box_labels, boxes = read_yolo_boxes(box_file) if box_file.is_file() else ([], [])
+            except MedlensError as error:
+                if bad is None:
+                    raise
+                bad.append((str(path), str(error)))
+                continue
             items.append(Item(str(path), label=classes.index(folder.name), boxes=boxes, box_labels=box_labels,
                               patient=_dicom_patient(path)))
     if not items:
@@ -152,6 +161,11 @@ def index_mask_folder(images: str | Path, masks: str | Path) -> list[Item]:
     return items
 
 
+class GuessedClasses(list):
+    """A class list guessed without a manifest (a Decathlon folder without dataset.json): mask values
+    beyond it are further foreground labels, not errors."""
+
+
 def index_decathlon(root: str | Path) -> tuple[list[Item], list[str]]:
     """Index a Medical Segmentation Decathlon task: ``dataset.json``'s training pairs, else imagesTr/labelsTr.
 
@@ -161,7 +175,7 @@ def index_decathlon(root: str | Path) -> tuple[list[Item], list[str]]:
     """
     root = Path(root)
     manifest = root / "dataset.json"
-    classes = ["background", "foreground"]
+    classes: list[str] = GuessedClasses(["background", "foreground"])
     if manifest.is_file():
         try:
             spec = json.loads(manifest.read_text())
@@ -226,7 +240,8 @@ def _label_index(value: str, classes: list[str], where: str) -> int | None:
     raise MedlensError(f"{where}: label '{value}' is not in the class list {classes}")
 
 
-def index_source(source: str | Path, classes: Sequence[str] | None = None) -> tuple[list[Item], list[str], str]:
+def index_source(source: str | Path, classes: Sequence[str] | None = None,
+                 bad: list[tuple[str, str]] | None = None) -> tuple[list[Item], list[str], str]:
     """Index any supported source, returning (items, classes, task) with task "classification" or "segmentation"."""
     source = Path(source)
     if source.is_file() and source.suffix.lower() == ".csv":
@@ -235,7 +250,7 @@ def index_source(source: str | Path, classes: Sequence[str] | None = None) -> tu
     if (source / "dataset.json").is_file() or (source / "imagesTr").is_dir():
         items, names = index_decathlon(source)
         return items, names, "segmentation"
-    items, names = index_image_folder(source, classes)
+    items, names = index_image_folder(source, classes, bad=bad)
     return items, names, "classification"
 
 
@@ -377,6 +392,7 @@ class MedicalDataset(Dataset):
         if intensity not in ("display", "raw"):
             raise MedlensError(f"intensity={intensity!r}: expected 'display' or 'raw'")
         self.items, self.classes = list(items), list(classes) if classes is not None else None
+        self.guessed_classes = isinstance(classes, GuessedClasses)
         self.transform, self.channels, self.intensity = transform, channels, intensity
         self.pre_transform = pre_transform
         self._cache: dict[int, Sample] | None = {} if cache else None
@@ -430,7 +446,7 @@ class MedicalDataset(Dataset):
         mask = mask.round().long()
         if self.classes is not None:
             low, high = int(mask.min()), int(mask.max())
-            if low < 0 or high >= len(self.classes):
+            if low < 0 or (high >= len(self.classes) and not self.guessed_classes):
                 raise MedlensError(f"{item.mask}: mask value {high if high >= len(self.classes) else low} is outside "
                                    f"the class list {self.classes}")
         return mask

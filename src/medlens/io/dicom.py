@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from medlens.errors import MedlensError
-from medlens.io.loaded import Loaded, _is_dicom, first_line, is_readable
+from medlens.io.loaded import Loaded, _is_dicom, check_pixel_budget, first_line, is_readable
 
 HEADER_TAGS = (
     "Modality", "BodyPartExamined", "PatientPosition", "ViewPosition", "PhotometricInterpretation",
@@ -43,9 +43,23 @@ def read_header(path: str | Path, with_pixels: bool = False):
             warnings.simplefilter("ignore")
             return pydicom.dcmread(path, stop_before_pixels=not with_pixels)
     except pydicom.errors.InvalidDicomError:
+        ds = _forced(pydicom, path)  # a file written without the preamble (e.g. an RTSTRUCT) still has a header
+        if ds is not None:
+            return ds
         raise MedlensError(f"{path}: not a DICOM file (no DICM preamble or file meta)") from None
     except (EOFError, OSError, ValueError, TypeError, KeyError, IndexError, AttributeError) as error:
         raise MedlensError(f"{path}: corrupt or truncated DICOM ({first_line(error)})") from None
+
+
+def _forced(pydicom, path: Path):
+    """The dataset of a preamble-less DICOM file when it parses to real elements, else None."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ds = pydicom.dcmread(path, force=True)
+        return ds if ("SOPClassUID" in ds or "Modality" in ds) else None
+    except Exception:  # noqa: BLE001 - anything that does not parse is simply not DICOM
+        return None
 
 
 def _first_number(value: Any) -> float | None:
@@ -155,10 +169,43 @@ def _modality_range(ds) -> tuple[float, float]:
     return float(ends.min()), float(ends.max())
 
 
+_NON_IMAGE_MODALITIES = {"RTSTRUCT": "a structure set", "RTPLAN": "a treatment plan", "RTDOSE": "a dose grid",
+                         "SR": "a structured report", "PR": "a presentation state", "KO": "a key-object selection",
+                         "REG": "a registration", "SEG": "a segmentation", "DOC": "an encapsulated document"}
+
+
+def _check_size(ds, path: Path, max_pixels: int | None) -> None:
+    """Refuse from the header: a zero-size or over-budget image, and pixel data shorter than the header describes."""
+    if "Rows" not in ds or "Columns" not in ds:
+        return
+    frames = int(_first_number(ds.get("NumberOfFrames")) or 1)
+    shape = (frames, int(ds.Rows), int(ds.Columns)) if frames > 1 else (int(ds.Rows), int(ds.Columns))
+    check_pixel_budget(path, shape, max_pixels)
+    times = int(_first_number(ds.get("NumberOfTemporalPositions")) or 1)
+    if frames > 1 and times > 1:
+        raise MedlensError(f"{path}: 4D multi-frame DICOM: {frames} frames over {times} time points; medlens reads "
+                           "one 3D volume per file: split it by time point first")
+    syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    raw = ds.get("PixelData")
+    if raw is not None and syntax is not None and not getattr(syntax, "is_compressed", True) and "BitsAllocated" in ds:
+        samples = int(ds.get("SamplesPerPixel", 1))
+        need = frames * shape[-1] * shape[-2] * samples * int(ds.BitsAllocated) // 8
+        have = len(raw)
+        if have < need:
+            raise MedlensError(f"{path}: truncated DICOM: pixel data has {have:,} of the {need:,} bytes its header describes")
+
+
 def _decode(ds, path: Path) -> np.ndarray:
     """Decoded pixels as stored (YBR converted to RGB, palette colour applied), or a one-line error."""
     pydicom = _pydicom()
     if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
+        modality = str(ds.get("Modality", ""))
+        if modality in _NON_IMAGE_MODALITIES:
+            raise MedlensError(f"{path}: DICOM {modality} ({_NON_IMAGE_MODALITIES[modality]}) holds no image; "
+                               "explain the image series it refers to")
+        if "Rows" in ds and "Columns" in ds:
+            raise MedlensError(f"{path}: DICOM has no pixel data: the header describes a {ds.Rows}x{ds.Columns} image "
+                               "but the file ends before any pixel data (truncated or stripped file)")
         raise MedlensError(f"{path}: DICOM has no pixel data (Modality {ds.get('Modality', '?')}, "
                            f"SOP class {ds.get('SOPClassUID', '?')})")
     syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
@@ -252,6 +299,11 @@ def _place_frames(image: torch.Tensor, ds) -> tuple[torch.Tensor, tuple[float, .
         spacing = (_slice_spacing(ds), rows, cols)
         return image, spacing, _affine(orientation, positions[0] if positions else ds.get("ImagePositionPatient"), spacing)
     points = np.asarray(positions)
+    distinct = len({tuple(np.round(p, 3)) for p in points.tolist()})
+    if distinct < len(points):  # frames repeat positions: time points or several stacks interleaved
+        raise MedlensError(f"{ds.filename if hasattr(ds, 'filename') else 'DICOM'}: 4D multi-frame DICOM: {len(points)} frames "
+                           f"at {distinct} positions (time points or several stacks); medlens reads one 3D volume "
+                           "per file: split it by time point first")
     order = np.argsort(points @ np.cross(orientation[:3], orientation[3:]), kind="stable")
     image, points = image[:, torch.from_numpy(order)], points[order]
     step = (points[-1] - points[0]) / max(len(points) - 1, 1)
@@ -259,7 +311,7 @@ def _place_frames(image: torch.Tensor, ds) -> tuple[torch.Tensor, tuple[float, .
     return image, spacing, _affine(orientation, points[0], spacing, step if np.linalg.norm(step) else None)
 
 
-def read_dicom(path: str | Path) -> Loaded:
+def read_dicom(path: str | Path, max_pixels: int | None = None) -> Loaded:
     """Read one DICOM file (single- or multi-frame).
 
     Returns:
@@ -272,6 +324,7 @@ def read_dicom(path: str | Path) -> Loaded:
     """
     path = Path(path)
     ds = read_header(path, with_pixels=True)
+    _check_size(ds, path, max_pixels)
     array = _decode(ds, path)
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2"))
     grey = int(ds.get("SamplesPerPixel", 1)) == 1 and photometric != "PALETTE COLOR"

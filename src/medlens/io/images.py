@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +11,7 @@ from PIL import Image, UnidentifiedImageError
 
 from medlens.errors import MedlensError
 from medlens.io.atomic import atomic_path
-from medlens.io.loaded import Loaded, first_line
+from medlens.io.loaded import Loaded, check_pixel_budget, first_line
 
 TIFF_SUFFIXES = (".tif", ".tiff")
 # Pillow modes whose pixels are taken as they are; every other mode is converted first.
@@ -19,43 +20,60 @@ _CONVERT = {"1": "L", "LA": "L", "P": "RGB", "PA": "RGB", "RGBA": "RGB", "RGBX":
             "YCbCr": "RGB", "LAB": "RGB", "HSV": "RGB", "La": "L", "RGBa": "RGB"}
 
 
-def read_picture(path: str | Path) -> Loaded:
+def read_picture(path: str | Path, max_pixels: int | None = None) -> Loaded:
     """Read a PNG/JPEG/BMP/TIFF file.
 
     Returns:
         :class:`Loaded` with ``image`` (1 or 3, H, W) float32 in the file's units (0-255 for
         8-bit, 0-65535 for 16-bit); a multi-page TIFF gives (C, D, H, W). ``meta`` has
         ``bit_depth`` and, for 8-bit files, ``value_range`` (0, 255) used by ``display()``.
+
+    The size in the header is checked against ``max_pixels`` before any pixel is decoded.
     """
     path = Path(path)
     if path.suffix.lower() in TIFF_SUFFIXES:
-        array, axes = _read_tiff(path)
+        array, axes = _read_tiff(path, max_pixels)
     else:
-        array, axes = _read_pillow(path)
+        array, axes = _read_pillow(path, max_pixels)
     return _to_loaded(path, array, axes)
 
 
-def _read_pillow(path: Path) -> tuple[np.ndarray, str]:
+def _read_pillow(path: Path, max_pixels: int | None = None) -> tuple[np.ndarray, str]:
     try:
-        with Image.open(path) as picture:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            picture = Image.open(path)
+    except Image.DecompressionBombError as error:  # Pillow's own limit, hit in the header
+        raise MedlensError(f"{path}: refused as a decompression bomb before decoding ({first_line(error)})") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
+        raise MedlensError(f"{path}: cannot read image ({first_line(error)})") from None
+    try:
+        with picture:
+            width, height = picture.size
+            check_pixel_budget(path, (height, width), max_pixels)
             mode = picture.mode
             if mode not in _KEEP_MODES:
                 picture = picture.convert(_CONVERT.get(mode, "RGB"))
             array = np.asarray(picture)
+    except MedlensError:
+        raise
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
         raise MedlensError(f"{path}: cannot read image ({first_line(error)})") from None
     return array, "YXS" if array.ndim == 3 else "YX"
 
 
-def _read_tiff(path: Path) -> tuple[np.ndarray, str]:
+def _read_tiff(path: Path, max_pixels: int | None = None) -> tuple[np.ndarray, str]:
     try:
         import tifffile
     except ImportError:  # Pillow reads single-page greyscale/RGB TIFF too
-        return _read_pillow(path)
+        return _read_pillow(path, max_pixels)
     try:
         with tifffile.TiffFile(path) as tiff:
             series = tiff.series[0]
+            check_pixel_budget(path, tuple(n for n, a in zip(series.shape, series.axes) if a != "S"), max_pixels)
             array, axes = series.asarray(), series.axes
+    except MedlensError:
+        raise
     except Exception as error:  # tifffile raises many types for a damaged file
         raise MedlensError(f"{path}: cannot read TIFF ({first_line(error)})") from None
     # Order the axes as (other...), Y, X, (S), then collapse the other axes (pages, time, ...) into depth.

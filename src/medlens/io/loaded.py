@@ -5,16 +5,25 @@ Readers (images, DICOM, NIfTI) import only this module, so ``loading`` can impor
 
 from __future__ import annotations
 
+import os
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from medlens.errors import MedlensError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 DICOM_SUFFIXES = (".dcm", ".dicom", ".ima")
+
+# Pixels (voxels x samples are not counted: one per position) an input may hold, checked from
+# the file's header before any pixel is decoded. 2**27 is a 512^3 volume or an 11585^2 picture,
+# 512 MiB as one float32 channel; a decompression bomb (a 140 KB PNG claiming 12000x12000) is
+# refused here instead of filling memory. ``--max-pixels`` changes it per run.
+MAX_PIXELS = 2**27
 
 
 @dataclass
@@ -81,6 +90,41 @@ def first_line(error: BaseException) -> str:
     return text[0][:200] if text else type(error).__name__
 
 
+def check_regular(path: Path) -> None:
+    """Raise unless ``path`` is a regular file; a FIFO, device or socket is never opened (it could block forever)."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise MedlensError(f"{path}: no such file or folder") from None
+    except OSError as error:
+        raise MedlensError(f"{path}: cannot stat ({error.strerror})") from None
+    if not stat.S_ISREG(mode):
+        kind = ("FIFO" if stat.S_ISFIFO(mode) else "socket" if stat.S_ISSOCK(mode)
+                else "device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "special file")
+        raise MedlensError(f"{path}: is a {kind}, not a regular file; not opened")
+
+
+def check_pixel_budget(path: Path, shape: tuple[int, ...], max_pixels: int | None = None, what: str = "pixels") -> None:
+    """Refuse, from the header's ``shape`` alone, an input with a zero-size axis or more than ``max_pixels`` positions."""
+    shape = tuple(int(s) for s in shape)
+    if any(s <= 0 for s in shape):
+        raise MedlensError(f"{path}: header gives a zero-size axis (shape {shape}); nothing to read")
+    limit = MAX_PIXELS if max_pixels is None else int(max_pixels)
+    total = 1
+    for s in shape:
+        total *= s
+    if total > limit:
+        raise MedlensError(f"{path}: header claims {'x'.join(map(str, shape))} = {total:,} {what}, over the limit of "
+                           f"{limit:,} (--max-pixels); refused before decoding")
+
+
+def check_finite(path: Path, image: torch.Tensor) -> None:
+    """Refuse an input holding NaN or Inf values (one bad file never costs the rest of its batch)."""
+    bad = ~torch.isfinite(image)
+    if bool(bad.any()):
+        raise MedlensError(f"{path}: {int(bad.sum()):,} of {image.numel():,} values are NaN or Inf; refused")
+
+
 def _is_nifti(path: Path) -> bool:
     return path.name.lower().endswith(NIFTI_SUFFIXES)
 
@@ -93,6 +137,8 @@ def _is_dicom(path: Path) -> bool:
     """DICOM by extension, or a file of any name carrying the 128-byte preamble + ``DICM``."""
     if path.suffix.lower() in DICOM_SUFFIXES:
         return True
+    if not path.is_file():  # never open a FIFO or device to sniff it
+        return False
     try:
         with open(path, "rb") as handle:
             head = handle.read(132)

@@ -17,7 +17,7 @@ import torch
 
 from medlens.errors import MedlensError
 from medlens.io.atomic import atomic_path
-from medlens.io.loaded import Loaded, first_line
+from medlens.io.loaded import Loaded, check_pixel_budget, first_line
 
 
 def _nib():
@@ -26,7 +26,7 @@ def _nib():
     return nibabel
 
 
-def read_nifti(path: str | Path) -> Loaded:
+def read_nifti(path: str | Path, max_pixels: int | None = None) -> Loaded:
     """Read a .nii/.nii.gz volume, reoriented to RAS.
 
     Returns:
@@ -35,6 +35,11 @@ def read_nifti(path: str | Path) -> Loaded:
         scl_slope/scl_inter. ``meta``: ``spacing`` (mm per tensor axis), ``affine`` (canonical
         RAS, matches the tensor), ``original_affine`` and ``original_orientation`` (the file's),
         ``file_shape``, ``dtype``.
+
+    Refused with the reason: a zero-size axis, more voxels than ``max_pixels`` (from the
+    header, before reading), a file holding more data than its header's dimensions (the
+    header would silently crop it), and a 4D file with more than 3 volumes (a time series:
+    split it into 3D volumes first).
     """
     nib = _nib()
     path = Path(path)
@@ -42,8 +47,16 @@ def read_nifti(path: str | Path) -> Loaded:
         loaded = nib.load(str(path))
         if not isinstance(loaded, nib.spatialimages.SpatialImage) or getattr(loaded, "affine", None) is None:
             raise MedlensError(f"{path}: {type(loaded).__name__} is not a spatial volume (no affine)")
+        shape = tuple(int(s) for s in loaded.shape)
+        check_pixel_budget(path, shape[:3], max_pixels, what="voxels")
+        if any(s <= 0 for s in shape):
+            raise MedlensError(f"{path}: header gives a zero-size axis (shape {shape}); nothing to read")
+        if len(shape) == 4 and shape[3] > 3:
+            raise MedlensError(f"{path}: 4D NIfTI with {shape[3]} volumes along its 4th (time) axis; medlens explains "
+                               "3D volumes (up to 3 channels): split it first, e.g. fslsplit or nibabel's four_to_three")
         canonical = nib.as_closest_canonical(loaded) if len(loaded.shape) >= 3 else loaded
         array = np.asarray(canonical.get_fdata(dtype=np.float32))
+        _check_data_size(path, loaded, shape)  # after a complete read, so a gzip trailer is trustworthy
     except MedlensError:
         raise
     except FileNotFoundError:
@@ -72,6 +85,27 @@ def read_nifti(path: str | Path) -> Loaded:
     }
     return Loaded(image=image, meta=meta)
 
+
+def _check_data_size(path: Path, loaded: Any, shape: tuple[int, ...]) -> None:
+    """Refuse a file holding more voxel data than its header's dimensions describe."""
+    header = loaded.header
+    try:
+        offset = int(header.get_data_offset())
+        expected = offset + int(np.prod(shape, dtype=np.int64)) * np.dtype(header.get_data_dtype()).itemsize
+    except Exception:  # an unusual header: nibabel's own checks apply
+        return
+    name = path.name.lower()
+    if name.endswith(".nii"):
+        actual = path.stat().st_size
+    elif name.endswith(".nii.gz") and expected < 2**32:
+        with open(path, "rb") as handle:  # gzip's trailer holds the uncompressed size (mod 2**32)
+            handle.seek(-4, 2)
+            actual = int.from_bytes(handle.read(4), "little")
+    else:
+        return
+    if actual - expected > max(4096, (expected - offset) // 100):  # a little padding after the data is common
+        raise MedlensError(f"{path}: holds {actual - expected:,} bytes more voxel data than its header's dimensions "
+                           f"{'x'.join(map(str, shape))} describe; refused (header and data disagree)")
 
 
 def _as_volume(data: torch.Tensor, spatial_shape: tuple[int, ...], path: Path) -> np.ndarray:

@@ -21,9 +21,12 @@ from __future__ import annotations
 import difflib
 import importlib
 import inspect
+import json
 import pickle
 import re
 import warnings
+import zipfile
+import zlib
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -214,25 +217,84 @@ def read_state_dict(path: str | Path) -> dict[str, Tensor]:
         MedlensError: the file is missing, unreadable, holds arbitrary Python objects, or holds no tensors.
     """
     path = Path(path)
-    if not path.is_file():
+    if path.is_dir():
+        raise MedlensError(f"weights file {path} is a folder, not a weights file")
+    if not path.exists():
         raise MedlensError(f"weights file {path} not found")
+    if not path.is_file():
+        raise MedlensError(f"weights file {path} is not a regular file (FIFO, device or socket); not opened")
+    if path.stat().st_size == 0:
+        raise MedlensError(f"weights file {path} is empty (0 bytes)")
     if path.suffix == ".safetensors":
         from safetensors import SafetensorError
         from safetensors.torch import load_file
 
+        _check_safetensors_header(path)
         try:
             return dict(load_file(str(path), device="cpu"))
         except (SafetensorError, OSError, ValueError) as err:
             raise MedlensError(f"weights file {path}: not a readable safetensors file ({first_line(err)})") from None
+    _check_torch_container(path)
     try:
         content = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
+        if not zipfile.is_zipfile(path) and _head(path, 1) != b"\x80":
+            raise MedlensError(f"weights file {path}: not a readable torch file (neither a zip archive nor a pickle: random or foreign bytes)") from None
         found = re.search(r"(?:unsupported|Unsupported global:) GLOBAL ([\w.]+)", str(err))
         what = f"it pickles {found.group(1)}" if found else "it holds Python objects that are not plain tensors"
         raise MedlensError(f"weights file {path}: refused to unpickle, {what} (only tensors load, weights_only=True)") from None
     except (RuntimeError, EOFError, OSError, ValueError) as err:
         raise MedlensError(f"weights file {path}: not a readable torch file ({first_line(err)[:160]})") from None
     return _unwrap(content, path)
+
+
+def _head(path: Path, n: int) -> bytes:
+    with open(path, "rb") as handle:
+        return handle.read(n)
+
+
+def _check_torch_container(path: Path) -> None:
+    """A zip-format torch file: the archive is complete and every member's CRC matches (bit flips)."""
+    head = _head(path, 4)
+    if head != b"PK\x03\x04":
+        return  # legacy pickle format: torch.load's own checks apply
+    if not zipfile.is_zipfile(path):
+        raise MedlensError(f"weights file {path}: not a readable torch file (truncated: a zip archive without its directory, the file was cut short)")
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError, zlib.error) as err:
+        raise MedlensError(f"weights file {path}: not a readable torch file (corrupt zip archive: {first_line(err)})") from None
+    if bad is not None:
+        raise MedlensError(f"weights file {path}: not a readable torch file (corrupt: member {bad} fails its CRC check, damaged bytes)")
+
+
+def _check_safetensors_header(path: Path) -> None:
+    """The 8-byte header length and the tensors' offsets against the file's size."""
+    size = path.stat().st_size
+    head = _head(path, 8)
+    length = int.from_bytes(head, "little") if len(head) == 8 else -1
+    if length < 2 or 8 + length > size:
+        raise MedlensError(f"weights file {path}: not a readable safetensors file (truncated or foreign bytes: header "
+                           f"length {length} for a file of {size} bytes)")
+    try:
+        with open(path, "rb") as handle:
+            handle.seek(8)
+            header = json.loads(handle.read(length))
+        ends = [int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"]
+    except (ValueError, KeyError, TypeError, IndexError, AttributeError):
+        raise MedlensError(f"weights file {path}: not a readable safetensors file (corrupt header: not the expected JSON)") from None
+    if ends and 8 + length + max(ends) != size:
+        raise MedlensError(f"weights file {path}: not a readable safetensors file (truncated or padded: its header "
+                           f"describes {8 + length + max(ends)} bytes, the file has {size})")
+
+
+def check_finite_weights(state: Mapping[str, Tensor], path: str | Path) -> None:
+    """Refuse weights holding NaN or Inf (a diverged training run), naming the first such tensor."""
+    for key, value in state.items():
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            raise MedlensError(f"weights file {path}: tensor {key} holds NaN or Inf values (a diverged or damaged "
+                               "model); refused")
 
 
 def _unwrap(content: Any, path: Path) -> dict[str, Tensor]:
@@ -290,6 +352,7 @@ def load_weights(model: nn.Module, path: str | Path, strict: bool = True, skip_m
         mismatches; also when no tensor of the file fits the model at all.
     """
     state = read_state_dict(path)
+    check_finite_weights(state, path)
     missing, unexpected, shapes = weight_mismatch(model, state)
     if skip_mismatched and shapes:
         skipped = [entry.split(" ")[0] for entry in shapes]

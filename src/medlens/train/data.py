@@ -134,7 +134,10 @@ class MedlensDataModule(L.LightningDataModule):
 
     def _loader(self, dataset: Dataset | None, shuffle: bool) -> DataLoader:
         assert dataset is not None, "call setup() first"
-        return DataLoader(dataset, batch_size=self.config.batch_size, shuffle=shuffle, collate_fn=collate,
+        size = self.config.batch_size
+        # A last training batch of one image breaks BatchNorm ("Expected more than 1 value per channel"): drop it.
+        drop_last = shuffle and len(dataset) > size and len(dataset) % size == 1
+        return DataLoader(dataset, batch_size=size, shuffle=shuffle, collate_fn=collate, drop_last=drop_last,
                           num_workers=self.config.num_workers, persistent_workers=self.config.num_workers > 0)
 
     def train_dataloader(self) -> DataLoader:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -85,6 +86,29 @@ def build_network(config: TrainConfig, num_classes: int) -> nn.Module:
     return model
 
 
+def check_checkpoint(path: Path) -> None:
+    """Refuse, in one line, a checkpoint that is truncated, damaged or pickles code, before Lightning unpickles it."""
+    import pickle
+
+    import torch
+
+    from medlens.models import _check_torch_container
+
+    if path.stat().st_size == 0:
+        raise MedlensError(f"--resume: checkpoint {path} is empty (0 bytes); delete it to start afresh")
+    try:
+        _check_torch_container(path)
+        torch.load(path, map_location="cpu", weights_only=True)
+    except MedlensError as error:
+        raise MedlensError(f"--resume: {str(error).replace('weights file', 'checkpoint', 1)}") from None
+    except pickle.UnpicklingError as error:
+        found = re.search(r"GLOBAL ([\w.]+)", str(error))
+        what = f"it pickles {found.group(1)}" if found else "not a torch checkpoint"
+        raise MedlensError(f"--resume: checkpoint {path} refused ({what}); delete it to start afresh") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as error:
+        raise MedlensError(f"--resume: checkpoint {path} is corrupt or truncated ({str(error).splitlines()[0][:160]})") from None
+
+
 def train(config: TrainConfig | str | Path, out_dir: str | Path | None = None, resume: bool = False, **trainer_kwargs: Any) -> TrainResult:
     """Train the model a config describes and write the run folder.
 
@@ -103,6 +127,8 @@ def train(config: TrainConfig | str | Path, out_dir: str | Path | None = None, r
     last = out / "checkpoints" / "last.ckpt"
     if resume and not last.is_file():
         raise MedlensError(f"--resume: no checkpoint to resume from at {last}")
+    if resume:
+        check_checkpoint(last)
     out.mkdir(parents=True, exist_ok=True)
     tc = config.trainer
     L.seed_everything(tc.seed, workers=True, verbose=False)

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from medlens.core.engine import explain
-from medlens.errors import MedlensError
+from medlens.errors import MedlensError, one_line
 from medlens.io.atomic import atomic_path, write_text
 from medlens.metrics.complexity import entropy, gini, max_sensitivity, method_explainer
 from medlens.metrics.faithfulness import faithfulness_metrics
@@ -92,23 +92,40 @@ def phantom_items(phantoms: Any) -> Iterator[Item]:
 
 def folder_items(source: str | Path, size: int | Sequence[int] | None = None, channels: int | None = None,
                  classes: Sequence[str] | None = None, items: Sequence[Any] | None = None,
-                 mean: Sequence[float] | None = None, std: Sequence[float] | None = None) -> Iterator[Item]:
+                 mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
+                 bad: list[tuple[str, str]] | None = None) -> Iterator[Item]:
     """Items from a folder dataset (:mod:`medlens.data.datasets`): class folders with YOLO boxes,
     image+mask folders, Decathlon, or a CSV. Boxes (normalised x0, y0, x1, y1) become pixel boxes
     and a mask (their union) after resizing to ``size``; a Decathlon label becomes a foreground mask.
-    ``items`` restricts to a subset of the index (e.g. a held-out split)."""
+    ``items`` restricts to a subset of the index (e.g. a held-out split). An item that cannot be
+    read (a truncated file, a bad mask) is left out and, when ``bad`` is a list, appended to it as
+    (path, reason); the others are still yielded."""
     from medlens.data.datasets import MedicalDataset, eval_transforms, index_source
 
-    index, names, _task = index_source(source, classes)
+    index, names, _task = index_source(source, classes, bad=bad)
     dataset_items = list(items) if items is not None else index
-    probe = MedicalDataset(dataset_items[:1], names, channels=channels).read(0)
+    probe_set = MedicalDataset(dataset_items, names, channels=channels)
+    probe = None
+    for i in range(len(dataset_items)):
+        try:
+            probe = probe_set.read(i)
+            break
+        except MedlensError:
+            continue
+    if probe is None:
+        probe = probe_set.read(0)  # every item is bad: the first one's reason stops the run
     ndim = probe["image"].dim() - 1
     if isinstance(size, Sequence) and len(size) == 1:  # "--size 112" means 112 on every axis
         size = int(size[0])
     transform = eval_transforms(size, ndim, mean, std) if size is not None else None
     dataset = MedicalDataset(dataset_items, names, transform=transform, channels=channels)
     for i in range(len(dataset)):
-        sample = dataset[i]
+        try:
+            sample = dataset[i]
+        except (MedlensError, RuntimeError, OSError) as error:  # one bad item never stops the evaluation
+            if bad is not None:
+                bad.append((str(dataset_items[i].path), one_line(error)))
+            continue
         image = sample["image"].float()
         spatial = tuple(image.shape[1:])
         label = int(sample["label"]) if int(sample["label"]) >= 0 else None

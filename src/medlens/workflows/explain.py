@@ -9,9 +9,13 @@ and an ``index.html`` that shows them all. Bad files are reported and skipped.
 
 from __future__ import annotations
 
+import hashlib
 import html
 import json
+import os
 import re
+import shutil
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -112,6 +116,10 @@ def batches_by_shape(items: Iterable[Prepared], batch_size: int) -> Iterable[lis
         yield batch
 
 
+MAX_STEM = 120  # characters of an input's name kept in its output names; longer names end in a stable hash
+MANIFEST = ".medlens-outputs"  # the files a run wrote, one per line: --overwrite removes exactly these
+
+
 def safe_stem(path: Path, taken: set[str]) -> str:
     """A file-name stem for ``path`` that no other input of this run has."""
     name = path.name
@@ -120,6 +128,8 @@ def safe_stem(path: Path, taken: set[str]) -> str:
             name = name[: -len(suffix)]
             break
     stem = re.sub(r"[^A-Za-z0-9._-]+", "_", name) or "input"
+    if len(stem) > MAX_STEM:  # keep every output name (stem + method + class + suffix) under 255 bytes
+        stem = f"{stem[:MAX_STEM - 9]}-{hashlib.sha1(name.encode('utf-8', 'surrogateescape')).hexdigest()[:8]}"
     candidate, n = stem, 1
     while candidate in taken:
         n += 1
@@ -159,6 +169,7 @@ def explain_inputs(
     progress: bool = True,
     dicom_out: Sequence[str] = (),
     threshold: float | None = None,
+    max_pixels: int | None = None,
 ) -> RunSummary:
     """Explain every input and write overlays, maps, boxes and ``index.html`` to ``out_dir``.
 
@@ -166,6 +177,12 @@ def explain_inputs(
         A :class:`RunSummary` listing what was written and the bad inputs (path, reason).
         ``dicom_out`` (any of pm, seg, sr, sc) also writes DICOM objects per DICOM input
         (:mod:`medlens.io.dicom_out`); ``threshold`` then picks the boxed and segmented region.
+
+    Each input's files (maps, NIfTI, overlays, JSON) are staged in a hidden folder inside
+    ``out_dir`` and moved in only when all are written, so a failure leaves none of them. A
+    batch the model fails on is retried one input at a time, so one bad input never costs the
+    others. A destination that cannot be written (read-only, full) stops the run with one
+    line naming the path and how many inputs were completed.
     """
     dicom = dicom_options(inputs, dicom_out, threshold)
     for method in methods:  # argument errors stop the run before any file is read
@@ -173,18 +190,17 @@ def explain_inputs(
     for name in [layer] if isinstance(layer, str) else list(layer or []):
         resolve_layer(model, name)
     out = Path(out_dir)
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise MedlensError(f"--out {out} is not empty; pass --overwrite to replace results there, or choose another folder")
-    if out.exists() and not out.is_dir():
-        raise MedlensError(f"--out {out} is a file, not a folder")
-    out.mkdir(parents=True, exist_ok=True)
+    for raw in inputs:  # the output folder is never read as input
+        if Path(raw).exists() and _inside(Path(raw), out):
+            raise MedlensError(f"input {raw} lies in --out {out}; choose an output folder outside the inputs")
+    prepare_out_dir(out, overwrite)
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     channels, _ = model_input_spec(model)
     summary = RunSummary(out_dir=out)
     taken: set[str] = set()
 
     def prepared() -> Iterable[Prepared]:
-        for path, loaded in iter_inputs(inputs, policy=policy, plan=plan):
+        for path, loaded in iter_inputs(inputs, policy=policy, plan=plan, max_pixels=max_pixels):
             if isinstance(loaded, MedlensError):
                 summary.bad.append((path, str(loaded)))
                 bar.update(1)
@@ -200,26 +216,110 @@ def explain_inputs(
 
     from tqdm import tqdm
 
-    plan = plan_inputs(inputs)  # folders expanded once: the total here, the reading below
+    plan = plan_inputs(inputs, exclude=[out])  # folders expanded once: the total here, the reading below
     bar = tqdm(total=len(plan), desc="explaining", unit="input", disable=not progress)
-    for batch in batches_by_shape(prepared(), batch_size):
-        x = torch.stack([p.tensor for p in batch]).to(device)
-        for method in methods:
-            try:
-                result = explain(model, x, method, target=target, layer=layer, **(method_options or {}))
-            except (MedlensError, RuntimeError) as error:  # RuntimeError: the model itself failed on these inputs
-                summary.bad.extend((p.path, f"{method}: {one_line(error)}") for p in batch)
-                continue
-            for i, item in enumerate(batch):
-                summary.written.append(_write_one(out, item, result, i, method, class_names, cmap, alpha, box_fraction, dicom))
-        bar.update(len(batch))
-    bar.close()
-    _write_index(out, summary)
-    if summary.bad:
-        from medlens.io.report import write_bad_files
+    try:
+        for batch in batches_by_shape(prepared(), batch_size):
+            for method in methods:
+                for group, result in _explained(model, batch, device, method, target, layer, method_options, summary):
+                    for i, item in enumerate(group):
+                        try:
+                            record = _write_one(out, item, result, i, method, class_names, cmap, alpha, box_fraction, dicom)
+                        except MedlensError as error:  # drawing or writing this input failed: none of its files stay
+                            summary.bad.append((item.path, f"{method}: {error}"))
+                            continue
+                        summary.written.append(record)
+                        _note_outputs(out, record)
+            bar.update(len(batch))
+        bar.close()
+        _write_index(out, summary)
+        if summary.bad:
+            from medlens.io.report import write_bad_files
 
-        write_bad_files(out / "bad_files.csv", [(p, r) for p, r in summary.bad])
+            write_bad_files(out / "bad_files.csv", [(p, r) for p, r in summary.bad])
+    except OSError as error:  # the destination itself failed (full disk, read-only, removed)
+        bar.close()
+        done = len({r["source"] for r in summary.written})
+        where = error.filename or out
+        raise MedlensError(f"cannot write to {where} ({error.strerror or error}); stopped after {done} complete "
+                           f"input(s), each listed in {out / MANIFEST}") from None
     return summary
+
+
+def _explained(model, batch, device, method, target, layer, method_options, summary):
+    """(inputs, Explanation) for ``batch``; when the batch fails, each input is tried on its own so
+    only the inputs that fail themselves are reported."""
+    groups = [batch]
+    while groups:
+        group = groups.pop(0)
+        x = torch.stack([p.tensor for p in group]).to(device)
+        try:
+            result = explain(model, x, method, target=target, layer=layer, **(method_options or {}))
+        except (MedlensError, RuntimeError) as error:  # RuntimeError: the model itself failed on these inputs
+            if len(group) > 1:
+                groups = [[p] for p in group] + groups
+            else:
+                summary.bad.append((group[0].path, f"{method}: {one_line(error)}"))
+            continue
+        if not bool(torch.isfinite(result.maps).all()):
+            if len(group) > 1:
+                groups = [[p] for p in group] + groups
+            else:
+                summary.bad.append((group[0].path, f"{method}: the map holds NaN/Inf although the input is finite; "
+                                    "check the model's weights"))
+            continue
+        yield group, result
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    try:
+        path, folder = path.resolve(), folder.resolve()
+    except OSError:
+        return False
+    return path == folder or folder in path.parents
+
+
+def prepare_out_dir(out: Path, overwrite: bool, what: str = "results") -> None:
+    """Check ``--out`` before anything is read: a folder (made if missing), writable, empty unless
+    ``overwrite``; with ``overwrite`` the files an earlier medlens run listed there are removed
+    first, so no old result stays beside the new ones. One-line MedlensError otherwise."""
+    if out.exists() and not out.is_dir():
+        raise MedlensError(f"--out {out} is a file, not a folder")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise MedlensError(f"--out {out} is not empty; pass --overwrite to replace {what} there, or choose another folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".medlens-probe.", dir=out)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as error:
+        raise MedlensError(f"--out {out}: cannot write there ({error.strerror or error})") from None
+    if overwrite:
+        clear_previous(out)
+
+
+def clear_previous(out: Path) -> None:
+    """Remove what an earlier run listed in ``out/.medlens-outputs`` (and its staging leftovers); nothing else."""
+    manifest = out / MANIFEST
+    names = manifest.read_text(encoding="utf-8").splitlines() if manifest.is_file() else []
+    for name in [*names, "index.html", "bad_files.csv"]:
+        target = out / name
+        if name and "/" not in name and name not in (".", "..") and target.is_file() and (names or name != "index.html"):
+            target.unlink()
+    for stale in out.glob(".staging-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    if manifest.is_file():
+        manifest.unlink()
+
+
+def _note_outputs(out: Path, record: dict[str, Any]) -> None:
+    names = [record["json"], record["npy"], *([record["nifti"]] if "nifti" in record else []), *(t["png"] for t in record["targets"])]
+    dicom = record.get("dicom") or {}
+    for kind in ("pm", "seg", "sr", "sc"):
+        value = dicom.get(kind) or []
+        names += [value] if isinstance(value, str) else list(value)
+    with open(out / MANIFEST, "a", encoding="utf-8") as handle:
+        handle.write("".join(f"{n}\n" for n in [*names, "index.html", "bad_files.csv"]))
 
 
 def _write_one(
@@ -227,6 +327,25 @@ def _write_one(
     class_names: Sequence[str] | None, cmap: str, alpha: float, box_fraction: float, dicom: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     stem = f"{item.stem}_{method.replace('+', 'p')}"
+    staging = Path(tempfile.mkdtemp(prefix=f".staging-{stem[:40]}.", dir=out))
+    try:
+        record = _write_unit(staging, stem, item, result, i, method, class_names, cmap, alpha, box_fraction, dicom)
+        names = sorted(p.name for p in staging.iterdir())
+        for name in names:  # everything is written: move the unit in (renames within one folder)
+            os.replace(staging / name, out / name)
+    except OSError:
+        raise
+    except (MedlensError, RuntimeError, ValueError, TypeError, IndexError) as error:
+        raise MedlensError(f"{item.path}: could not write its results ({one_line(error)}); none kept") from None
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return record
+
+
+def _write_unit(
+    out: Path, stem: str, item: Prepared, result: Explanation, i: int, method: str,
+    class_names: Sequence[str] | None, cmap: str, alpha: float, box_fraction: float, dicom: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     spatial = tuple(item.display.shape[1:])
     maps = upsample(result.maps[i : i + 1], spatial)[0].clamp(0, 1)  # (K, *S) at the input's own size
     name_of = (lambda c: class_names[c]) if class_names else (lambda c: f"class {c}")
@@ -266,6 +385,7 @@ def _write_one(
 
         record["dicom"] = write_for_record(out, item.loaded.meta, maps.cpu(), record, result, i, dicom["kinds"],
                                            dicom["threshold"], box_fraction, class_names)
+    record["json"] = f"{stem}.json"
     write_text(out / f"{stem}.json", json.dumps(record, indent=2))
     return record
 
