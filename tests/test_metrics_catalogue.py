@@ -118,3 +118,120 @@ def test_rank_helpers_match_scipy():
     for i in range(4):
         assert abs(float(fx.pearson_rows(a, b)[i]) - pearsonr(a[i], b[i])[0]) < 1e-10
         assert abs(float(fx.spearman_rows(a, b)[i]) - spearmanr(a[i], b[i])[0]) < 1e-10
+
+
+# ---------------------------------------------------------------- map-only, axiomatic, randomisation, robustness
+
+from medlens.metrics import axiomatic, map_metrics, randomisation, robustness  # noqa: E402
+from medlens.metrics.complexity import method_explainer  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def masks():
+    m = torch.zeros(3, SIZE, SIZE, dtype=torch.bool)
+    m[0, 4:20, 6:18] = True
+    m[1, 10:30, 0:12] = True
+    m[2, 0:8, 0:32] = True
+    return m
+
+
+def test_map_metrics_equal_quantus(maps, masks, mri):
+    quantus = pytest.importorskip("quantus")
+    signed = maps - 0.3  # some negative relevance
+    common = dict(normalise=False, abs=False, disable_warnings=True)
+    kw = dict(model=None, x_batch=mri.numpy(), y_batch=np.zeros(3, dtype=int), a_batch=signed[:, None].numpy(),
+              s_batch=masks[:, None].numpy().astype(float))
+    q = quantus.EffectiveComplexity(eps=0.05, **common)(**{k: v for k, v in kw.items() if k != "s_batch"})
+    np.testing.assert_array_equal(map_metrics.effective_complexity(signed, eps=0.05, absolute=False).numpy(), q)
+    for k in (10, 100):
+        q = quantus.TopKIntersection(k=k, **common)(**kw)
+        np.testing.assert_allclose(map_metrics.top_k_intersection(signed, masks, k=k).numpy(), q, atol=1e-6)
+    for weighted in (False, True):
+        for positive in (False, True):
+            q = quantus.AttributionLocalisation(weighted=weighted, positive_attributions=positive, **common)(**kw)
+            ours = map_metrics.attribution_localisation(signed, masks, weighted=weighted, positive=positive)
+            np.testing.assert_allclose(ours.numpy(), q, atol=1e-5)
+    assert torch.isnan(map_metrics.top_k_intersection(maps[:1], torch.zeros(1, SIZE, SIZE), k=5)).all()
+
+
+def test_completeness_gap_of_integrated_gradients(grey_resnet, mri, targets):
+    expl = medlens.explain(grey_resnet, mri, "integrated-gradients", target=targets.view(-1, 1))
+    raw = expl.raw[:, 0] if expl.raw.dim() == mri.dim() else expl.raw
+    gap = axiomatic.completeness(grey_resnet, mri, raw.sum(1) if raw.dim() == mri.dim() else raw, targets, baseline=0.0)
+    with torch.no_grad():
+        delta = grey_resnet(mri).gather(1, targets[:, None])[:, 0] - grey_resnet(torch.zeros_like(mri)).gather(1, targets[:, None])[:, 0]
+    assert gap.shape == (3,) and torch.isfinite(gap).all()
+    assert (gap < 0.05 * delta.abs().clamp_min(1)).all()  # IG is complete up to its Riemann error
+
+
+def test_non_sensitivity_equals_quantus(grey_resnet, mri, maps, targets):
+    quantus = pytest.importorskip("quantus")
+    small = torch.nn.functional.avg_pool2d(mri, 4)  # 8 x 8: one forward per pixel in Quantus
+    a = torch.nn.functional.avg_pool2d(maps[:, None], 4)[:, 0]
+    a = torch.where(a < a.median(), torch.zeros_like(a), a)  # half the pixels unattributed
+    ours = axiomatic.non_sensitivity(grey_resnet, small, a, targets, eps=1e-3, baseline=0.0)
+    metric = quantus.NonSensitivity(eps=1e-3, features_in_step=1, perturb_baseline=0.0, normalise=False, abs=False,
+                                    disable_warnings=True)
+    np.testing.assert_array_equal(ours.numpy(), quantus_call(metric, grey_resnet, small, targets, a))
+
+
+def _explainer(model):
+    fn = method_explainer(model, "saliency")
+
+    def quantus_explain(model, inputs, targets, **kwargs):
+        x = torch.as_tensor(np.asarray(inputs), dtype=torch.float32)
+        return fn(x, torch.as_tensor(np.asarray(targets)).long())[:, None].detach().numpy()
+
+    return fn, quantus_explain
+
+
+def test_random_logit_equals_quantus(grey_resnet, mri, targets):
+    quantus = pytest.importorskip("quantus")
+    fn, qfn = _explainer(grey_resnet)
+    metric = quantus.RandomLogit(num_classes=3, seed=5, similarity_func=quantus.similarity_func.correlation_pearson,
+                                 normalise=False, abs=False, disable_warnings=True)
+    a = fn(mri, targets)
+    theirs = np.asarray(metric(model=grey_resnet, x_batch=mri.numpy(), y_batch=targets.numpy(), a_batch=a[:, None].numpy(),
+                               explain_func=qfn, device="cpu"))
+    np.random.seed(5)  # Quantus' draw, replayed
+    draw = np.random.randint(0, 2, 3)
+    off = torch.tensor([[c for c in range(3) if c != int(t)][d] for t, d in zip(targets, draw)])
+    ours = randomisation.random_logit(fn, mri, targets, maps=a, off_targets=off, similarity="pearson")
+    np.testing.assert_allclose(ours.numpy(), theirs, atol=1e-5)
+    drawn = randomisation.random_other_classes(targets, 3, seed=1)
+    assert (drawn != targets).all() and ((drawn >= 0) & (drawn < 3)).all()
+    assert torch.isfinite(randomisation.random_logit(fn, mri, targets, num_classes=3)).all()
+
+
+class _Replay:
+    """A Quantus perturb_func that returns medlens' noisy copies, one sample per call."""
+
+    def __init__(self, noise):
+        self.noise, self.i = noise, 0
+
+    def __call__(self, arr, indices, **kwargs):
+        out = arr + self.noise[self.i].reshape(arr.shape).numpy()
+        self.i += 1
+        return out
+
+
+@pytest.mark.parametrize("name", ["avg", "lipschitz"])
+def test_robustness_equals_quantus_on_shared_noise(grey_resnet, mri, targets, name):
+    quantus = pytest.importorskip("quantus")
+    fn, qfn = _explainer(grey_resnet)
+    n = 4
+    gen = torch.Generator().manual_seed(2)
+    if name == "avg":
+        noise = (torch.rand(n, *mri.shape, generator=gen) * 2 - 1) * 0.1
+        ours = robustness.avg_sensitivity(fn, mri, targets, noise=noise)
+        metric = quantus.AvgSensitivity(nr_samples=n, perturb_func=_Replay(noise), normalise=False, abs=False,
+                                        disable_warnings=True)
+    else:
+        noise = torch.randn(n, *mri.shape, generator=gen) * 0.1
+        ours = robustness.local_lipschitz_estimate(fn, mri, targets, noise=noise)
+        metric = quantus.LocalLipschitzEstimate(nr_samples=n, perturb_func=_Replay(noise), normalise=False, abs=False,
+                                                disable_warnings=True)
+    a = fn(mri, targets)
+    theirs = np.asarray(metric(model=grey_resnet, x_batch=mri.numpy(), y_batch=targets.numpy(), a_batch=a[:, None].numpy(),
+                               explain_func=qfn, device="cpu"))
+    np.testing.assert_allclose(ours.numpy(), theirs, rtol=1e-4)
