@@ -13,7 +13,8 @@ from medlens.metrics.localisation import (
 )
 from medlens.metrics.sanity import SanityResult, model_randomisation, spearman, ssim
 from medlens.metrics.faithfulness_extra import (
-    faithfulness_correlation, faithfulness_estimate, monotonicity_arya, monotonicity_nguyen, sensitivity_n,
+    faithfulness_correlation, faithfulness_estimate, monotonicity_arya, monotonicity_nguyen, region_perturbation,
+    selectivity, sensitivity_n,
 )
 from medlens.metrics.map_metrics import attribution_localisation, effective_complexity, top_k_intersection
 from medlens.metrics.axiomatic import completeness, non_sensitivity
@@ -28,5 +29,5 @@ __all__ = [
     "relevance_rank_accuracy", "road", "spearman", "ssim", "topk_box_iou",
     "attribution_localisation", "avg_sensitivity", "completeness", "effective_complexity", "faithfulness_correlation",
     "faithfulness_estimate", "local_lipschitz_estimate", "monotonicity_arya", "monotonicity_nguyen",
-    "non_sensitivity", "random_logit", "sensitivity_n", "top_k_intersection",
+    "non_sensitivity", "random_logit", "region_perturbation", "selectivity", "sensitivity_n", "top_k_intersection",
 ]

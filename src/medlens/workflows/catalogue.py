@@ -4,7 +4,8 @@
 Step sizes scale with the image so a column costs a bounded number of forwards per image:
 faithfulness estimate, monotonicity and non-sensitivity perturb ``steps`` chunks (N / steps
 locations each); faithfulness correlation draws 20 subsets of 5% of the locations; the robustness
-columns explain 5 noisy copies. Localisation-type columns need a mask (or boxes); completeness
+columns explain 5 noisy copies; region perturbation (AOPC over ``steps`` patches) and selectivity
+(normalised AUC) use an 8 x 8 patch grid in 2D, 4 x 4 x 4 in 3D. Localisation-type columns need a mask (or boxes); completeness
 needs a method whose raw map is at input resolution (attribution methods), else NaN.
 """
 
@@ -25,10 +26,10 @@ __all__ = ["CATALOGUE", "LOWER_IS_BETTER", "catalogue_columns"]
 CATALOGUE = (
     "faithfulness_correlation", "faithfulness_estimate", "monotonicity_arya", "monotonicity_nguyen",
     "effective_complexity", "top_k_intersection", "attribution_localisation", "completeness", "non_sensitivity",
-    "random_logit", "avg_sensitivity", "local_lipschitz_estimate",
+    "random_logit", "avg_sensitivity", "local_lipschitz_estimate", "region_perturbation", "selectivity",
 )
 LOWER_IS_BETTER = {"effective_complexity", "completeness", "non_sensitivity", "random_logit", "avg_sensitivity",
-                   "local_lipschitz_estimate"}
+                   "local_lipschitz_estimate", "selectivity"}
 
 
 def wanted(metrics) -> list[str]:
@@ -81,4 +82,12 @@ def catalogue_columns(
         elif name == "local_lipschitz_estimate":
             cols[name] = robustness.local_lipschitz_estimate(fn, x, targets, n_samples=5, std=0.02, batch_size=batch_size,
                                                              seed=seed)
+        elif name in ("region_perturbation", "selectivity"):
+            patch = max(1, min(x.shape[2:]) // (8 if x.dim() == 4 else 4))
+            if name == "region_perturbation":  # AOPC over the first `steps` patches, most relevant first
+                cols[name] = fx.region_perturbation(model, x, maps, targets, patch, regions=steps,
+                                                    batch_size=batch_size).mean(dim=1)
+            else:  # area under the score curve, per removed patch (so in [0, 1] for probabilities)
+                curve, auc = fx.selectivity(model, x, maps, targets, patch, batch_size=batch_size)
+                cols[name] = auc / max(1, curve.shape[1] - 1)
     return cols
