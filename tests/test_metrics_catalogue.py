@@ -215,7 +215,7 @@ class _Replay:
         return out
 
 
-@pytest.mark.parametrize("name", ["avg", "lipschitz"])
+@pytest.mark.parametrize("name", ["avg", "lipschitz", "ris", "ros"])
 def test_robustness_equals_quantus_on_shared_noise(grey_resnet, mri, targets, name):
     quantus = pytest.importorskip("quantus")
     fn, qfn = _explainer(grey_resnet)
@@ -226,6 +226,18 @@ def test_robustness_equals_quantus_on_shared_noise(grey_resnet, mri, targets, na
         ours = robustness.avg_sensitivity(fn, mri, targets, noise=noise)
         metric = quantus.AvgSensitivity(nr_samples=n, perturb_func=_Replay(noise), normalise=False, abs=False,
                                         disable_warnings=True)
+    elif name in ("ris", "ros"):
+        noise = (torch.rand(n, *mri.shape, generator=gen) * 2 - 1) * 0.05
+        if name == "ris":
+            ours = robustness.relative_input_stability(fn, mri, targets, noise=noise, nan_when_changed=False)
+            metric = quantus.RelativeInputStability(nr_samples=n, perturb_func=_Replay(noise),
+                                                    return_nan_when_prediction_changes=False, normalise=False,
+                                                    abs=False, disable_warnings=True)
+        else:
+            ours = robustness.relative_output_stability(fn, grey_resnet, mri, targets, noise=noise, nan_when_changed=False)
+            metric = quantus.RelativeOutputStability(nr_samples=n, perturb_func=_Replay(noise),
+                                                     return_nan_when_prediction_changes=False, normalise=False,
+                                                     abs=False, disable_warnings=True)
     else:
         noise = torch.randn(n, *mri.shape, generator=gen) * 0.1
         ours = robustness.local_lipschitz_estimate(fn, mri, targets, noise=noise)

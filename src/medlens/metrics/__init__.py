@@ -19,7 +19,9 @@ from medlens.metrics.faithfulness_extra import (
 from medlens.metrics.map_metrics import attribution_localisation, effective_complexity, top_k_intersection
 from medlens.metrics.axiomatic import completeness, non_sensitivity
 from medlens.metrics.randomisation import random_logit
-from medlens.metrics.robustness import avg_sensitivity, local_lipschitz_estimate
+from medlens.metrics.robustness import (
+    avg_sensitivity, local_lipschitz_estimate, relative_input_stability, relative_output_stability,
+)
 
 __all__ = [
     "Curve", "PAPER_PERCENTAGES", "SanityResult", "auroc", "average_precision", "box_iou", "boxes_to_masks",
@@ -29,5 +31,5 @@ __all__ = [
     "relevance_rank_accuracy", "road", "spearman", "ssim", "topk_box_iou",
     "attribution_localisation", "avg_sensitivity", "completeness", "effective_complexity", "faithfulness_correlation",
     "faithfulness_estimate", "local_lipschitz_estimate", "monotonicity_arya", "monotonicity_nguyen",
-    "non_sensitivity", "random_logit", "region_perturbation", "selectivity", "sensitivity_n", "top_k_intersection",
+    "non_sensitivity", "random_logit", "region_perturbation", "relative_input_stability", "relative_output_stability", "selectivity", "sensitivity_n", "top_k_intersection",
 ]
