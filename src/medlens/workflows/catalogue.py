@@ -27,9 +27,11 @@ CATALOGUE = (
     "faithfulness_correlation", "faithfulness_estimate", "monotonicity_arya", "monotonicity_nguyen",
     "effective_complexity", "top_k_intersection", "attribution_localisation", "completeness", "non_sensitivity",
     "random_logit", "avg_sensitivity", "local_lipschitz_estimate", "region_perturbation", "selectivity",
+    "relative_input_stability", "relative_output_stability",
 )
 LOWER_IS_BETTER = {"effective_complexity", "completeness", "non_sensitivity", "random_logit", "avg_sensitivity",
-                   "local_lipschitz_estimate", "selectivity"}
+                   "local_lipschitz_estimate", "selectivity",
+                   "relative_input_stability", "relative_output_stability"}
 
 
 def wanted(metrics) -> list[str]:
@@ -82,6 +84,12 @@ def catalogue_columns(
         elif name == "local_lipschitz_estimate":
             cols[name] = robustness.local_lipschitz_estimate(fn, x, targets, n_samples=5, std=0.02, batch_size=batch_size,
                                                              seed=seed)
+        elif name == "relative_input_stability":
+            cols[name] = robustness.relative_input_stability(fn, x, targets, n_samples=5, radius=0.02, batch_size=batch_size,
+                                                             seed=seed, model=model)
+        elif name == "relative_output_stability":
+            cols[name] = robustness.relative_output_stability(fn, model, x, targets, n_samples=5, radius=0.02,
+                                                              batch_size=batch_size, seed=seed)
         elif name in ("region_perturbation", "selectivity"):
             patch = max(1, min(x.shape[2:]) // (8 if x.dim() == 4 else 4))
             if name == "region_perturbation":  # AOPC over the first `steps` patches, most relevant first
