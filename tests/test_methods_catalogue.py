@@ -65,7 +65,7 @@ def test_methods_run_in_3d():
     x = torch.rand(2, 1, 12, 12, 12)
     for name, opts in (("smoothgrad-sq", dict(samples=3)), ("vargrad", dict(samples=3)),
                        ("feature-ablation", dict(patch=4)), ("feature-ablation", dict(segments="slic", n_segments=8)),
-                       ("shapley-sampling", dict(patch=6, samples=2))):
+                       ("shapley-sampling", dict(patch=6, samples=2)), ("gradient-shap", dict(samples=3, stdev=0.05))):
         out = explain(model, x, name, **opts)
         assert out.maps.shape == (2, 1, 12, 12, 12) and torch.isfinite(out.maps).all(), name
 
@@ -86,3 +86,23 @@ def test_shapley_sampling_equals_captum(grey_resnet, mri):
     with torch.no_grad():
         gap = grey_resnet(mri)[0, 1] - grey_resnet(torch.zeros_like(mri))[0, 1]
     assert abs(float(out.raw[0, 0][::12, ::12].sum()) - float(gap)) < 1e-3
+
+
+def test_gradient_shap_equals_captum_under_shared_draws(grey_resnet, mri):
+    from captum.attr import GradientShap
+
+    from medlens.methods.shap import GradientSHAP
+
+    gen = torch.Generator().manual_seed(0)
+    baselines = torch.rand(5, 1, 48, 48, generator=gen) * 0.2
+    samples = 6
+    np.random.seed(9)  # Captum: the baseline indices, then the alphas, from NumPy
+    index = np.random.choice(5, samples)
+    alphas = np.random.uniform(0.0, 1.0, samples)
+    method = GradientSHAP(baselines=baselines, samples=samples, stdev=0.1, seed=9, batch_size=4,
+                          baseline_index=torch.from_numpy(index), alphas=torch.from_numpy(alphas).float())
+    explain(grey_resnet, mri, method, target=2)
+    np.random.seed(9)
+    torch.manual_seed(9)
+    theirs = GradientShap(grey_resnet).attribute(mri, baselines=baselines, n_samples=samples, stdevs=0.1, target=2)
+    torch.testing.assert_close(method.attributions[:, 0], theirs, rtol=1e-4, atol=1e-6)
