@@ -1,7 +1,7 @@
 """The Quantus-catalogue metrics and the new perturbation methods: medlens vs Quantus / Captum
 in one run, on the same model, maps and perturbation choices.
 
-    PYTHONPATH=src .venv/bin/python benchmarks/bench_catalogue.py [--threads 2] [--repeats 1] [--size 64]
+    PYTHONPATH=src .venv/bin/python benchmarks/bench_catalogue.py [--threads 2] [--repeats 1] [--size 32]
 
 ResNet-18 with a 1-channel stem, 4 images at SIZE x SIZE (random init), smooth tie-free maps.
 Each metric is reported as time (s), ratio to its batched-forward floor (the same number of
@@ -47,7 +47,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=1)
-    parser.add_argument("--size", type=int, default=64)
+    parser.add_argument("--size", type=int, default=32)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     import quantus
@@ -65,14 +65,18 @@ def main() -> None:
     common = dict(normalise=False, abs=False, disable_warnings=True)
     n = s * s
     step = n // 16
-    rows = []
+    print(f"\n### Quantus catalogue metrics, medlens vs Quantus (ResNet-18, 4 images {s}x{s}, {args.threads} threads)\n")
+    print("| metric | forwards/image | floor (s) | medlens (s) | Quantus (s) | x floor | Quantus / medlens | max abs diff |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|", flush=True)
 
     def add(name, copies, ours_fn, theirs_fn, to_np=lambda v: np.asarray(v)):
         t_floor, _ = best_of(lambda: forward_floor(model, x, copies), args.repeats)
         t_ours, ours = best_of(ours_fn, args.repeats)
         t_q, theirs = best_of(theirs_fn, 1)
         diff = float(np.nanmax(np.abs(to_np(ours) - np.asarray(theirs, dtype=np.float64))))
-        rows.append((name, copies, t_floor, t_ours, t_q, diff))
+        xf = f"{t_ours / t_floor:.2f}" if copies else "-"
+        print(f"| {name} | {copies} | {t_floor:.3f} | {t_ours:.3f} | {t_q:.3f} | {xf} | {t_q / t_ours:.1f} | {diff:.1e} |",
+              flush=True)
 
     add("FaithfulnessEstimate (16 chunks)", 16,
         lambda: fx.faithfulness_estimate(model, x, maps, y, features_in_step=step, batch_size=64),
@@ -111,12 +115,6 @@ def main() -> None:
         lambda: map_metrics.top_k_intersection(maps, masks, k=n // 20),
         lambda: quantus.TopKIntersection(k=n // 20, **common)(**qm))
 
-    print(f"\n### Quantus catalogue metrics, medlens vs Quantus (ResNet-18, 4 images {s}x{s}, {args.threads} threads)\n")
-    print("| metric | forwards/image | floor (s) | medlens (s) | Quantus (s) | x floor | Quantus / medlens | max abs diff |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
-    for name, copies, t_floor, t_ours, t_q, diff in rows:
-        xf = f"{t_ours / t_floor:.2f}" if copies else "-"
-        print(f"| {name} | {copies} | {t_floor:.3f} | {t_ours:.3f} | {t_q:.3f} | {xf} | {t_q / t_ours:.1f} | {diff:.1e} |")
 
     # ---- methods vs Captum and the forward floor
     from captum.attr import FeatureAblation, NoiseTunnel, Saliency
