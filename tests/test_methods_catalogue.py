@@ -49,7 +49,8 @@ def test_feature_ablation_equals_captum(grey_resnet, mri, segments):
     from captum.attr import FeatureAblation as CaptumFA
 
     x = torch.cat([mri, mri.flip(-1)])
-    method = FeatureAblation(segments=segments, patch=8, n_segments=30, batch_size=16)
+    opts = dict(patch=8) if segments == "grid" else dict(n_segments=30)
+    method = FeatureAblation(segments=segments, batch_size=16, **opts)
     out = explain(grey_resnet, x, method, target=torch.tensor([[0], [2]]))
     seg = segments_for(x, {"segments": segments, "patch": 8, "n_segments": 30})
     for i, t in enumerate((0, 2)):
