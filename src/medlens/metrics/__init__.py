@@ -12,6 +12,16 @@ from medlens.metrics.localisation import (
     relevance_rank_accuracy, topk_box_iou,
 )
 from medlens.metrics.sanity import SanityResult, model_randomisation, spearman, ssim
+from medlens.metrics.faithfulness_extra import (
+    faithfulness_correlation, faithfulness_estimate, monotonicity_arya, monotonicity_nguyen, region_perturbation,
+    selectivity, sensitivity_n,
+)
+from medlens.metrics.map_metrics import attribution_localisation, effective_complexity, top_k_intersection
+from medlens.metrics.axiomatic import completeness, non_sensitivity
+from medlens.metrics.randomisation import random_logit
+from medlens.metrics.robustness import (
+    avg_sensitivity, local_lipschitz_estimate, relative_input_stability, relative_output_stability,
+)
 
 __all__ = [
     "Curve", "PAPER_PERCENTAGES", "SanityResult", "auroc", "average_precision", "box_iou", "boxes_to_masks",
@@ -19,4 +29,7 @@ __all__ = [
     "gini", "localisation_metrics", "mask_iou", "max_sensitivity", "method_explainer", "model_randomisation",
     "noisy_linear_imputation", "perturbation_curve", "pointing_game", "relevance_mass",
     "relevance_rank_accuracy", "road", "spearman", "ssim", "topk_box_iou",
+    "attribution_localisation", "avg_sensitivity", "completeness", "effective_complexity", "faithfulness_correlation",
+    "faithfulness_estimate", "local_lipschitz_estimate", "monotonicity_arya", "monotonicity_nguyen",
+    "non_sensitivity", "random_logit", "region_perturbation", "relative_input_stability", "relative_output_stability", "selectivity", "sensitivity_n", "top_k_intersection",
 ]

@@ -31,15 +31,16 @@ from medlens.metrics.complexity import entropy, gini, max_sensitivity, method_ex
 from medlens.metrics.faithfulness import faithfulness_metrics
 from medlens.metrics.localisation import boxes_to_masks, localisation_metrics
 from medlens.metrics.sanity import model_randomisation
+from medlens.workflows.catalogue import CATALOGUE, LOWER_IS_BETTER as _CATALOGUE_LOWER, catalogue_columns
 
 __all__ = ["EvalResult", "bootstrap_ci", "evaluate", "folder_items", "phantom_items", "summarise"]
 
 Item = tuple[str, Tensor, "int | None", "Tensor | None", "Tensor | None"]
-METRIC_GROUPS = ("localisation", "faithfulness", "complexity", "robustness", "sanity")
+METRIC_GROUPS = ("localisation", "faithfulness", "complexity", "robustness", "sanity", "catalogue", *CATALOGUE)
 #: the column a gallery ranks by, per metric group present (first match wins)
 GALLERY_KEYS = ("energy_pointing_game", "iou@10", "deletion_auc", "gini")
 #: columns where lower is better (for "best" in galleries and summaries)
-LOWER_IS_BETTER = {"deletion_auc", "road_morf_auc", "average_drop", "entropy", "max_sensitivity"}
+LOWER_IS_BETTER = {"deletion_auc", "road_morf_auc", "average_drop", "entropy", "max_sensitivity", *_CATALOGUE_LOWER}
 
 
 @dataclass
@@ -283,7 +284,9 @@ def evaluate(
         metrics: groups from ``localisation`` (needs masks or boxes), ``faithfulness`` (deletion,
             insertion, ROAD, confidence), ``complexity`` (Gini, entropy), ``robustness``
             (max-sensitivity, 5 noisy copies per image) and ``sanity`` (parameter randomisation
-            in each of ``sanity_modes``, Spearman and SSIM per step, on the first ``sanity_images`` images).
+            in each of ``sanity_modes``, Spearman and SSIM per step, on the first ``sanity_images`` images);
+            ``catalogue`` (or any of its names, :data:`medlens.workflows.catalogue.CATALOGUE`): Quantus'
+            catalogue -- faithfulness correlation/estimate, monotonicity, complexity, top-k, completeness, ...
         out_dir: where to write the tables and report; None writes nothing.
         target: ``"label"`` (the annotated class, the prediction where an item has no label) or ``"pred"``.
         layer, method_options: passed to :func:`medlens.explain` (options per method name).
@@ -342,6 +345,10 @@ def evaluate(
                 if "robustness" in metrics:
                     fn = method_explainer(model, method, layer=layer, **opts)
                     cols["max_sensitivity"] = max_sensitivity(fn, x, targets, n_samples=5, batch_size=max(batch_size, 8), seed=seed)
+                if "catalogue" in metrics or any(m in CATALOGUE for m in metrics):
+                    cat_masks = masks if masks is not None or boxes is None else boxes_to_masks(boxes, tuple(x.shape[2:]))
+                    cols.update(catalogue_columns(metrics, model, x, maps, expl.raw, targets, cat_masks, method, layer,
+                                                  opts, steps=steps, batch_size=max(batch_size * 4, 32), seed=seed))
                 host = {k: v.detach().float().cpu().tolist() for k, v in cols.items()}
                 preds = expl.predictions.cpu().tolist()
                 for i, name in enumerate(names):

@@ -1,0 +1,145 @@
+"""The Quantus-catalogue metrics and the new perturbation methods: medlens vs Quantus / Captum
+in one run, on the same model, maps and perturbation choices.
+
+    PYTHONPATH=src .venv/bin/python benchmarks/bench_catalogue.py [--threads 2] [--repeats 1] [--size 32]
+
+ResNet-18 with a 1-channel stem, 4 images at SIZE x SIZE (random init), smooth tie-free maps.
+Each metric is reported as time (s), ratio to its batched-forward floor (the same number of
+perturbed inputs through the model, no-grad, batches of 64), ratio to Quantus, and the max abs
+difference of the scores. Methods: feature ablation over a grid vs Captum FeatureAblation and the
+forward floor; SmoothGrad-squared vs Captum NoiseTunnel.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+
+import numpy as np
+import torch
+import torchvision
+
+from medlens import explain
+from medlens.metrics import faithfulness_extra as fx
+from medlens.metrics import axiomatic, map_metrics
+
+
+
+def best_of(fn, repeats: int) -> tuple[float, object]:
+    import time
+
+    best, out = float("inf"), None
+    for _ in range(repeats):
+        start = time.perf_counter()
+        out = fn()
+        best = min(best, time.perf_counter() - start)
+    return best, out
+
+
+def forward_floor(model, x: torch.Tensor, copies: int, batch_size: int = 64) -> None:
+    stack = x.repeat_interleave(max(1, copies), dim=0)
+    with torch.no_grad():
+        for i in range(0, stack.shape[0], batch_size):
+            model(stack[i : i + batch_size])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--size", type=int, default=32)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    import quantus
+
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=3)
+    model.conv1 = torch.nn.Conv2d(1, 64, 7, 2, 3, bias=False)
+    model.eval()
+    s = args.size
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(4, 1, s, s, generator=gen)
+    maps = torch.nn.functional.avg_pool2d(x, 5, 1, 2)[:, 0] + 1e-4 * torch.rand(4, s, s, generator=gen)
+    y = model(x).argmax(1).detach()
+    q = dict(model=model, x_batch=x.numpy(), y_batch=y.numpy(), a_batch=maps[:, None].numpy(), device="cpu")
+    common = dict(normalise=False, abs=False, disable_warnings=True)
+    n = s * s
+    step = n // 16
+    print(f"\n### Quantus catalogue metrics, medlens vs Quantus (ResNet-18, 4 images {s}x{s}, {args.threads} threads)\n")
+    print("| metric | forwards/image | floor (s) | medlens (s) | Quantus (s) | x floor | Quantus / medlens | max abs diff |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|", flush=True)
+
+    def add(name, copies, ours_fn, theirs_fn, to_np=lambda v: np.asarray(v)):
+        t_floor, _ = best_of(lambda: forward_floor(model, x, copies), args.repeats)
+        t_ours, ours = best_of(ours_fn, args.repeats)
+        t_q, theirs = best_of(theirs_fn, 1)
+        diff = float(np.nanmax(np.abs(to_np(ours) - np.asarray(theirs, dtype=np.float64))))
+        xf = f"{t_ours / t_floor:.2f}" if copies else "-"
+        print(f"| {name} | {copies} | {t_floor:.3f} | {t_ours:.3f} | {t_q:.3f} | {xf} | {t_q / t_ours:.1f} | {diff:.1e} |",
+              flush=True)
+
+    add("FaithfulnessEstimate (16 chunks)", 16,
+        lambda: fx.faithfulness_estimate(model, x, maps, y, features_in_step=step, batch_size=64),
+        lambda: quantus.FaithfulnessEstimate(features_in_step=step, perturb_baseline="black", **common)(**q))
+    np.random.seed(0)
+    draws = np.stack([np.stack([np.random.choice(n, n // 20, replace=False) for _ in range(4)]) for _ in range(20)], 1)
+
+    def quantus_fc():
+        np.random.seed(0)
+        return quantus.FaithfulnessCorrelation(nr_runs=20, subset_size=n // 20, perturb_baseline="black",
+                                               return_aggregate=False, **common)(**q)
+
+    add("FaithfulnessCorrelation (20 runs)", 20,
+        lambda: fx.faithfulness_correlation(model, x, maps, y, subsets=torch.from_numpy(draws), batch_size=64),
+        quantus_fc)
+    add("MonotonicityCorrelation (16 chunks, 1 sample)", 16,
+        lambda: fx.monotonicity_nguyen(model, x, maps, y, features_in_step=step, baseline=0.0, batch_size=64),
+        lambda: quantus.MonotonicityCorrelation(features_in_step=step, nr_samples=1, perturb_baseline=0.0, **common)(**q))
+    patches = math.ceil(s / 8) ** 2
+    add(f"RegionPerturbation ({min(20, patches)} patches)", min(20, patches),
+        lambda: fx.region_perturbation(model, x, maps, y, patch_size=8, regions=20, batch_size=64),
+        lambda: quantus.RegionPerturbation(patch_size=8, regions_evaluation=20, perturb_baseline="black", **common)(**q))
+    add(f"Selectivity ({patches} patches)", patches,
+        lambda: fx.selectivity(model, x, maps, y, patch_size=8, batch_size=64)[0],
+        lambda: quantus.Selectivity(patch_size=8, perturb_baseline="black", **common)(**q))
+    small = torch.nn.functional.avg_pool2d(x, 4)
+    a_small = torch.nn.functional.avg_pool2d(maps[:, None], 4)[:, 0]
+    qs = dict(q, x_batch=small.numpy(), a_batch=a_small[:, None].numpy())
+    add(f"NonSensitivity ({(s // 4) ** 2} px at {s // 4}x{s // 4})", (s // 4) ** 2,
+        lambda: axiomatic.non_sensitivity(model, small, a_small, y, eps=1e-3, baseline=0.0, batch_size=64),
+        lambda: quantus.NonSensitivity(eps=1e-3, features_in_step=1, perturb_baseline=0.0, **common)(**qs))
+    masks = torch.zeros(4, s, s, dtype=torch.bool)
+    masks[:, s // 4 : s // 2, s // 4 : 3 * s // 4] = True
+    qm = dict(q, s_batch=masks[:, None].float().numpy())
+    add("TopKIntersection (no model calls)", 0,
+        lambda: map_metrics.top_k_intersection(maps, masks, k=n // 20),
+        lambda: quantus.TopKIntersection(k=n // 20, **common)(**qm))
+
+
+    # ---- methods vs Captum and the forward floor
+    from captum.attr import FeatureAblation, NoiseTunnel, Saliency
+
+    from medlens.methods.ablation import grid_segments
+
+    seg = grid_segments((s, s), 8)
+    copies = int(seg.max()) + 1
+    t_floor, _ = best_of(lambda: forward_floor(model, x, copies), args.repeats)
+    t_ours, out = best_of(lambda: explain(model, x, "feature-ablation", target=y.view(-1, 1), patch=8), args.repeats)
+    fa = FeatureAblation(model)
+    t_c, theirs = best_of(lambda: fa.attribute(x, target=y, feature_mask=seg[None, None].expand(4, 1, s, s),
+                                               perturbations_per_eval=16), 1)
+    print(f"\n### Perturbation methods (ResNet-18, 4 images {s}x{s})\n")
+    print("| method | forwards/image | floor (s) | medlens (s) | Captum (s) | x floor | Captum / medlens | max abs diff |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    diff = float((out.raw[:, 0] - theirs[:, 0]).abs().max())
+    print(f"| feature-ablation (8x8 grid) | {copies} | {t_floor:.3f} | {t_ours:.3f} | {t_c:.3f} | {t_ours / t_floor:.2f} | {t_c / t_ours:.1f} | {diff:.1e} |")
+    xi = x[:1]
+    t_ours, _ = best_of(lambda: explain(model, xi, "smoothgrad-sq", target=int(y[0]), samples=16, stdev=0.2, seed=3), args.repeats)
+    nt = NoiseTunnel(Saliency(model))
+    t_c, _ = best_of(lambda: nt.attribute(xi, nt_type="smoothgrad_sq", nt_samples=16, stdevs=0.2, target=int(y[0]),
+                                          nt_samples_batch_size=16), 1)
+    print(f"| smoothgrad-sq (16 samples, 1 image) | 16 (fwd+bwd) | - | {t_ours:.3f} | {t_c:.3f} | - | {t_c / t_ours:.1f} | - |")
+
+
+if __name__ == "__main__":
+    main()
