@@ -7,16 +7,18 @@ and the graph starts at the first captured layer, so nothing is spent on the lay
 
 from __future__ import annotations
 
+import difflib
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, ClassVar, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from medlens.core.capture import LayerCapture, auto_layer, preserved_modes
+from medlens.core.options import check_choice, check_types, option_names, typed_options
+from medlens.core.resample import upsample_normalised
 from medlens.errors import MedlensError
-from medlens.core.resample import normalise, upsample_normalised  # noqa: F401  (normalise: re-exported for methods)
 from medlens.core.targets import Region, TargetSpec, is_segmentation_output, model_output, pool_scores, resolve_targets
 
 
@@ -107,60 +109,45 @@ def score_batches(model: nn.Module, x: Tensor, targets: Tensor, region: Region =
     return torch.cat(out)
 
 
-class Options(dict):
-    """A method's keyword options that remember which keys the method read, so a misspelt
-    option (``windoww=3``) is reported instead of silently ignored."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.read: set[str] = set()
-
-    def get(self, key: str, default: Any = None) -> Any:
-        self.read.add(key)
-        return super().get(key, default)
-
-    def __getitem__(self, key: str) -> Any:
-        self.read.add(key)
-        return super().__getitem__(key)
-
-    def __contains__(self, key: object) -> bool:
-        self.read.add(str(key))
-        return super().__contains__(key)
-
-    def unread(self) -> list[str]:
-        return sorted(set(self) - self.read)
-
-
-def warn_unread_options(method: "Method") -> None:
-    """Warn about options ``method`` never looked at (after it ran)."""
-    unread = method.options.unread() if isinstance(method.options, Options) else []
-    if unread:
-        import warnings
-
-        warnings.warn(f"{method.name} did not use option(s) {', '.join(unread)}: check the spelling against its docstring",
-                      UserWarning, stacklevel=3)
-
-
 class Method:
     """Base of all methods: a short function of what the engine captured.
 
-    Subclasses set ``name`` and what they use, and implement :meth:`compute` returning
-    (B, K, *s) maps. Methods that fuse per-layer maps implement :meth:`layer_map` instead.
+    A method's options are its annotated class attributes: every subclass becomes a keyword-only
+    dataclass (:func:`medlens.core.options.typed_options`), so ``GradCAM(top_k_channels=32)`` is
+    checked when built (unknown names, types, and each method's :meth:`validate`).
+
+    Subclasses set ``name`` and implement :meth:`compute` returning (B, K, *s) maps; methods
+    that fuse per-layer maps implement :meth:`layer_map` instead (see :class:`LayerMethod`).
     """
 
-    name: str = ""
-    uses_layer: bool = True
-    uses_gradients: bool = True
-    uses_input_gradients: bool = False
-    classification_only: bool = False
+    name: ClassVar[str] = ""
+    uses_layer: ClassVar[bool] = True
+    uses_gradients: ClassVar[bool] = True
+    uses_input_gradients: ClassVar[bool] = False
+    classification_only: ClassVar[bool] = False
 
-    def __init__(self, **options: Any) -> None:
-        self.options = Options(options)
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        typed_options(cls)
+
+    def __post_init__(self) -> None:
+        check_types(self)
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise MedlensError for option values out of range (called when the method is built)."""
+        fusion = getattr(self, "fusion", "mean")
+        check_choice(self.name or type(self).__name__, "fusion", fusion, LAYER_FUSIONS)
+
+    @property
+    def options(self) -> dict[str, Any]:
+        """The method's options as a dict (name -> value), defaults included."""
+        return {name: getattr(self, name) for name in option_names(type(self))}
 
     #: a method that runs the model itself (its own hooks, e.g. attention capture) defines
     #: ``run(model, x, target, region) -> (raw (B, K, *s), logits (B, N), targets (B, K))``
     #: and the engine then makes no forward pass of its own.
-    run: Callable[..., tuple[Tensor, Tensor, Tensor]] | None = None
+    run: ClassVar[Callable[..., tuple[Tensor, Tensor, Tensor]] | None] = None
 
     def check(self, model: nn.Module, x: Tensor, task: str) -> None:
         """Raise MedlensError if the method cannot apply to this model and input."""
@@ -168,16 +155,66 @@ class Method:
             raise MedlensError(f"{self.name} applies to classifiers only, not {task} outputs")
 
     def layer_map(self, activation: Tensor, gradient: Tensor | None, ctx: Context, layer: str) -> Tensor:
+        """(B, K, *s) map of one layer from its activation (B, C, *s) and the targets'
+        gradients (B, K, C, *s) (None for gradient-free methods)."""
         raise NotImplementedError
 
     def compute(self, ctx: Context) -> Tensor:
+        """(B, K, *s) maps: each captured layer's :meth:`layer_map`, fused when several."""
         maps = [self.layer_map(ctx.activations[l], ctx.gradients.get(l), ctx, l) for l in ctx.layers]
         if len(maps) == 1:
             return maps[0]
-        return fuse_layer_maps(maps, ctx.x.shape[2:], self.options.get("fusion", "mean"))
+        return fuse_layer_maps(maps, ctx.x.shape[2:], getattr(self, "fusion", "mean"))
+
+
+typed_options(Method)
+
+#: how the maps of several layers are fused
+LAYER_FUSIONS = ("mean", "max", "product", "prod")
+
+
+class LayerMethod(Method):
+    """A method computed from a layer's activations A (B, C, *s) and, unless
+    ``uses_gradients`` is False, the gradients (B, K, C, *s) of each target score w.r.t. A.
+
+    Options:
+        fusion: how the maps of several layers are fused (mean, max or product).
+    """
+
+    fusion: str = "mean"
+
+
+class InputMethod(Method):
+    """A method whose maps live in input space (B, K, *S): it reads the input gradients
+    (``uses_input_gradients``) or scores perturbed inputs itself; no layer is captured."""
+
+    uses_layer: ClassVar[bool] = False
+    uses_gradients: ClassVar[bool] = False
+
+
+class MethodWrapper(Method):
+    """A method around another one (like Captum's NoiseTunnel): :meth:`explain` calls the engine
+    on the wrapped ``method`` (e.g. on augmented inputs) and combines the explanations.
+
+    Options:
+        method: the wrapped method, a name or a built :class:`Method`.
+    """
+
+    method: Any = None
+
+    def validate(self) -> None:
+        if self.method is None:
+            raise MedlensError(f"{type(self).__name__} needs the method it wraps, e.g. method='gradcam'")
+        self.method = get_method(self.method)
+
+    def explain(self, model: nn.Module, x: Tensor, target: TargetSpec, layer: str | Sequence[str] | None, region: Region) -> "Explanation":
+        raise NotImplementedError
 
 
 METHODS: dict[str, type[Method]] = {}
+
+#: option flags of :func:`explain` that wrap the method, e.g. ``aug_smooth=True``
+WRAPPERS: dict[str, type[MethodWrapper]] = {}
 
 
 def register(cls: type[Method]) -> type[Method]:
@@ -186,24 +223,48 @@ def register(cls: type[Method]) -> type[Method]:
     return cls
 
 
-def get_method(method: str | Method, **options: Any) -> Method:
-    if isinstance(method, Method):
-        return method
-    import medlens.methods  # noqa: F401  (registers the built-in methods)
+def register_wrapper(flag: str) -> Callable[[type[MethodWrapper]], type[MethodWrapper]]:
+    """Class decorator: ``explain(..., <flag>=True, **options)`` wraps the method in the class,
+    which takes the options it declares (the rest go to the wrapped method)."""
 
+    def decorate(cls: type[MethodWrapper]) -> type[MethodWrapper]:
+        WRAPPERS[flag] = cls
+        return cls
+
+    return decorate
+
+
+def method_class(method: str) -> type[Method]:
+    """The registered class of a method name (case, ``-`` and ``_`` ignored)."""
     key = method.lower().replace("-", "").replace("_", "")
     for name, cls in METHODS.items():
         if name.replace("-", "").replace("_", "") == key:
-            return cls(**options)
-    raise MedlensError(f"unknown method {method!r}; available: {', '.join(sorted(METHODS))}")
+            return cls
+    close = difflib.get_close_matches(method, list(METHODS), n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    raise MedlensError(f"unknown method {method!r}{hint}; available: {', '.join(sorted(METHODS))}")
 
 
-def upsample(maps: Tensor, size: Sequence[int]) -> Tensor:
-    """(B, K, *s) -> (B, K, *size), bilinear in 2D, trilinear in 3D, linear in 1D."""
-    if tuple(maps.shape[2:]) == tuple(size):
-        return maps
-    mode = {1: "linear", 2: "bilinear", 3: "trilinear"}[len(size)]
-    return F.interpolate(maps.float(), size=tuple(size), mode=mode, align_corners=False)
+def get_method(method: str | Method, **options: Any) -> Method:
+    """A built method: ``method`` itself if already built (then ``options`` must be empty), else
+    the registered class of that name built with ``options`` (checked, see :mod:`medlens.core.options`)."""
+    if isinstance(method, Method):
+        if options:
+            raise MedlensError(f"options {', '.join(sorted(options))} given with a built {method.name} method; pass them to its constructor")
+        return method
+    return method_class(method)(**options)
+
+
+def _wrapped(method: str | Method, options: dict[str, Any]) -> Method:
+    """The method built from ``options``, inside the wrappers whose flags are set in them."""
+    flags = [flag for flag in WRAPPERS if options.pop(flag, False)]
+    for flag in WRAPPERS:
+        options.pop(flag, None)
+    own = [{k: options.pop(k) for k in option_names(WRAPPERS[f]) if k in options and k != "method"} for f in flags]
+    algo = get_method(method, **options)
+    for flag, kwargs in zip(flags, own):
+        algo = WRAPPERS[flag](method=algo, **kwargs)
+    return algo
 
 
 def fuse_layer_maps(maps: Sequence[Tensor], size: Sequence[int], fusion: str = "mean") -> Tensor:
@@ -336,15 +397,12 @@ def explain(
         An :class:`Explanation` with maps (B, K, *S) in [0, 1] on the model's device.
     """
     check_input(model, x)
-    if options.pop("aug_smooth", False):
-        from medlens.methods.smoothing import aug_smooth
-
-        return aug_smooth(model, x, method, target=target, layer=layer, region=region, **options)
-    algo = get_method(method, **options)
+    algo = _wrapped(method, dict(options))
+    if isinstance(algo, MethodWrapper):
+        return algo.explain(model, x, target, layer, region)
     if algo.run is not None:
         with preserved_modes(model):
             raw, logits, targets = algo.run(model, x, target, region)
-        warn_unread_options(algo)
         maps = upsample_normalised(raw, x.shape[2:])
         return Explanation(maps, raw, targets, logits.gather(1, targets), logits, algo.name, [], "classification")
     info: dict[str, Any] = {}
@@ -401,6 +459,5 @@ def explain(
             _as_feature_maps(ctx, model)
             raws.append(algo.compute(ctx))
         raw = raws[0] if len(raws) == 1 else torch.cat(raws, dim=1)
-    warn_unread_options(algo)
     maps = upsample_normalised(raw, x.shape[2:])
     return Explanation(maps, raw, targets, scores.detach(), logits.detach(), algo.name, layers, task, info)

@@ -132,3 +132,12 @@ def pool_scores(output: object, x: Tensor, region: Region = None) -> Tensor:
     if bool((total == 0).any()):
         raise MedlensError("the region to pool the segmentation scores over is empty")
     return (output * weights).sum(dim=spatial_dims) / total
+
+
+def region_rows(region: Region, x: Tensor, image: Tensor) -> Region:
+    """The pooling region for a stack of inputs made from the images ``image`` (b,) of the batch
+    ``x`` (B, C, *S): a per-image mask (B, 1, *S) is indexed so that every copy keeps its own
+    image's region; a shared region (None, a box, one mask) is returned as it is."""
+    if isinstance(region, Tensor) and region.dim() == x.dim() and region.shape[0] == x.shape[0] > 1:
+        return region[image.to(region.device)]
+    return region

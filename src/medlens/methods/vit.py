@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import weakref
 from contextlib import ExitStack, nullcontext
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from medlens.core.attention import AttentionCapture, AttentionSite, BlockRecord, block_indices, find_attention, merge_heads
 from medlens.core.capture import preserved_modes
 from medlens.core.engine import Context, Method, register
+from medlens.core.options import check_choice, require
 from medlens.errors import MedlensError
 from medlens.core.targets import Region, model_output, pool_scores, resolve_targets
 from medlens.core.tokens import has_class_token, patch_grid
@@ -421,20 +422,19 @@ class _ViTMethod(Method):
 
     uses_layer = False
     uses_gradients = False
-    key = ""
+    key: ClassVar[str] = ""
+    block: int = -1
+    head_fusion: str = "mean"
+    discard_ratio: float = 0.0
 
-    def __init__(self, **options: Any) -> None:
-        super().__init__(**options)
-        fusion, ratio = options.get("head_fusion"), options.get("discard_ratio")
+    def validate(self) -> None:
         allowed = HEAD_FUSIONS + (("none", "per-head", "heads") if self.key == "attention" else ())
-        if fusion is not None and fusion not in allowed:
-            raise MedlensError(f"{self.name}: head_fusion {fusion!r} unknown; use {', '.join(allowed)}")
-        if ratio is not None and not 0 <= float(ratio) < 1:
-            raise MedlensError(f"{self.name}: discard_ratio {ratio} must be in [0, 1)")
+        check_choice(self.name, "head_fusion", self.head_fusion, allowed)
+        require(0 <= float(self.discard_ratio) < 1, self.name, "discard_ratio", self.discard_ratio, "must be in [0, 1)")
 
     def run(self, model: nn.Module, x: Tensor, target: Any, region: Region) -> tuple[Tensor, Tensor, Tensor]:
-        opts = {k: self.options[k] for k in ("block", "head_fusion", "discard_ratio") if self.options.get(k) is not None}
-        result = vit_run(model, x, self.key, targets=target, region=region, **opts)
+        result = vit_run(model, x, self.key, targets=target, region=region, block=self.block,
+                         head_fusion=self.head_fusion, discard_ratio=self.discard_ratio)
         return result.maps, result.logits, result.targets
 
     def compute(self, ctx: Context) -> Tensor:
@@ -446,7 +446,7 @@ class RawAttention(_ViTMethod):
     """Raw attention (e.g. Chung et al.; Dosovitskiy et al. 2021): the class token's attention
     row of one block (default: last) over the patch tokens, heads fused by mean/max/min or kept."""
 
-    name = key = "attention"
+    name = key = "attention"  # type: ignore[misc]
 
 
 @register

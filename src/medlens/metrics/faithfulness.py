@@ -23,8 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from medlens.errors import MedlensError
-from medlens.methods.attribution import region_rows
-from medlens.core.targets import Region, pool_scores
+from medlens.core.targets import Region, pool_scores, region_rows
 
 __all__ = [
     "Curve", "confidence_change", "gaussian_filter", "noisy_linear_imputation", "perturbation_curve",

@@ -22,7 +22,8 @@ from torch import Tensor, nn
 
 from medlens.core.boxes import argmax_cell_box, component_regions
 from medlens.core.capture import resolve_layer
-from medlens.core.engine import Explanation, explain, get_method, upsample
+from medlens.core.engine import Explanation, explain, get_method
+from medlens.core.resample import upsample
 from medlens.errors import MedlensError, one_line
 from medlens.io.atomic import atomic_path, write_text
 from medlens.io.loading import Loaded, iter_inputs, plan_inputs
