@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import difflib
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar, Sequence
+from typing import Any, Callable, ClassVar, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from medlens.core.capture import LayerCapture, auto_layer, preserved_modes
-from medlens.core.options import check_choice, check_types, option_names, typed_options
+from medlens.core.options import check_choice, check_names, check_types, coerce, option_names, typed_options
 from medlens.core.resample import upsample_normalised
 from medlens.errors import MedlensError
 from medlens.core.targets import Region, TargetSpec, is_segmentation_output, model_output, pool_scores, resolve_targets
@@ -253,6 +253,21 @@ def get_method(method: str | Method, **options: Any) -> Method:
             raise MedlensError(f"options {', '.join(sorted(options))} given with a built {method.name} method; pass them to its constructor")
         return method
     return method_class(method)(**options)
+
+
+def options_for(method: str | Method, options: Mapping[str, Any], among: Sequence[str | Method] = ()) -> dict[str, Any]:
+    """The options among ``options`` that ``method`` takes, for one set of options given to
+    several methods (``medlens explain -m gradcam -m rollout --block 3``): strings are converted
+    to the option's annotated type (see :func:`medlens.core.options.convert`); a name that
+    neither ``method`` nor any method in ``among`` takes (nor a wrapper flag) is a MedlensError."""
+    classes = [type(m) if isinstance(m, Method) else method_class(m) for m in [method, *among]]
+    wrappers = [WRAPPERS[flag] for flag in WRAPPERS if options.get(flag)]
+    known = set(WRAPPERS).union(*(option_names(c) for c in classes + wrappers))
+    for key in options:
+        if key not in known:
+            check_names(classes[0], [key])  # raises, with the did-you-mean of the first method
+    own = set(option_names(classes[0])).union(*(option_names(w) for w in wrappers), set(WRAPPERS))
+    return {k: (coerce(classes[0], k, v) if k in option_names(classes[0]) else v) for k, v in options.items() if k in own}
 
 
 def _wrapped(method: str | Method, options: dict[str, Any]) -> Method:

@@ -199,6 +199,18 @@ def convert(text: str, annotation: Any) -> Any:
     raise ValueError(f"options of type {type_name(annotation)} cannot be given on the command line")
 
 
+def coerce(cls: type, key: str, value: Any) -> Any:
+    """``value`` for option ``key`` of ``cls``: a string converted to the annotated type (as from
+    the command line), anything else as it is."""
+    annotation = option_types(cls).get(key, Any)
+    if not isinstance(value, str) or annotation is str:
+        return value
+    try:
+        return convert(value, annotation)
+    except ValueError as error:
+        raise MedlensError(f"{_label(cls)}: option {key}: {error}") from None
+
+
 def parse_options(cls: type, pairs: Sequence[str]) -> dict[str, Any]:
     """``["top_k_channels=32", "eigen_smooth=true"]`` -> ``{"top_k_channels": 32, "eigen_smooth": True}``
     for method class ``cls``, converted to its annotated types; names checked as at construction."""

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from medlens.core.engine import Context, InputMethod, LayerMethod, register, target_gradients
 from medlens.core.resample import upsample
 from medlens.errors import MedlensError
-from medlens.core.options import check_choice, check_top_k, require
+from medlens.core.options import check_top_k, require
 from medlens.methods.cam import GradCAM
 from medlens.core.targets import pool_scores, region_rows
 
@@ -162,9 +162,7 @@ class IntegratedGradients(InputMethod):
     internal_batch_size: int = 32
 
     def validate(self) -> None:
-        require(self.steps >= 1, self.name, "steps", self.steps, "must be at least 1")
-        check_choice(self.name, "rule", self.rule, RULES)
-        require(self.rule != "riemann_trapezoid" or self.steps >= 2, self.name, "steps", self.steps, "must be >= 2 with riemann_trapezoid")
+        quadrature(self.steps, self.rule)  # refuses steps < 1 and unknown rules, naming the valid ones
         require(self.internal_batch_size >= 1, self.name, "internal_batch_size", self.internal_batch_size, "must be at least 1")
 
     def compute(self, ctx: Context) -> Tensor:

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from medlens.core.boxes import argmax_cell_box, component_regions
 from medlens.core.capture import resolve_layer
-from medlens.core.engine import Explanation, explain, get_method
+from medlens.core.engine import Explanation, explain, get_method, options_for
 from medlens.core.resample import upsample
 from medlens.errors import MedlensError, one_line
 from medlens.io.atomic import atomic_path, write_text
@@ -162,7 +162,7 @@ def explain_inputs(
         A :class:`RunSummary` listing what was written and the bad inputs (path, reason).
     """
     for method in methods:  # argument errors stop the run before any file is read
-        get_method(method, **(method_options or {}))
+        get_method(method, **options_for(method, method_options or {}, methods))
     for name in [layer] if isinstance(layer, str) else list(layer or []):
         resolve_layer(model, name)
     out = Path(out_dir)
@@ -199,7 +199,7 @@ def explain_inputs(
         x = torch.stack([p.tensor for p in batch]).to(device)
         for method in methods:
             try:
-                result = explain(model, x, method, target=target, layer=layer, **(method_options or {}))
+                result = explain(model, x, method, target=target, layer=layer, **options_for(method, method_options or {}, methods))
             except (MedlensError, RuntimeError) as error:  # RuntimeError: the model itself failed on these inputs
                 summary.bad.extend((p.path, f"{method}: {one_line(error)}") for p in batch)
                 continue
