@@ -13,13 +13,13 @@ from medlens.cli.app import app
 def method_rows(name: Optional[str] = None) -> list[dict[str, object]]:
     """One row per registered method (and per wrapper flag): name, family, options
     [(name, type, default)], and the reference (first paragraph of its docstring)."""
-    from medlens.core.engine import METHODS, WRAPPERS, InputMethod, LayerMethod, method_class
+    from medlens.core.engine import METHODS, WRAPPERS, AttentionMethod, InputMethod, LayerMethod, method_class
     from medlens.core.options import first_paragraph, signature_text
 
     classes = [method_class(name)] if name else [METHODS[n] for n in sorted(METHODS)]
     rows = []
     for cls in classes:
-        family = "layer" if issubclass(cls, LayerMethod) else "input" if issubclass(cls, InputMethod) else "attention" if cls.run else "other"
+        family = "layer" if issubclass(cls, LayerMethod) else "input" if issubclass(cls, InputMethod) else "attention" if issubclass(cls, AttentionMethod) else "other"
         rows.append({"name": cls.name, "family": family, "options": signature_text(cls), "reference": first_paragraph(cls)})
     if not name:
         for flag, cls in sorted(WRAPPERS.items()):

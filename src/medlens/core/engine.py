@@ -19,7 +19,7 @@ from medlens.core.capture import LayerCapture, auto_layer, preserved_modes
 from medlens.core.options import check_choice, check_names, check_types, coerce, option_names, typed_options
 from medlens.core.resample import upsample_normalised
 from medlens.errors import MedlensError
-from medlens.core.targets import Region, TargetSpec, is_segmentation_output, model_output, pool_scores, resolve_targets
+from medlens.core.targets import Region, TargetSpec, is_segmentation_output, model_output, pool_scores, resolve_targets, scored
 
 
 @dataclass
@@ -125,6 +125,8 @@ class Method:
     uses_gradients: ClassVar[bool] = True
     uses_input_gradients: ClassVar[bool] = False
     classification_only: ClassVar[bool] = False
+    #: False for a method whose map is not a function of the target score (CAM reads the head's weights)
+    reads_score: ClassVar[bool] = True
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -143,11 +145,6 @@ class Method:
     def options(self) -> dict[str, Any]:
         """The method's options as a dict (name -> value), defaults included."""
         return {name: getattr(self, name) for name in option_names(type(self))}
-
-    #: a method that runs the model itself (its own hooks, e.g. attention capture) defines
-    #: ``run(model, x, target, region) -> (raw (B, K, *s), logits (B, N), targets (B, K))``
-    #: and the engine then makes no forward pass of its own.
-    run: ClassVar[Callable[..., tuple[Tensor, Tensor, Tensor]] | None] = None
 
     def check(self, model: nn.Module, x: Tensor, task: str) -> None:
         """Raise MedlensError if the method cannot apply to this model and input."""
@@ -190,6 +187,36 @@ class InputMethod(Method):
 
     uses_layer: ClassVar[bool] = False
     uses_gradients: ClassVar[bool] = False
+
+
+@dataclass
+class AttentionRun:
+    """What an attention provider's forward pass gives the engine.
+
+    Attributes:
+        maps: (B, K, *grid) maps over the patch grid.
+        logits: (B, N) scores (pooled over the region for segmentation outputs).
+        targets: (B, K) class indices explained.
+        task: ``"classification"`` or ``"segmentation"``, from the model's own output.
+    """
+
+    maps: Tensor
+    logits: Tensor
+    targets: Tensor
+    task: str
+
+
+class AttentionMethod(Method):
+    """A method computed from the attention a transformer really uses: :meth:`attend` runs the
+    model once under its attention-capture provider (its own hooks, removed on exit) and the
+    engine turns the result into an :class:`Explanation` like any other method's, with the task
+    read from the model's output (a segmentation ViT such as UNETR gives "segmentation")."""
+
+    uses_layer: ClassVar[bool] = False
+    uses_gradients: ClassVar[bool] = False
+
+    def attend(self, model: nn.Module, x: Tensor, target: TargetSpec, region: Region) -> AttentionRun:
+        raise NotImplementedError
 
 
 class MethodWrapper(Method):
@@ -394,6 +421,7 @@ def explain(
     target: TargetSpec = "pred",
     layer: str | Sequence[str] | None = None,
     region: Region = None,
+    score: str = "logit",
     **options: Any,
 ) -> Explanation:
     """Explain ``model``'s decision on ``x``.
@@ -406,6 +434,9 @@ def explain(
         target: what to explain; see :func:`medlens.core.targets.resolve_targets`.
         layer: dotted module path(s) for layer methods; None picks the last spatial layer.
         region: for segmentation outputs, the mask or box whose mean logit is explained.
+        score: a classifier's target score: ``"logit"`` (default), ``"probability"`` (softmax)
+            or ``"log-probability"``, for every method (a forward hook applies it to every pass,
+            see :func:`medlens.core.targets.scored`); segmentation keeps the region-pooled logit.
         **options: method options (e.g. ``fusion="product"`` for several layers).
 
     Returns:
@@ -413,13 +444,22 @@ def explain(
     """
     check_input(model, x)
     algo = _wrapped(method, dict(options))
-    if isinstance(algo, MethodWrapper):
-        return algo.explain(model, x, target, layer, region)
-    if algo.run is not None:
+    with scored(model, score) as kind:
+        if kind != "logit" and not algo.reads_score:
+            raise MedlensError(f"{algo.name} reads the head's weights, not a score: score={score!r} does not apply (use gradcam)")
+        result = algo.explain(model, x, target, layer, region) if isinstance(algo, MethodWrapper) else _explain(model, x, algo, target, layer, region)
+    if kind != "logit" and result.task == "classification":
+        result.info["score"] = kind
+    return result
+
+
+def _explain(model: nn.Module, x: Tensor, algo: Method, target: TargetSpec, layer: str | Sequence[str] | None, region: Region) -> Explanation:
+    """:func:`explain` for a built method, inside the score hook."""
+    if isinstance(algo, AttentionMethod):
         with preserved_modes(model):
-            raw, logits, targets = algo.run(model, x, target, region)
-        maps = upsample_normalised(raw, x.shape[2:])
-        return Explanation(maps, raw, targets, logits.gather(1, targets), logits, algo.name, [], "classification")
+            run = algo.attend(model, x, target, region)
+        maps = upsample_normalised(run.maps, x.shape[2:])
+        return Explanation(maps, run.maps, run.targets, run.logits.gather(1, run.targets), run.logits, algo.name, [], run.task)
     info: dict[str, Any] = {}
     layers: list[str] = []
     if algo.uses_layer:

@@ -196,6 +196,7 @@ class CAM(ChannelOptions):
 
     name = "cam"
     uses_gradients = False
+    reads_score = False
     classification_only = True
 
     def layer_map(self, activation: Tensor, gradient: Tensor | None, ctx: Context, layer: str) -> Tensor:

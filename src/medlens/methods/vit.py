@@ -26,10 +26,10 @@ from torch import Tensor, nn
 
 from medlens.core.attention import AttentionCapture, AttentionSite, BlockRecord, block_indices, find_attention, merge_heads
 from medlens.core.capture import preserved_modes
-from medlens.core.engine import Context, Method, register
+from medlens.core.engine import AttentionMethod, AttentionRun, Context, register
 from medlens.core.options import check_choice, require
 from medlens.errors import MedlensError
-from medlens.core.targets import Region, model_output, pool_scores, resolve_targets
+from medlens.core.targets import Region, is_segmentation_output, model_output, pool_scores, resolve_targets
 from medlens.core.tokens import has_class_token, patch_grid
 
 HEAD_FUSIONS = ("mean", "max", "min")
@@ -287,19 +287,16 @@ class HeadCapture:
 
 
 # --- the functional API ----------------------------------------------------------------------
-def _forward(model: nn.Module, x: Tensor, region: Region, targets: Any) -> tuple[Tensor, Tensor]:
-    logits = pool_scores(model_output(model(x)), x, region)
-    return logits, resolve_targets(targets, logits.detach())
+def _forward(model: nn.Module, x: Tensor, region: Region, targets: Any) -> tuple[Tensor, Tensor, str]:
+    """(pooled logits (B, N), targets (B, K), task) of one forward pass."""
+    output = model_output(model(x))
+    task = "segmentation" if is_segmentation_output(output, x) else "classification"
+    logits = pool_scores(output, x, region)
+    return logits, resolve_targets(targets, logits.detach()), task
 
 
-@dataclass
-class ViTRun:
-    """What one attention forward pass gives: maps (B, K, *grid), the pooled logits (B, N) and
-    the resolved targets (B, K)."""
-
-    maps: Tensor
-    logits: Tensor
-    targets: Tensor
+#: what one attention forward pass gives: maps (B, K, *grid), pooled logits (B, N), targets (B, K), task
+ViTRun = AttentionRun
 
 
 def vit_relevance(
@@ -352,18 +349,18 @@ def _class_agnostic(model, x, key, targets, region, block, head_fusion, discard_
     blocks = block_indices(len(find_attention(model)), int(block)) if key == "attention" else None
     fuse = None if per_head else (lambda a: fuse_heads(a, head_fusion))
     with AttentionCapture(model, blocks, transform=fuse) as cap, torch.no_grad():
-        logits, targets = _forward(model, x, region, targets)
+        logits, targets, task = _forward(model, x, region, targets)
     mats = cap.probs()
     query = query_row(model, x, x.shape[0], mats[0].shape[-1])
     if key == "attention":
         attn = mats[0] if per_head else mats[0].unsqueeze(1)  # (B, H or 1, N, N)
         maps = patch_map((query[:, None, None, :] @ attn).squeeze(-2), model, x)  # (B, H or 1, *grid)
         if per_head:
-            return ViTRun(maps, logits, targets)
+            return ViTRun(maps, logits, targets, task)
     else:
         mats = [residual_rows(discard_lowest(m, float(discard_ratio))) for m in mats]
         maps = patch_map(roll_out(query, mats), model, x).unsqueeze(1)
-    return ViTRun(maps.expand(-1, targets.shape[1], *maps.shape[2:]), logits, targets)
+    return ViTRun(maps.expand(-1, targets.shape[1], *maps.shape[2:]), logits, targets, task)
 
 
 def _gradient_based(model, x, key, targets, region, head_fusion, discard_ratio) -> Tensor:
@@ -371,7 +368,7 @@ def _gradient_based(model, x, key, targets, region, head_fusion, discard_ratio) 
         raise MedlensError(f"unknown head_fusion {head_fusion!r}: use mean, max or min")
     lrp = key == "chefer"
     with AttentionCapture(model, grad=True, record=lrp) as cap, HeadCapture(model) if lrp else nullcontext() as head, torch.enable_grad():
-        logits, targets = _forward(model, x.detach().requires_grad_(True), region, targets)
+        logits, targets, task = _forward(model, x.detach().requires_grad_(True), region, targets)
     probs = cap.probs()
     grads = attention_gradients(logits, targets, probs)  # [(B, K, H, N, N)]
     batch, k = targets.shape
@@ -387,7 +384,7 @@ def _gradient_based(model, x, key, targets, region, head_fusion, discard_ratio) 
         else:
             fused = [residual_rows(discard_lowest(fuse_heads(w, head_fusion).clamp(min=0), float(discard_ratio))) for w in weighted]
             row = roll_out(query, fused)
-    return ViTRun(patch_map(row, model, x).unflatten(0, (batch, k)), logits.detach(), targets)
+    return ViTRun(patch_map(row, model, x).unflatten(0, (batch, k)), logits.detach(), targets, task)
 
 
 def _chefer_rollout(model, cap: AttentionCapture, head: HeadCapture, logits, targets, grads, query, spatial) -> Tensor:
@@ -416,12 +413,9 @@ def _repeat(rec: BlockRecord, k: int) -> BlockRecord:
 
 
 # --- registered methods ----------------------------------------------------------------------
-class _ViTMethod(Method):
-    """A ViT attention method: it runs the model itself (:meth:`run`), with its own hooks, so
-    :func:`medlens.explain` makes no forward pass of its own."""
-
-    uses_layer = False
-    uses_gradients = False
+class _ViTMethod(AttentionMethod):
+    """A ViT attention method: :meth:`attend` runs the model under
+    :class:`medlens.core.attention.AttentionCapture` (the engine's attention provider)."""
     key: ClassVar[str] = ""
     block: int = -1
     head_fusion: str = "mean"
@@ -432,13 +426,13 @@ class _ViTMethod(Method):
         check_choice(self.name, "head_fusion", self.head_fusion, allowed)
         require(0 <= float(self.discard_ratio) < 1, self.name, "discard_ratio", self.discard_ratio, "must be in [0, 1)")
 
-    def run(self, model: nn.Module, x: Tensor, target: Any, region: Region) -> tuple[Tensor, Tensor, Tensor]:
-        result = vit_run(model, x, self.key, targets=target, region=region, block=self.block,
-                         head_fusion=self.head_fusion, discard_ratio=self.discard_ratio)
-        return result.maps, result.logits, result.targets
+    def attend(self, model: nn.Module, x: Tensor, target: Any, region: Region) -> AttentionRun:
+        """Maps (B, K, *grid) with the logits, targets and task of the one forward pass."""
+        return vit_run(model, x, self.key, targets=target, region=region, block=self.block,
+                       head_fusion=self.head_fusion, discard_ratio=self.discard_ratio)
 
     def compute(self, ctx: Context) -> Tensor:
-        return self.run(ctx.model, ctx.x, ctx.targets, ctx.region)[0]
+        return self.attend(ctx.model, ctx.x, ctx.targets, ctx.region).maps
 
 
 @register
