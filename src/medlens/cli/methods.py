@@ -34,6 +34,7 @@ def methods_command(
 ) -> None:
     """List the explanation methods with their options (--option key=value), defaults and references."""
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     from medlens.cli.explain import fail
@@ -48,5 +49,5 @@ def methods_command(
         table.add_column(column, overflow="fold")
     for row in rows:
         options = "\n".join(f"{o} ({t}) = {d}" for o, t, d in row["options"]) or "-"
-        table.add_row(str(row["name"]), str(row["family"]), options, str(row["reference"]))
+        table.add_row(str(row["name"]), str(row["family"]), escape(options), escape(str(row["reference"])))
     Console(width=max(Console().width, 140)).print(table)

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from medlens.core.capture import LayerCapture, auto_layer, preserved_modes
+from medlens.core.heads import pooled_linear_gradients
 from medlens.core.options import check_choice, check_names, check_types, coerce, option_names, typed_options
 from medlens.core.resample import upsample_normalised
 from medlens.errors import MedlensError
@@ -71,7 +72,9 @@ class Context:
         gradients: layer -> (B, K, C, *s) gradient of each target score w.r.t. the activation.
         input_gradients: (B, K, C_in, *S) gradient of each target score w.r.t. the input.
         region: segmentation pooling region, if any.
-        options: the method's keyword options.
+        task: ``"classification"`` or ``"segmentation"``.
+        info: what the method reports besides its maps, e.g. ``attributions`` (B, K, C_in, *S);
+            the engine puts it on :attr:`Explanation.info` (per-target tensors joined over chunks).
     """
 
     model: nn.Module
@@ -85,6 +88,7 @@ class Context:
     input_gradients: Tensor | None
     region: Region
     task: str
+    info: dict[str, Any] = field(default_factory=dict)
 
     def score(self, x: Tensor, targets: Tensor | None = None, batch_size: int = 64) -> Tensor:
         """Scores (b, K) of ``targets`` (default: the explained ones, repeated to match) for inputs
@@ -453,6 +457,31 @@ def explain(
     return result
 
 
+#: from this many targets on, the engine tries the closed-form gradients of a GAP -> Linear head
+CLOSED_FORM_FROM = 8
+
+
+def _closed_form(model: nn.Module, algo: Method, layers: list[str], activations: dict[str, Tensor], logits: Tensor,
+                 targets: Tensor, grad_inputs: list[Tensor], grad_names: list[str], task: str) -> Callable[[Tensor], Tensor] | None:
+    """Closed-form layer gradients for many targets (see :mod:`medlens.core.heads`) when the one
+    layer feeds a provable GAP -> Linear head; None keeps the generic autograd path."""
+    if (task != "classification" or len(layers) != 1 or len(grad_inputs) != 1 or algo.uses_input_gradients
+            or targets.shape[1] < CLOSED_FORM_FROM):
+        return None
+    first = target_gradients(logits, targets[:, :1], grad_inputs, grad_names)[0]
+    return pooled_linear_gradients(model, activations[layers[0]], logits, first, targets[:, :1])
+
+
+def _joined(reports: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The methods' reports of each chunk of targets as one: (B, k, ...) tensors joined along the
+    target dim, anything else taken from the first chunk."""
+    out = dict(reports[0]) if reports else {}
+    for key, value in out.items():
+        if isinstance(value, Tensor) and len(reports) > 1:
+            out[key] = torch.cat([r[key] for r in reports], dim=1)
+    return out
+
+
 def _explain(model: nn.Module, x: Tensor, algo: Method, target: TargetSpec, layer: str | Sequence[str] | None, region: Region) -> Explanation:
     """:func:`explain` for a built method, inside the score hook."""
     if isinstance(algo, AttentionMethod):
@@ -494,10 +523,17 @@ def _explain(model: nn.Module, x: Tensor, algo: Method, target: TargetSpec, laye
             torch.set_grad_enabled(grad_mode)
         activations = {l: cap.activations[l].detach() for l in layers}
         cap.close()
-        raws = []
+        closed = _closed_form(model, algo, layers, activations, logits, targets, grad_inputs, grad_names, task)
+        if closed is not None:
+            info["closed_form_gradients"] = True
+        raws: list[Tensor] = []
+        reports: list[dict[str, Any]] = []
         for start in range(0, targets.shape[1], per_chunk):
             part = slice(start, start + per_chunk)
-            grads = target_gradients(logits, targets[:, part], grad_inputs, grad_names) if grad_inputs else []
+            if closed is not None:
+                grads = [closed(targets[:, part])]
+            else:
+                grads = target_gradients(logits, targets[:, part], grad_inputs, grad_names) if grad_inputs else []
             ctx = Context(
                 model=model,
                 x=x.detach(),
@@ -513,6 +549,8 @@ def _explain(model: nn.Module, x: Tensor, algo: Method, target: TargetSpec, laye
             )
             _as_feature_maps(ctx, model)
             raws.append(algo.compute(ctx))
+            reports.append(ctx.info)
         raw = raws[0] if len(raws) == 1 else torch.cat(raws, dim=1)
+        info.update(_joined(reports))
     maps = upsample_normalised(raw, x.shape[2:])
     return Explanation(maps, raw, targets, scores.detach(), logits.detach(), algo.name, layers, task, info)

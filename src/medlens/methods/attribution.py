@@ -5,8 +5,8 @@ Gradients are taken with ``torch.autograd.grad`` with respect to the (perturbed)
 never the parameters, for all targets of an image at once. Gradient-like methods (SmoothGrad,
 Guided Backprop) reduce the input channels by max |.| as the saliency map does; attribution
 methods (Integrated Gradients, Input x Gradient) by a signed sum, so the map of a pixel is its
-total contribution to the score. The per-channel attributions of the last call are kept on
-the method object as ``attributions`` (B, K, C_in, *S).
+total contribution to the score. The per-channel attributions (B, K, C_in, *S) come back on
+the explanation as ``exp.info["attributions"]`` (the methods keep no state between calls).
 """
 
 from __future__ import annotations
@@ -106,8 +106,8 @@ class SmoothGrad(InputMethod):
         grads = torch.cat([input_gradients(ctx, part, targets[i : i + chunk], images[i : i + chunk])
                            for i, part in zip(range(0, len(noisy), chunk), noisy.split(chunk))])
         grads = grads.unflatten(0, (b, samples))  # (B, samples, K, C, *S)
-        self.attributions = (grads.abs() if absolute else grads).mean(dim=1)  # (B, K, C_in, *S)
-        return self.attributions.abs().amax(dim=2)
+        ctx.info["attributions"] = (grads.abs() if absolute else grads).mean(dim=1)  # (B, K, C_in, *S)
+        return ctx.info["attributions"].abs().amax(dim=2)
 
 
 # ----------------------------------------------------------------------------- Integrated Gradients
@@ -176,8 +176,8 @@ class IntegratedGradients(InputMethod):
             return baseline[image] + _broadcast(alphas[step], delta) * delta[image]
 
         mean_grad = path_gradients(ctx, point, len(alphas), weights, self.internal_batch_size)
-        self.attributions = delta.unsqueeze(1) * mean_grad
-        return self.attributions.sum(dim=2)
+        ctx.info["attributions"] = delta.unsqueeze(1) * mean_grad
+        return ctx.info["attributions"].sum(dim=2)
 
 
 @register
@@ -188,8 +188,8 @@ class InputXGradient(InputMethod):
     uses_input_gradients = True
 
     def compute(self, ctx: Context) -> Tensor:
-        self.attributions = ctx.x.unsqueeze(1) * ctx.input_gradients
-        return self.attributions.sum(dim=2)
+        ctx.info["attributions"] = ctx.x.unsqueeze(1) * ctx.input_gradients
+        return ctx.info["attributions"].sum(dim=2)
 
 
 # ----------------------------------------------------------------------------- Guided Backprop
@@ -256,8 +256,8 @@ class GuidedBackprop(InputMethod):
         require(self.batch_size >= 1, self.name, "batch_size", self.batch_size, "must be at least 1")
 
     def compute(self, ctx: Context) -> Tensor:
-        self.attributions = guided_gradients(ctx, self.batch_size)
-        return self.attributions.abs().amax(dim=2)
+        ctx.info["attributions"] = guided_gradients(ctx, self.batch_size)
+        return ctx.info["attributions"].abs().amax(dim=2)
 
 
 @register
@@ -284,5 +284,5 @@ class GuidedGradCAM(LayerMethod):
 
     def compute(self, ctx: Context) -> Tensor:
         cam = upsample(self.gradcam.compute(ctx), ctx.x.shape[2:])  # (B, K, *S)
-        self.attributions = guided_gradients(ctx, self.batch_size) * cam.unsqueeze(2)
-        return self.attributions.abs().amax(dim=2)
+        ctx.info["attributions"] = guided_gradients(ctx, self.batch_size) * cam.unsqueeze(2)
+        return ctx.info["attributions"].abs().amax(dim=2)
