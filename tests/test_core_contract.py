@@ -226,3 +226,20 @@ def test_a_head_that_is_not_gap_linear_keeps_the_autograd_path() -> None:
     prob = explain(torchvision.models.resnet18(num_classes=12).eval(), torch.randn(1, 3, 32, 32), "gradcam",
                    target="all", layer="layer4", score="probability")
     assert "closed_form_gradients" not in prob.info  # softmax couples the classes: no closed form
+
+
+def test_the_readme_custom_method_still_works_and_takes_no_unknown_option(resnet: nn.Module) -> None:
+    import torch.nn.functional as F
+
+    @medlens.register
+    class GradNormCAM(medlens.Method):
+        name = "test-gradnorm-cam"
+
+        def layer_map(self, activation, gradient, ctx, layer):  # (B, C, *s), (B, K, C, *s)
+            weights = gradient.flatten(3).norm(dim=3)  # (B, K, C)
+            return F.relu(torch.einsum("bkc,bc...->bk...", weights, activation))
+
+    out = explain(resnet, torch.randn(1, 3, 32, 32), "test-gradnorm-cam", target=torch.tensor([[0, 1]]), layer=["layer3", "layer4"])
+    assert out.maps.shape == (1, 2, 32, 32) and out.method == "test-gradnorm-cam"
+    with pytest.raises(MedlensError, match="test-gradnorm-cam has no option 'alpha'"):
+        explain(resnet, torch.randn(1, 3, 32, 32), "test-gradnorm-cam", alpha=1)

@@ -8,7 +8,7 @@ from medlens.errors import MedlensError
 import medlens.methods  # noqa: E402,F401  (registers the built-in methods)
 
 __all__ = [
-    "METHODS", "Context", "Explanation", "LayerCapture", "MedlensError", "Method", "auto_layer",
+    "METHODS", "Context", "Explanation", "InputMethod", "LayerCapture", "LayerMethod", "MedlensError", "Method", "auto_layer",
     "explain", "get_method", "hook_count", "normalise", "preserved_modes", "register",
     "resolve_layer", "trace_layers", "upsample",
 ]
