@@ -103,13 +103,16 @@ def test_method_families_are_classes_not_flags() -> None:
 
 
 # --- score kinds -----------------------------------------------------------------------------
-FAMILIES = [("gradcam", {}, "layer4"), ("layercam", {}, "layer3"), ("scorecam", {"batch_size": 8}, "layer4"),
-            ("saliency", {}, None), ("integrated-gradients", {"steps": 4}, None), ("smoothgrad", {"samples": 3}, None),
-            ("occlusion", {"window": 16}, None), ("rise", {"n_masks": 16}, None), ("guided-gradcam", {}, "layer4")]
+#: one method per family (gradient CAM, perturbation CAM, input gradients, path/noise gradients,
+#: input perturbations, composed), each score kind twice
+FAMILIES = [("gradcam", {}, "layer4", "probability"), ("layercam", {}, "layer3", "log-probability"),
+            ("scorecam", {"batch_size": 8}, "layer4", "probability"), ("saliency", {}, None, "log-probability"),
+            ("integrated-gradients", {"steps": 4}, None, "probability"), ("smoothgrad", {"samples": 3}, None, "log-probability"),
+            ("occlusion", {"window": 16}, None, "log-probability"), ("rise", {"n_masks": 16}, None, "probability"),
+            ("guided-gradcam", {}, "layer4", "probability")]
 
 
-@pytest.mark.parametrize(("method", "options", "layer"), FAMILIES)
-@pytest.mark.parametrize("kind", ["probability", "log-probability"])
+@pytest.mark.parametrize(("method", "options", "layer", "kind"), FAMILIES)
 def test_score_kinds_equal_explaining_the_model_followed_by_softmax(resnet: nn.Module, method: str, options: dict, layer: str | None, kind: str) -> None:
     torch.manual_seed(1)
     x = torch.randn(2, 3, 32, 32)
