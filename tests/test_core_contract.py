@@ -106,7 +106,7 @@ def test_method_families_are_classes_not_flags() -> None:
 #: one method per family (gradient CAM, perturbation CAM, input gradients, path/noise gradients,
 #: input perturbations, composed), each score kind twice
 FAMILIES = [("gradcam", {}, "layer4", "probability"), ("layercam", {}, "layer3", "log-probability"),
-            ("scorecam", {"batch_size": 8}, "layer4", "probability"), ("saliency", {}, None, "log-probability"),
+            ("scorecam", {"batch_size": 16, "top_k_channels": 16}, "layer4", "probability"), ("saliency", {}, None, "log-probability"),
             ("integrated-gradients", {"steps": 4}, None, "probability"), ("smoothgrad", {"samples": 3}, None, "log-probability"),
             ("occlusion", {"window": 16}, None, "log-probability"), ("rise", {"n_masks": 16}, None, "probability"),
             ("guided-gradcam", {}, "layer4", "probability")]
