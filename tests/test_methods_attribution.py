@@ -40,7 +40,7 @@ def test_integrated_gradients_on_a_linear_model_is_x_minus_baseline_times_w(rule
     out = explain(linear, x, method, target="all")
     w = linear[1].weight.detach().view(3, 2, 6, 6)
     expected = (x - baseline).unsqueeze(1) * w  # (B, K, C, H, W)
-    torch.testing.assert_close(method.attributions, expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out.info["attributions"], expected, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(out.raw, expected.sum(2), rtol=1e-5, atol=1e-6)
 
 
@@ -54,7 +54,7 @@ def test_integrated_gradients_equals_captum_and_is_complete(dims: int) -> None:
     method = IntegratedGradients(steps=16, internal_batch_size=7)
     out = explain(model, x, method, target=[0, 2])
     theirs = CaptumIG(model).attribute(x, target=torch.tensor([0, 2]), n_steps=16, method="gausslegendre")
-    torch.testing.assert_close(method.attributions[:, 0], theirs, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(out.info["attributions"][:, 0], theirs, rtol=1e-4, atol=1e-6)
     with torch.no_grad():
         gap = (model(x) - model(torch.zeros_like(x))).gather(1, torch.tensor([[0], [2]]))[:, 0]
     torch.testing.assert_close(out.raw.flatten(1).sum(1), gap, rtol=2e-2, atol=2e-3)
@@ -102,9 +102,9 @@ def test_input_x_gradient_equals_captum(resnet: nn.Module) -> None:
     torch.manual_seed(2)
     x = torch.randn(2, 3, 32, 32)
     method = InputXGradient()
-    explain(resnet, x, method, target=[1, 3])
+    out = explain(resnet, x, method, target=[1, 3])
     theirs = CaptumIxG(resnet).attribute(x, target=torch.tensor([1, 3]))
-    torch.testing.assert_close(method.attributions[:, 0], theirs, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(out.info["attributions"][:, 0], theirs, rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.parametrize("absolute", [True, False])
@@ -114,10 +114,10 @@ def test_smoothgrad_equals_captum_noise_tunnel_with_the_same_noise(resnet: nn.Mo
     torch.manual_seed(3)
     x = torch.randn(1, 3, 32, 32)
     method = SmoothGrad(samples=6, stdev=0.3, seed=11, absolute=absolute, batch_size=4)
-    explain(resnet, x, method, target=2)
+    out = explain(resnet, x, method, target=2)
     torch.manual_seed(11)  # Captum draws its noise from the global generator
     theirs = NoiseTunnel(Saliency(resnet)).attribute(x, nt_type="smoothgrad", nt_samples=6, stdevs=0.3, target=2, abs=absolute)
-    torch.testing.assert_close(method.attributions[:, 0], theirs, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(out.info["attributions"][:, 0], theirs, rtol=1e-4, atol=1e-6)
 
 
 def test_smoothgrad_noise_is_relative_to_the_image_range_and_seeded() -> None:
@@ -147,10 +147,10 @@ def test_guided_backprop_equals_captum_and_pytorch_grad_cam_without_touching_the
     out = explain(resnet, x, method, target=[0, 3])
     assert [(n, m.inplace) for n, m in resnet.named_modules() if isinstance(m, nn.ReLU)] == relus and hook_count(resnet) == hooks
     captum = CaptumGB(resnet).attribute(x, target=torch.tensor([0, 3]))
-    torch.testing.assert_close(method.attributions[:, 0], captum, rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(out.info["attributions"][:, 0], captum, rtol=1e-4, atol=1e-7)
     reference = GuidedBackpropReLUModel(copy.deepcopy(resnet), device="cpu")  # it swaps modules: give it a copy
     pgc = torch.from_numpy(reference(x[1:2].clone(), target_category=3)).permute(2, 0, 1)
-    torch.testing.assert_close(method.attributions[1, 0], pgc, rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(out.info["attributions"][1, 0], pgc, rtol=1e-4, atol=1e-7)
     assert out.maps.shape == (2, 1, 32, 32)
     plain = explain(resnet, x, "saliency", target=[0, 3])
     assert not torch.allclose(plain.raw, out.raw)  # the guidance did change the gradient
@@ -162,9 +162,9 @@ def test_guided_gradcam_equals_captum(resnet: nn.Module) -> None:
     torch.manual_seed(6)
     x = torch.randn(2, 3, 32, 32)
     method = GuidedGradCAM()
-    explain(resnet, x, method, target=[2, 1], layer="layer3")
+    out = explain(resnet, x, method, target=[2, 1], layer="layer3")
     theirs = GuidedGradCam(resnet, resnet.layer3).attribute(x, target=torch.tensor([2, 1]), interpolate_mode="bilinear")
-    torch.testing.assert_close(method.attributions[:, 0], theirs, rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(out.info["attributions"][:, 0], theirs, rtol=1e-4, atol=1e-7)
 
 
 def test_guided_backprop_on_unets_2d_and_3d() -> None:

@@ -16,6 +16,7 @@ from torch import nn
 
 from medlens import MedlensError, explain, hook_count, normalise, upsample
 from medlens.methods.perturbation import rise_draws, rise_masks, select_channels
+from medlens.core.engine import options_for
 
 
 def pearson(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -95,6 +96,7 @@ def test_per_image_regions_follow_their_image_through_the_perturbed_copies(metho
     region[(1, 0, *([slice(size - 5, size)] * dims))] = 1
     options = {"n_masks": 12, "window": 4, "samples": 3, "noise_level": 0.0, "steps": 4, "batch_size": 5}
     layer = "model.1.submodule" if method in ("scorecam", "ablationcam") else None
+    options = options_for(method, options, ["rise", "occlusion", "smoothgrad", "integrated-gradients", "scorecam"])  # each takes its own
     batched = explain(unet, x, method, target="all", layer=layer, region=region, **options)
     for b in range(2):
         alone = explain(unet, x[b : b + 1], method, target="all", layer=layer, region=region[b : b + 1], **options)
@@ -309,7 +311,7 @@ def test_every_method_leaves_the_model_as_it_was_even_when_it_fails(method: str)
     state = {k: v.clone() for k, v in model.state_dict().items()}
     hooks = hook_count(model)
     x = torch.randn(2, 1, 12, 12)
-    options = {"n_masks": 16, "samples": 4, "steps": 4, "window": 4}
+    options = options_for(method, {"n_masks": 16, "samples": 4, "steps": 4, "window": 4}, ALL_METHODS)
     out = explain(model, x, method, target="all", layer="net.5", **options)
     assert out.maps.shape == (2, 3, 12, 12) and bool(torch.isfinite(out.maps).all())
     assert float(out.maps.min()) >= 0 and float(out.maps.max()) <= 1
@@ -330,5 +332,6 @@ def test_flat_evidence_gives_zero_maps_never_nan(method: str) -> None:
     with torch.no_grad():
         for p in model.parameters():
             p.zero_()
-    out = explain(model, torch.zeros(1, 1, 8, 8), method, target=0, layer="4", n_masks=8, samples=2, steps=2, window=2)
+    out = explain(model, torch.zeros(1, 1, 8, 8), method, target=0, layer="4",
+                  **options_for(method, dict(n_masks=8, samples=2, steps=2, window=2), ALL_METHODS))
     assert bool(torch.isfinite(out.raw).all()) and bool((out.maps == 0).all())

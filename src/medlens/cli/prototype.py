@@ -15,7 +15,7 @@ def _read_stack(paths: list[Path], channels: int, size: tuple[int, ...]):
     """Images/volumes at ``paths`` (files or folders), as (N, channels, *size) float tensors."""
     import torch
 
-    from medlens.core.engine import upsample
+    from medlens.core.resample import upsample
     from medlens.io.loading import read_image
 
     files = [f for p in paths for f in (sorted(x for x in p.rglob("*") if x.is_file() and not x.name.endswith(".txt")) if p.is_dir() else [p])]
@@ -39,7 +39,7 @@ def _save(images, out: Path, overwrite: bool) -> list[Path]:
     import numpy as np
     from PIL import Image
 
-    from medlens.core.engine import normalise
+    from medlens.core.resample import normalise
     from medlens.io.atomic import write_bytes
 
     buffer = io.BytesIO()

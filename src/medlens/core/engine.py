@@ -7,17 +7,20 @@ and the graph starts at the first captured layer, so nothing is spent on the lay
 
 from __future__ import annotations
 
+import difflib
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, ClassVar, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from medlens.core.capture import LayerCapture, auto_layer, preserved_modes
+from medlens.core.heads import pooled_linear_gradients
+from medlens.core.options import check_choice, check_names, check_types, coerce, option_names, typed_options
+from medlens.core.resample import upsample_normalised
 from medlens.errors import MedlensError
-from medlens.core.resample import normalise, upsample_normalised  # noqa: F401  (normalise: re-exported for methods)
-from medlens.core.targets import Region, TargetSpec, is_segmentation_output, model_output, pool_scores, resolve_targets
+from medlens.core.targets import Region, TargetSpec, is_segmentation_output, model_output, pool_scores, resolve_targets, scored
 
 
 @dataclass
@@ -69,7 +72,9 @@ class Context:
         gradients: layer -> (B, K, C, *s) gradient of each target score w.r.t. the activation.
         input_gradients: (B, K, C_in, *S) gradient of each target score w.r.t. the input.
         region: segmentation pooling region, if any.
-        options: the method's keyword options.
+        task: ``"classification"`` or ``"segmentation"``.
+        info: what the method reports besides its maps, e.g. ``attributions`` (B, K, C_in, *S);
+            the engine puts it on :attr:`Explanation.info` (per-target tensors joined over chunks).
     """
 
     model: nn.Module
@@ -83,6 +88,7 @@ class Context:
     input_gradients: Tensor | None
     region: Region
     task: str
+    info: dict[str, Any] = field(default_factory=dict)
 
     def score(self, x: Tensor, targets: Tensor | None = None, batch_size: int = 64) -> Tensor:
         """Scores (b, K) of ``targets`` (default: the explained ones, repeated to match) for inputs
@@ -107,60 +113,42 @@ def score_batches(model: nn.Module, x: Tensor, targets: Tensor, region: Region =
     return torch.cat(out)
 
 
-class Options(dict):
-    """A method's keyword options that remember which keys the method read, so a misspelt
-    option (``windoww=3``) is reported instead of silently ignored."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.read: set[str] = set()
-
-    def get(self, key: str, default: Any = None) -> Any:
-        self.read.add(key)
-        return super().get(key, default)
-
-    def __getitem__(self, key: str) -> Any:
-        self.read.add(key)
-        return super().__getitem__(key)
-
-    def __contains__(self, key: object) -> bool:
-        self.read.add(str(key))
-        return super().__contains__(key)
-
-    def unread(self) -> list[str]:
-        return sorted(set(self) - self.read)
-
-
-def warn_unread_options(method: "Method") -> None:
-    """Warn about options ``method`` never looked at (after it ran)."""
-    unread = method.options.unread() if isinstance(method.options, Options) else []
-    if unread:
-        import warnings
-
-        warnings.warn(f"{method.name} did not use option(s) {', '.join(unread)}: check the spelling against its docstring",
-                      UserWarning, stacklevel=3)
-
-
 class Method:
     """Base of all methods: a short function of what the engine captured.
 
-    Subclasses set ``name`` and what they use, and implement :meth:`compute` returning
-    (B, K, *s) maps. Methods that fuse per-layer maps implement :meth:`layer_map` instead.
+    A method's options are its annotated class attributes: every subclass becomes a keyword-only
+    dataclass (:func:`medlens.core.options.typed_options`), so ``GradCAM(top_k_channels=32)`` is
+    checked when built (unknown names, types, and each method's :meth:`validate`).
+
+    Subclasses set ``name`` and implement :meth:`compute` returning (B, K, *s) maps; methods
+    that fuse per-layer maps implement :meth:`layer_map` instead (see :class:`LayerMethod`).
     """
 
-    name: str = ""
-    uses_layer: bool = True
-    uses_gradients: bool = True
-    uses_input_gradients: bool = False
-    classification_only: bool = False
+    name: ClassVar[str] = ""
+    uses_layer: ClassVar[bool] = True
+    uses_gradients: ClassVar[bool] = True
+    uses_input_gradients: ClassVar[bool] = False
+    classification_only: ClassVar[bool] = False
+    #: False for a method whose map is not a function of the target score (CAM reads the head's weights)
+    reads_score: ClassVar[bool] = True
 
-    def __init__(self, **options: Any) -> None:
-        self.options = Options(options)
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        typed_options(cls)
 
-    #: a method that runs the model itself (its own hooks, e.g. attention capture) defines
-    #: ``run(model, x, target, region) -> (raw (B, K, *s), logits (B, N), targets (B, K))``
-    #: and the engine then makes no forward pass of its own.
-    run: Callable[..., tuple[Tensor, Tensor, Tensor]] | None = None
+    def __post_init__(self) -> None:
+        check_types(self)
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise MedlensError for option values out of range (called when the method is built)."""
+        fusion = getattr(self, "fusion", "mean")
+        check_choice(self.name or type(self).__name__, "fusion", fusion, LAYER_FUSIONS)
+
+    @property
+    def options(self) -> dict[str, Any]:
+        """The method's options as a dict (name -> value), defaults included."""
+        return {name: getattr(self, name) for name in option_names(type(self))}
 
     def check(self, model: nn.Module, x: Tensor, task: str) -> None:
         """Raise MedlensError if the method cannot apply to this model and input."""
@@ -168,16 +156,96 @@ class Method:
             raise MedlensError(f"{self.name} applies to classifiers only, not {task} outputs")
 
     def layer_map(self, activation: Tensor, gradient: Tensor | None, ctx: Context, layer: str) -> Tensor:
+        """(B, K, *s) map of one layer from its activation (B, C, *s) and the targets'
+        gradients (B, K, C, *s) (None for gradient-free methods)."""
         raise NotImplementedError
 
     def compute(self, ctx: Context) -> Tensor:
+        """(B, K, *s) maps: each captured layer's :meth:`layer_map`, fused when several."""
         maps = [self.layer_map(ctx.activations[l], ctx.gradients.get(l), ctx, l) for l in ctx.layers]
         if len(maps) == 1:
             return maps[0]
-        return fuse_layer_maps(maps, ctx.x.shape[2:], self.options.get("fusion", "mean"))
+        return fuse_layer_maps(maps, ctx.x.shape[2:], getattr(self, "fusion", "mean"))
+
+
+typed_options(Method)
+
+#: how the maps of several layers are fused
+LAYER_FUSIONS = ("mean", "max", "product", "prod")
+
+
+class LayerMethod(Method):
+    """A method computed from a layer's activations A (B, C, *s) and, unless
+    ``uses_gradients`` is False, the gradients (B, K, C, *s) of each target score w.r.t. A.
+
+    Options:
+        fusion: how the maps of several layers are fused (mean, max or product).
+    """
+
+    fusion: str = "mean"
+
+
+class InputMethod(Method):
+    """A method whose maps live in input space (B, K, *S): it reads the input gradients
+    (``uses_input_gradients``) or scores perturbed inputs itself; no layer is captured."""
+
+    uses_layer: ClassVar[bool] = False
+    uses_gradients: ClassVar[bool] = False
+
+
+@dataclass
+class AttentionRun:
+    """What an attention provider's forward pass gives the engine.
+
+    Attributes:
+        maps: (B, K, *grid) maps over the patch grid.
+        logits: (B, N) scores (pooled over the region for segmentation outputs).
+        targets: (B, K) class indices explained.
+        task: ``"classification"`` or ``"segmentation"``, from the model's own output.
+    """
+
+    maps: Tensor
+    logits: Tensor
+    targets: Tensor
+    task: str
+
+
+class AttentionMethod(Method):
+    """A method computed from the attention a transformer really uses: :meth:`attend` runs the
+    model once under its attention-capture provider (its own hooks, removed on exit) and the
+    engine turns the result into an :class:`Explanation` like any other method's, with the task
+    read from the model's output (a segmentation ViT such as UNETR gives "segmentation")."""
+
+    uses_layer: ClassVar[bool] = False
+    uses_gradients: ClassVar[bool] = False
+
+    def attend(self, model: nn.Module, x: Tensor, target: TargetSpec, region: Region) -> AttentionRun:
+        raise NotImplementedError
+
+
+class MethodWrapper(Method):
+    """A method around another one (like Captum's NoiseTunnel): :meth:`explain` calls the engine
+    on the wrapped ``method`` (e.g. on augmented inputs) and combines the explanations.
+
+    Options:
+        method: the wrapped method, a name or a built :class:`Method`.
+    """
+
+    method: Any = None
+
+    def validate(self) -> None:
+        if self.method is None:
+            raise MedlensError(f"{type(self).__name__} needs the method it wraps, e.g. method='gradcam'")
+        self.method = get_method(self.method)
+
+    def explain(self, model: nn.Module, x: Tensor, target: TargetSpec, layer: str | Sequence[str] | None, region: Region) -> "Explanation":
+        raise NotImplementedError
 
 
 METHODS: dict[str, type[Method]] = {}
+
+#: option flags of :func:`explain` that wrap the method, e.g. ``aug_smooth=True``
+WRAPPERS: dict[str, type[MethodWrapper]] = {}
 
 
 def register(cls: type[Method]) -> type[Method]:
@@ -186,24 +254,63 @@ def register(cls: type[Method]) -> type[Method]:
     return cls
 
 
-def get_method(method: str | Method, **options: Any) -> Method:
-    if isinstance(method, Method):
-        return method
-    import medlens.methods  # noqa: F401  (registers the built-in methods)
+def register_wrapper(flag: str) -> Callable[[type[MethodWrapper]], type[MethodWrapper]]:
+    """Class decorator: ``explain(..., <flag>=True, **options)`` wraps the method in the class,
+    which takes the options it declares (the rest go to the wrapped method)."""
 
+    def decorate(cls: type[MethodWrapper]) -> type[MethodWrapper]:
+        WRAPPERS[flag] = cls
+        return cls
+
+    return decorate
+
+
+def method_class(method: str) -> type[Method]:
+    """The registered class of a method name (case, ``-`` and ``_`` ignored)."""
     key = method.lower().replace("-", "").replace("_", "")
     for name, cls in METHODS.items():
         if name.replace("-", "").replace("_", "") == key:
-            return cls(**options)
-    raise MedlensError(f"unknown method {method!r}; available: {', '.join(sorted(METHODS))}")
+            return cls
+    close = difflib.get_close_matches(method, list(METHODS), n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    raise MedlensError(f"unknown method {method!r}{hint}; available: {', '.join(sorted(METHODS))}")
 
 
-def upsample(maps: Tensor, size: Sequence[int]) -> Tensor:
-    """(B, K, *s) -> (B, K, *size), bilinear in 2D, trilinear in 3D, linear in 1D."""
-    if tuple(maps.shape[2:]) == tuple(size):
-        return maps
-    mode = {1: "linear", 2: "bilinear", 3: "trilinear"}[len(size)]
-    return F.interpolate(maps.float(), size=tuple(size), mode=mode, align_corners=False)
+def get_method(method: str | Method, **options: Any) -> Method:
+    """A built method: ``method`` itself if already built (then ``options`` must be empty), else
+    the registered class of that name built with ``options`` (checked, see :mod:`medlens.core.options`)."""
+    if isinstance(method, Method):
+        if options:
+            raise MedlensError(f"options {', '.join(sorted(options))} given with a built {method.name} method; pass them to its constructor")
+        return method
+    return method_class(method)(**options)
+
+
+def options_for(method: str | Method, options: Mapping[str, Any], among: Sequence[str | Method] = ()) -> dict[str, Any]:
+    """The options among ``options`` that ``method`` takes, for one set of options given to
+    several methods (``medlens explain -m gradcam -m rollout --block 3``): strings are converted
+    to the option's annotated type (see :func:`medlens.core.options.convert`); a name that
+    neither ``method`` nor any method in ``among`` takes (nor a wrapper flag) is a MedlensError."""
+    classes = [type(m) if isinstance(m, Method) else method_class(m) for m in [method, *among]]
+    wrappers = [WRAPPERS[flag] for flag in WRAPPERS if options.get(flag)]
+    known = set(WRAPPERS).union(*(option_names(c) for c in classes + wrappers))
+    for key in options:
+        if key not in known:
+            check_names(classes[0], [key])  # raises, with the did-you-mean of the first method
+    own = set(option_names(classes[0])).union(*(option_names(w) for w in wrappers), set(WRAPPERS))
+    return {k: (coerce(classes[0], k, v) if k in option_names(classes[0]) else v) for k, v in options.items() if k in own}
+
+
+def _wrapped(method: str | Method, options: dict[str, Any]) -> Method:
+    """The method built from ``options``, inside the wrappers whose flags are set in them."""
+    flags = [flag for flag in WRAPPERS if options.pop(flag, False)]
+    for flag in WRAPPERS:
+        options.pop(flag, None)
+    own = [{k: options.pop(k) for k in option_names(WRAPPERS[f]) if k in options and k != "method"} for f in flags]
+    algo = get_method(method, **options)
+    for flag, kwargs in zip(flags, own):
+        algo = WRAPPERS[flag](method=algo, **kwargs)
+    return algo
 
 
 def fuse_layer_maps(maps: Sequence[Tensor], size: Sequence[int], fusion: str = "mean") -> Tensor:
@@ -331,6 +438,7 @@ def explain(
     target: TargetSpec = "pred",
     layer: str | Sequence[str] | None = None,
     region: Region = None,
+    score: str = "logit",
     **options: Any,
 ) -> Explanation:
     """Explain ``model``'s decision on ``x``.
@@ -343,6 +451,9 @@ def explain(
         target: what to explain; see :func:`medlens.core.targets.resolve_targets`.
         layer: dotted module path(s) for layer methods; None picks the last spatial layer.
         region: for segmentation outputs, the mask or box whose mean logit is explained.
+        score: a classifier's target score: ``"logit"`` (default), ``"probability"`` (softmax)
+            or ``"log-probability"``, for every method (a forward hook applies it to every pass,
+            see :func:`medlens.core.targets.scored`); segmentation keeps the region-pooled logit.
         **options: method options (e.g. ``fusion="product"`` for several layers).
 
     Returns:
@@ -350,17 +461,48 @@ def explain(
     """
     x = _as_model_dtype(model, x)
     check_input(model, x)
-    if options.pop("aug_smooth", False):
-        from medlens.methods.smoothing import aug_smooth
+    algo = _wrapped(method, dict(options))
+    with scored(model, score) as kind:
+        if kind != "logit" and not algo.reads_score:
+            raise MedlensError(f"{algo.name} reads the head's weights, not a score: score={score!r} does not apply (use gradcam)")
+        result = algo.explain(model, x, target, layer, region) if isinstance(algo, MethodWrapper) else _explain(model, x, algo, target, layer, region)
+    if kind != "logit" and result.task == "classification":
+        result.info["score"] = kind
+    return result
 
-        return aug_smooth(model, x, method, target=target, layer=layer, region=region, **options)
-    algo = get_method(method, **options)
-    if algo.run is not None:
+
+#: from this many targets on, the engine tries the closed-form gradients of a GAP -> Linear head
+CLOSED_FORM_FROM = 8
+
+
+def _closed_form(model: nn.Module, algo: Method, layers: list[str], activations: dict[str, Tensor], logits: Tensor,
+                 targets: Tensor, grad_inputs: list[Tensor], grad_names: list[str], task: str) -> Callable[[Tensor], Tensor] | None:
+    """Closed-form layer gradients for many targets (see :mod:`medlens.core.heads`) when the one
+    layer feeds a provable GAP -> Linear head; None keeps the generic autograd path."""
+    if (task != "classification" or len(layers) != 1 or len(grad_inputs) != 1 or algo.uses_input_gradients
+            or targets.shape[1] < CLOSED_FORM_FROM):
+        return None
+    first = target_gradients(logits, targets[:, :1], grad_inputs, grad_names)[0]
+    return pooled_linear_gradients(model, activations[layers[0]], logits, first, targets[:, :1])
+
+
+def _joined(reports: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The methods' reports of each chunk of targets as one: (B, k, ...) tensors joined along the
+    target dim, anything else taken from the first chunk."""
+    out = dict(reports[0]) if reports else {}
+    for key, value in out.items():
+        if isinstance(value, Tensor) and len(reports) > 1:
+            out[key] = torch.cat([r[key] for r in reports], dim=1)
+    return out
+
+
+def _explain(model: nn.Module, x: Tensor, algo: Method, target: TargetSpec, layer: str | Sequence[str] | None, region: Region) -> Explanation:
+    """:func:`explain` for a built method, inside the score hook."""
+    if isinstance(algo, AttentionMethod):
         with preserved_modes(model):
-            raw, logits, targets = algo.run(model, x, target, region)
-        warn_unread_options(algo)
-        maps = upsample_normalised(raw, x.shape[2:])
-        return Explanation(maps, raw, targets, logits.gather(1, targets), logits, algo.name, [], "classification")
+            run = algo.attend(model, x, target, region)
+        maps = upsample_normalised(run.maps, x.shape[2:])
+        return Explanation(maps, run.maps, run.targets, run.logits.gather(1, run.targets), run.logits, algo.name, [], run.task)
     info: dict[str, Any] = {}
     layers: list[str] = []
     if algo.uses_layer:
@@ -395,10 +537,17 @@ def explain(
             torch.set_grad_enabled(grad_mode)
         activations = {l: cap.activations[l].detach() for l in layers}
         cap.close()
-        raws = []
+        closed = _closed_form(model, algo, layers, activations, logits, targets, grad_inputs, grad_names, task)
+        if closed is not None:
+            info["closed_form_gradients"] = True
+        raws: list[Tensor] = []
+        reports: list[dict[str, Any]] = []
         for start in range(0, targets.shape[1], per_chunk):
             part = slice(start, start + per_chunk)
-            grads = target_gradients(logits, targets[:, part], grad_inputs, grad_names) if grad_inputs else []
+            if closed is not None:
+                grads = [closed(targets[:, part])]
+            else:
+                grads = target_gradients(logits, targets[:, part], grad_inputs, grad_names) if grad_inputs else []
             ctx = Context(
                 model=model,
                 x=x.detach(),
@@ -414,7 +563,8 @@ def explain(
             )
             _as_feature_maps(ctx, model)
             raws.append(algo.compute(ctx))
+            reports.append(ctx.info)
         raw = raws[0] if len(raws) == 1 else torch.cat(raws, dim=1)
-    warn_unread_options(algo)
+        info.update(_joined(reports))
     maps = upsample_normalised(raw, x.shape[2:])
     return Explanation(maps, raw, targets, scores.detach(), logits.detach(), algo.name, layers, task, info)

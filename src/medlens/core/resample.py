@@ -94,3 +94,11 @@ def upsample_normalised(raw: Tensor, size: Sequence[int]) -> Tensor:
     # apply the smallest growth first, so the intermediates stay small and the big write is last
     out = _apply(shifted, full, sorted(range(len(size)), key=lambda a: size[a] / shape_in[a]))
     return out.clamp_(0.0, 1.0)  # rounding only: in exact arithmetic the output already lies in [0, 1]
+
+
+def upsample(maps: Tensor, size: Sequence[int]) -> Tensor:
+    """(B, K, *s) -> (B, K, *size), bilinear in 2D, trilinear in 3D, linear in 1D (float32)."""
+    if tuple(maps.shape[2:]) == tuple(size):
+        return maps
+    mode = {1: "linear", 2: "bilinear", 3: "trilinear"}[len(size)]
+    return F.interpolate(maps.float(), size=tuple(size), mode=mode, align_corners=False)

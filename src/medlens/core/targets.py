@@ -8,10 +8,11 @@ MONAI's tutorials, so a U-Net explains like a classifier.
 from __future__ import annotations
 
 import re
-from typing import Sequence, Union
+from contextlib import contextmanager
+from typing import Iterator, Sequence, Union
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from medlens.errors import MedlensError
 
@@ -162,3 +163,59 @@ def check_target_spec(spec: str, n_classes: int | None = None) -> str:
             raise MedlensError(f"--target {spec!r}: a class is named twice")
         return text
     raise MedlensError(f"--target {spec!r} not understood: use pred, all, topK (e.g. top3), or class numbers like 2 or 0,2")
+
+
+def region_rows(region: Region, x: Tensor, image: Tensor) -> Region:
+    """The pooling region for a stack of inputs made from the images ``image`` (b,) of the batch
+    ``x`` (B, C, *S): a per-image mask (B, 1, *S) is indexed so that every copy keeps its own
+    image's region; a shared region (None, a box, one mask) is returned as it is."""
+    if isinstance(region, Tensor) and region.dim() == x.dim() and region.shape[0] == x.shape[0] > 1:
+        return region[image.to(region.device)]
+    return region
+
+
+#: what a classifier's target score is: its logit, its softmax probability, or the log of it
+SCORE_KINDS = ("logit", "probability", "log-probability")
+_SCORE_ALIASES = {"softmax": "probability", "prob": "probability", "log-softmax": "log-probability",
+                  "logprob": "log-probability", "log_probability": "log-probability"}
+
+
+def score_kind(kind: str) -> str:
+    """The canonical name of a score kind (``softmax`` -> ``probability``); MedlensError if unknown."""
+    canonical = _SCORE_ALIASES.get(kind, kind)
+    if canonical not in SCORE_KINDS:
+        raise MedlensError(f"unknown score {kind!r}: use {', '.join(SCORE_KINDS)}")
+    return canonical
+
+
+def apply_score(logits: Tensor, kind: str) -> Tensor:
+    """(B, N) class logits -> (B, N) scores of ``kind``: unchanged, softmax, or log-softmax."""
+    kind = score_kind(kind)
+    if kind == "probability":
+        return logits.softmax(dim=1)
+    if kind == "log-probability":
+        return logits.log_softmax(dim=1)
+    return logits
+
+
+@contextmanager
+def scored(model: nn.Module, kind: str = "logit") -> Iterator[str]:
+    """Inside, every forward pass of ``model`` returns its classifier scores as ``kind``, so every
+    method (gradients, perturbations, attention) and metric explains that score with no code of
+    its own: the target is a function of the output, applied by a forward hook. Segmentation
+    (B, N, *S) outputs are left as they are (their target is the region-pooled logit).
+    The hook is removed on exit. Yields the canonical kind."""
+    kind = score_kind(kind)
+    if kind == "logit":
+        yield kind
+        return
+
+    def transform(_module: nn.Module, _inputs: object, output: object) -> object:
+        out = model_output(output)
+        return apply_score(out, kind) if out.dim() == 2 else output
+
+    handle = model.register_forward_hook(transform)
+    try:
+        yield kind
+    finally:
+        handle.remove()

@@ -5,39 +5,25 @@ Gradients are taken with ``torch.autograd.grad`` with respect to the (perturbed)
 never the parameters, for all targets of an image at once. Gradient-like methods (SmoothGrad,
 Guided Backprop) reduce the input channels by max |.| as the saliency map does; attribution
 methods (Integrated Gradients, Input x Gradient) by a signed sum, so the map of a pixel is its
-total contribution to the score. The per-channel attributions of the last call are kept on
-the method object as ``attributions`` (B, K, C_in, *S).
+total contribution to the score. The per-channel attributions (B, K, C_in, *S) come back on
+the explanation as ``exp.info["attributions"]`` (the methods keep no state between calls).
 """
 
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
-from medlens.core.engine import Context, Method, register, target_gradients, upsample
+from medlens.core.engine import Context, InputMethod, LayerMethod, register, target_gradients
+from medlens.core.resample import upsample
 from medlens.errors import MedlensError
+from medlens.core.options import check_top_k, require
 from medlens.methods.cam import GradCAM
-from medlens.core.targets import Region, pool_scores
-
-
-class InputMethod(Method):
-    """Base of methods whose maps live in input space and need no layer nor layer gradients."""
-
-    uses_layer = False
-    uses_gradients = False
-
-
-def region_rows(region: Region, x: Tensor, image: Tensor) -> Region:
-    """The pooling region for a stack of inputs made from the images ``image`` (b,) of the batch
-    ``x`` (B, C, *S): a per-image mask (B, 1, *S) is indexed so that every copy keeps its own
-    image's region; a shared region (None, a box, one mask) is returned as it is."""
-    if isinstance(region, Tensor) and region.dim() == x.dim() and region.shape[0] == x.shape[0] > 1:
-        return region[image.to(region.device)]
-    return region
+from medlens.core.targets import pool_scores, region_rows
 
 
 def input_gradients(ctx: Context, x: Tensor, targets: Tensor, image: Tensor | None = None) -> Tensor:
@@ -89,33 +75,45 @@ class SmoothGrad(InputMethod):
     """
 
     name = "smoothgrad"
+    samples: int = 25
+    noise_level: float = 0.15
+    stdev: float | None = None
+    absolute: bool = True
+    seed: int = 0
+    batch_size: int = 32
+
+    def validate(self) -> None:
+        require(self.samples >= 1, self.name, "samples", self.samples, "must be at least 1")
+        require(self.noise_level >= 0, self.name, "noise_level", self.noise_level, "must be >= 0")
+        require(self.stdev is None or self.stdev >= 0, self.name, "stdev", self.stdev, "must be >= 0")
+        require(self.batch_size >= 1, self.name, "batch_size", self.batch_size, "must be at least 1")
 
     def compute(self, ctx: Context) -> Tensor:
         x = ctx.x
-        samples = int(self.options.get("samples", 25))
-        if samples < 1:
-            raise MedlensError(f"smoothgrad option samples={samples} must be at least 1")
-        absolute = bool(self.options.get("absolute", True))
-        generator = torch.Generator(device=x.device).manual_seed(int(self.options.get("seed", 0)))
-        if "stdev" in self.options:
-            sigma = torch.full((x.shape[0],), float(self.options["stdev"]), device=x.device, dtype=x.dtype)
+        samples, absolute = self.samples, self.absolute
+        generator = torch.Generator(device=x.device).manual_seed(self.seed)
+        if self.stdev is not None:
+            sigma = torch.full((x.shape[0],), float(self.stdev), device=x.device, dtype=x.dtype)
         else:
             flat = x.flatten(1)
-            sigma = float(self.options.get("noise_level", 0.15)) * (flat.amax(1) - flat.amin(1))
+            sigma = float(self.noise_level) * (flat.amax(1) - flat.amin(1))
         b = x.shape[0]
         spread = sigma.view(b, *(1,) * x.dim()).expand(b, samples, *x.shape[1:])
         noisy = (x.unsqueeze(1) + torch.normal(0.0, spread, generator=generator)).flatten(0, 1)  # (B * samples, C, *S)
         targets = ctx.targets.repeat_interleave(samples, dim=0)
         images = torch.arange(b, device=x.device).repeat_interleave(samples)
-        chunk = int(self.options.get("batch_size", 32))
+        chunk = self.batch_size
         grads = torch.cat([input_gradients(ctx, part, targets[i : i + chunk], images[i : i + chunk])
                            for i, part in zip(range(0, len(noisy), chunk), noisy.split(chunk))])
         grads = grads.unflatten(0, (b, samples))  # (B, samples, K, C, *S)
-        self.attributions = (grads.abs() if absolute else grads).mean(dim=1)  # (B, K, C_in, *S)
-        return self.attributions.abs().amax(dim=2)
+        ctx.info["attributions"] = (grads.abs() if absolute else grads).mean(dim=1)  # (B, K, C_in, *S)
+        return ctx.info["attributions"].abs().amax(dim=2)
 
 
 # ----------------------------------------------------------------------------- Integrated Gradients
+
+
+RULES = ("gausslegendre", "riemann_trapezoid", "riemann_left", "riemann_middle", "riemann_right")
 
 
 def quadrature(steps: int, rule: str) -> tuple[Tensor, Tensor]:
@@ -158,20 +156,28 @@ class IntegratedGradients(InputMethod):
     """
 
     name = "integrated-gradients"
+    baseline: Any = None
+    steps: int = 32
+    rule: str = "gausslegendre"
+    internal_batch_size: int = 32
+
+    def validate(self) -> None:
+        quadrature(self.steps, self.rule)  # refuses steps < 1 and unknown rules, naming the valid ones
+        require(self.internal_batch_size >= 1, self.name, "internal_batch_size", self.internal_batch_size, "must be at least 1")
 
     def compute(self, ctx: Context) -> Tensor:
         x = ctx.x
-        baseline = _baseline(self.options.get("baseline"), x)
-        alphas, weights = quadrature(int(self.options.get("steps", 32)), str(self.options.get("rule", "gausslegendre")))
+        baseline = _baseline(self.baseline, x)
+        alphas, weights = quadrature(self.steps, self.rule)
         alphas, weights = alphas.to(x.device, x.dtype), weights.to(x.device, x.dtype)
         delta = x - baseline
 
         def point(image: Tensor, step: Tensor) -> Tensor:
             return baseline[image] + _broadcast(alphas[step], delta) * delta[image]
 
-        mean_grad = path_gradients(ctx, point, len(alphas), weights, self.options.get("internal_batch_size", 32))
-        self.attributions = delta.unsqueeze(1) * mean_grad
-        return self.attributions.sum(dim=2)
+        mean_grad = path_gradients(ctx, point, len(alphas), weights, self.internal_batch_size)
+        ctx.info["attributions"] = delta.unsqueeze(1) * mean_grad
+        return ctx.info["attributions"].sum(dim=2)
 
 
 @register
@@ -182,8 +188,8 @@ class InputXGradient(InputMethod):
     uses_input_gradients = True
 
     def compute(self, ctx: Context) -> Tensor:
-        self.attributions = ctx.x.unsqueeze(1) * ctx.input_gradients
-        return self.attributions.sum(dim=2)
+        ctx.info["attributions"] = ctx.x.unsqueeze(1) * ctx.input_gradients
+        return ctx.info["attributions"].sum(dim=2)
 
 
 # ----------------------------------------------------------------------------- Guided Backprop
@@ -244,23 +250,39 @@ class GuidedBackprop(InputMethod):
     The user's modules are not changed (see :func:`guided_relus`)."""
 
     name = "guided-backprop"
+    batch_size: int = 32
+
+    def validate(self) -> None:
+        require(self.batch_size >= 1, self.name, "batch_size", self.batch_size, "must be at least 1")
 
     def compute(self, ctx: Context) -> Tensor:
-        self.attributions = guided_gradients(ctx, self.options.get("batch_size", 32))
-        return self.attributions.abs().amax(dim=2)
+        ctx.info["attributions"] = guided_gradients(ctx, self.batch_size)
+        return ctx.info["attributions"].abs().amax(dim=2)
 
 
 @register
-class GuidedGradCAM(Method):
+class GuidedGradCAM(LayerMethod):
     """Guided Grad-CAM (Selvaraju et al., ICCV 2017): guided backprop R times the Grad-CAM map
     upsampled to the input (bilinear; Captum's default is nearest), M(s) = max_c |R_c(s)| * L(s).
-    Grad-CAM's options (``top_k_channels``, ``eigen_smooth``, ``fusion``) apply to L."""
+    Grad-CAM's options (``top_k_channels``, ``eigen_smooth``, ``fusion``) build the Grad-CAM
+    that gives L (a method of its own, composed, nothing shared)."""
 
     name = "guided-gradcam"
+    top_k_channels: int | float | None = None
+    eigen_smooth: bool = False
+    batch_size: int = 32
+
+    def validate(self) -> None:
+        super().validate()
+        check_top_k(self.name, self.top_k_channels)
+        require(self.batch_size >= 1, self.name, "batch_size", self.batch_size, "must be at least 1")
+
+    @property
+    def gradcam(self) -> GradCAM:
+        """The Grad-CAM giving the coarse map L, built from this method's options."""
+        return GradCAM(top_k_channels=self.top_k_channels, eigen_smooth=self.eigen_smooth, fusion=self.fusion)
 
     def compute(self, ctx: Context) -> Tensor:
-        gradcam = GradCAM()
-        gradcam.options = self.options  # the same options object: what Grad-CAM reads counts as used
-        cam = upsample(gradcam.compute(ctx), ctx.x.shape[2:])  # (B, K, *S)
-        self.attributions = guided_gradients(ctx, self.options.get("batch_size", 32)) * cam.unsqueeze(2)
-        return self.attributions.abs().amax(dim=2)
+        cam = upsample(self.gradcam.compute(ctx), ctx.x.shape[2:])  # (B, K, *S)
+        ctx.info["attributions"] = guided_gradients(ctx, self.batch_size) * cam.unsqueeze(2)
+        return ctx.info["attributions"].abs().amax(dim=2)

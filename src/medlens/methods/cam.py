@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from medlens.core.engine import Context, Method, register
+from medlens.core.engine import Context, LayerMethod, register
+from medlens.core.options import check_top_k
 from medlens.errors import MedlensError
 from medlens.methods.smoothing import principal_component
 
@@ -65,7 +66,25 @@ def weighted_cam(weights: Tensor, activation: Tensor, options: dict) -> Tensor:
     return F.relu(weighted_sum(weights, activation))
 
 
-class _WeightedCAM(Method):
+class ChannelOptions(LayerMethod):
+    """The options of the CAMs that combine channels.
+
+    Options:
+        top_k_channels: only the k (or fraction in (0, 1)) most active channels contribute
+            (per image); None or 0: all.
+        eigen_smooth: the first principal component replaces the channel sum.
+        fusion: how the maps of several layers are fused (mean, max, product).
+    """
+
+    top_k_channels: int | float | None = None
+    eigen_smooth: bool = False
+
+    def validate(self) -> None:
+        super().validate()
+        check_top_k(self.name, self.top_k_channels)
+
+
+class _WeightedCAM(ChannelOptions):
     """ReLU(sum_c w_c A_c), with channel weights w (B, K, C) given by :meth:`weights`.
     Option ``eigen_smooth=True`` uses the first principal component instead of the sum."""
 
@@ -116,7 +135,7 @@ class XGradCAM(_WeightedCAM):
 
 
 @register
-class HiResCAM(Method):
+class HiResCAM(ChannelOptions):
     """HiResCAM (Draelos & Carin, 2020): ReLU(sum_c g_c(s) A_c(s)), element-wise, so the map
     is exactly the target score's first-order attribution at the layer's resolution.
     Options ``top_k_channels`` and ``eigen_smooth`` as for the weighted CAMs (with
@@ -129,7 +148,7 @@ class HiResCAM(Method):
 
 
 @register
-class LayerCAM(Method):
+class LayerCAM(ChannelOptions):
     """LayerCAM (Jiang et al., IEEE TIP 2021): ReLU(sum_c ReLU(g_c(s)) A_c(s)); fusing
     shallow and deep layers (pass several layers) is the paper's intended use.
     Options ``top_k_channels`` and ``eigen_smooth`` as for the weighted CAMs."""
@@ -141,7 +160,7 @@ class LayerCAM(Method):
 
 
 @register
-class GradCAMElementwise(Method):
+class GradCAMElementwise(ChannelOptions):
     """Grad-CAM element-wise (pytorch-grad-cam's GradCAMElementWise): ReLU(sum_c ReLU(g_c(s) A_c(s))),
     the positive part of each channel's first-order contribution. ``eigen_smooth=True`` takes
     the first principal component of ReLU(g A) instead of the channel sum; ``top_k_channels``
@@ -168,7 +187,7 @@ def linear_head(model: nn.Module, channels: int) -> nn.Linear:
 
 
 @register
-class CAM(Method):
+class CAM(ChannelOptions):
     """CAM (Zhou et al., CVPR 2016): M_k(s) = sum_c W[k, c] A_c(s), with W the linear head's
     weights after global average pooling. No gradients are needed. With ``top_k_channels=n``
     only the n channels with the largest mean activation contribute (per image); with
@@ -177,13 +196,14 @@ class CAM(Method):
 
     name = "cam"
     uses_gradients = False
+    reads_score = False
     classification_only = True
 
     def layer_map(self, activation: Tensor, gradient: Tensor | None, ctx: Context, layer: str) -> Tensor:
         head = linear_head(ctx.model, activation.shape[1])
         weights = head.weight.detach()[ctx.targets].to(activation.dtype)  # (B, K, C)
-        weights = keep_top_channels(weights, activation, self.options.get("top_k_channels"))
-        if self.options.get("eigen_smooth"):
+        weights = keep_top_channels(weights, activation, self.top_k_channels)
+        if self.eigen_smooth:
             shape = (*weights.shape, *([1] * (activation.dim() - 2)))
             return principal_component(weights.view(shape) * activation.unsqueeze(1))
         return weighted_sum(weights, activation)

@@ -7,12 +7,12 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor
 
-from medlens.core.engine import Context, Method, register
+from medlens.core.engine import Context, LayerMethod, register
 from medlens.methods.smoothing import principal_component
 
 
 @register
-class EigenCAM(Method):
+class EigenCAM(LayerMethod):
     """Eigen-CAM (Muhammad & Yeasin, IJCNN 2020): the projection of the activations A (centred
     over positions) on their first principal component, rectified. Gradient-free and
     class-agnostic: every target of an image gets the same map. The sign is chosen so that the
@@ -27,7 +27,7 @@ class EigenCAM(Method):
 
 
 @register
-class EigenGradCAM(Method):
+class EigenGradCAM(LayerMethod):
     """Eigen-Grad-CAM (pytorch-grad-cam's EigenGradCAM): the first principal component of the
     element-wise products g_c(s) A_c(s), rectified. The sign is chosen so that the map
     correlates positively with the class evidence sum_c g_c(s) A_c(s) (the target score's

@@ -4,16 +4,14 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from medlens.core.engine import Context, Method, register
+from medlens.core.engine import Context, InputMethod, register
 
 
 @register
-class Saliency(Method):
+class Saliency(InputMethod):
     """Vanilla gradient saliency (Simonyan et al., ICLR workshop 2014): M(s) = max_c |dY/dx_c(s)|."""
 
     name = "saliency"
-    uses_layer = False
-    uses_gradients = False
     uses_input_gradients = True
 
     def compute(self, ctx: Context) -> Tensor:

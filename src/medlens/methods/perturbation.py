@@ -11,17 +11,18 @@ All methods take 2D (B, C, H, W) and 3D (B, C, D, H, W) inputs, classifier and s
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 from torch import Tensor
 
 from medlens.core.capture import resolve_layer
-from medlens.core.engine import Context, Method, register, score_batches, upsample, upsample_normalised
+from medlens.core.engine import Context, InputMethod, LayerMethod, register, score_batches
+from medlens.core.resample import upsample, upsample_normalised
+from medlens.core.options import check_top_k, require
 from medlens.errors import MedlensError
-from medlens.methods.attribution import InputMethod, region_rows
 from medlens.methods.cam import weighted_cam
-from medlens.core.targets import pool_scores
+from medlens.core.targets import pool_scores, region_rows
 
 
 def _per_dim(value: int | Sequence[int], ndim: int, name: str) -> tuple[int, ...]:
@@ -88,7 +89,7 @@ def _scatter_weights(weights: Tensor, channels: Tensor, live: Tensor, n_channels
 
 
 @register
-class ScoreCAM(Method):
+class ScoreCAM(LayerMethod):
     """Score-CAM (Wang et al., CVPR-W 2020).
 
     Each channel map A_c, upsampled to the input and min-max normalised to H_c in [0, 1],
@@ -107,11 +108,19 @@ class ScoreCAM(Method):
 
     name = "scorecam"
     uses_gradients = False
+    batch_size: int = 32
+    top_k_channels: int | float | None = None
+    eigen_smooth: bool = False
+
+    def validate(self) -> None:
+        super().validate()
+        check_top_k(self.name, self.top_k_channels)
+        require(self.batch_size >= 1, self.name, "batch_size", self.batch_size, "must be at least 1")
 
     def layer_map(self, activation: Tensor, gradient: Tensor | None, ctx: Context, layer: str) -> Tensor:
         batch, n_channels = activation.shape[:2]
-        channels, live = select_channels(activation, self.options.get("top_k_channels"))
-        per_pass = _chunk(self.options.get("batch_size", 32), batch)
+        channels, live = select_channels(activation, self.top_k_channels)
+        per_pass = _chunk(self.batch_size, batch)
         x = ctx.x
         scores = []
         for start in range(0, channels.shape[1], per_pass):
@@ -123,7 +132,7 @@ class ScoreCAM(Method):
         logit = torch.cat(scores, dim=1)  # (B, n, K)
         logit = torch.where(live.unsqueeze(2), logit, torch.full_like(logit, -math.inf))
         log_norm = torch.logsumexp(logit, dim=1, keepdim=True)
-        if not self.options.get("top_k_channels"):
+        if not self.top_k_channels:
             log_norm = self._with_dead_channels(log_norm, activation, ctx)
         weights = torch.exp(logit - log_norm)
         return weighted_cam(_scatter_weights(weights, channels, live, n_channels), activation, self.options)
@@ -164,7 +173,7 @@ class _Ablate:
 
 
 @register
-class AblationCAM(Method):
+class AblationCAM(LayerMethod):
     """Ablation-CAM (Desai & Ramaswamy, WACV 2020): w_c = (Y - Y_c) / Y, with Y_c the target score
     when channel c of the layer is set to zero, and the map ReLU(sum_c w_c A_c).
 
@@ -182,13 +191,21 @@ class AblationCAM(Method):
 
     name = "ablationcam"
     uses_gradients = False
+    batch_size: int = 32
+    top_k_channels: int | float | None = None
+    eigen_smooth: bool = False
+
+    def validate(self) -> None:
+        super().validate()
+        check_top_k(self.name, self.top_k_channels)
+        require(self.batch_size >= 1, self.name, "batch_size", self.batch_size, "must be at least 1")
 
     def layer_map(self, activation: Tensor, gradient: Tensor | None, ctx: Context, layer: str) -> Tensor:
         if activation.dim() != ctx.x.dim():
             raise MedlensError(f"ablationcam needs a convolutional feature map at {layer!r}, not tokens")
         batch, n_channels = activation.shape[:2]
-        channels, live = select_channels(activation, self.options.get("top_k_channels"))
-        per_pass = _chunk(self.options.get("batch_size", 32), batch)
+        channels, live = select_channels(activation, self.top_k_channels)
+        per_pass = _chunk(self.batch_size, batch)
         module = resolve_layer(ctx.model, layer)
         ablated = [self._ablated_scores(ctx, module, channels[:, s : s + per_pass]) for s in range(0, channels.shape[1], per_pass)]
         scores = torch.cat(ablated, dim=1)  # (B, n, K)
@@ -271,18 +288,29 @@ class Occlusion(InputMethod):
     """
 
     name = "occlusion"
+    window: int | tuple[int, ...] | None = None
+    stride: int | tuple[int, ...] | None = None
+    baseline: Any = 0.0
+    batch_size: int = 64
+
+    def validate(self) -> None:
+        for option in ("window", "stride"):
+            value = getattr(self, option)
+            values = value if isinstance(value, (tuple, list)) else (value,)
+            require(value is None or all(int(v) >= 1 for v in values), self.name, option, value, "must be positive")
+        require(self.batch_size >= 1, self.name, "batch_size", self.batch_size, "must be at least 1")
 
     def compute(self, ctx: Context) -> Tensor:
         x = ctx.x
         size = x.shape[2:]
         ndim = len(size)
-        window = _per_dim(self.options.get("window", max(1, min(size) // 8)), ndim, "window")
-        stride = _per_dim(self.options.get("stride", tuple(max(1, w // 2) for w in window)), ndim, "stride")
-        baseline = torch.as_tensor(self.options.get("baseline", 0.0), dtype=x.dtype, device=x.device)
+        window = _per_dim(self.window if self.window is not None else max(1, min(size) // 8), ndim, "window")
+        stride = _per_dim(self.stride if self.stride is not None else tuple(max(1, w // 2) for w in window), ndim, "stride")
+        baseline = torch.as_tensor(self.baseline, dtype=x.dtype, device=x.device)
         axis_masks = _window_masks(size, window, stride, x.device)
         n_windows = math.prod(m.shape[0] for m in axis_masks)
         batch = x.shape[0]
-        per_pass = _chunk(self.options.get("batch_size", 64), batch)
+        per_pass = _chunk(self.batch_size, batch)
         total = x.new_zeros(batch, ctx.targets.shape[1], *size)
         for start in range(0, n_windows, per_pass):
             masks = _outer_masks(axis_masks, torch.arange(start, min(start + per_pass, n_windows), device=x.device))  # (c, *S)
@@ -336,18 +364,25 @@ class RISE(InputMethod):
     """
 
     name = "rise"
+    n_masks: int = 1000
+    cells: int = 7
+    p_keep: float = 0.5
+    seed: int = 0
+    baseline: float = 0.0
+    batch_size: int = 64
+
+    def validate(self) -> None:
+        if self.n_masks < 1 or self.cells < 1 or not 0 < self.p_keep <= 1:
+            raise MedlensError("rise needs n_masks >= 1, cells >= 1 and 0 < p_keep <= 1")
+        require(self.batch_size >= 1, self.name, "batch_size", self.batch_size, "must be at least 1")
 
     def compute(self, ctx: Context) -> Tensor:
         x = ctx.x
-        n_masks = int(self.options.get("n_masks", 1000))
-        cells = int(self.options.get("cells", 7))
-        p_keep = float(self.options.get("p_keep", 0.5))
-        if n_masks < 1 or cells < 1 or not 0 < p_keep <= 1:
-            raise MedlensError("rise needs n_masks >= 1, cells >= 1 and 0 < p_keep <= 1")
-        baseline = float(self.options.get("baseline", 0.0))
-        generator = torch.Generator().manual_seed(int(self.options.get("seed", 0)))
+        n_masks, cells, p_keep = self.n_masks, self.cells, float(self.p_keep)
+        baseline = float(self.baseline)
+        generator = torch.Generator().manual_seed(self.seed)
         batch = x.shape[0]
-        per_pass = _chunk(self.options.get("batch_size", 64), batch)
+        per_pass = _chunk(self.batch_size, batch)
         total = x.new_zeros(batch, ctx.targets.shape[1], *x.shape[2:])
         cell = [math.ceil(s / cells) for s in x.shape[2:]]
         grids, shifts = rise_draws(n_masks, x.dim() - 2, cells, p_keep, cell, generator)  # drawn up front: chunking changes nothing

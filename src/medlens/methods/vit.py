@@ -19,16 +19,17 @@ from dataclasses import dataclass
 
 import weakref
 from contextlib import ExitStack, nullcontext
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
 from medlens.core.attention import AttentionCapture, AttentionSite, BlockRecord, block_indices, find_attention, merge_heads
 from medlens.core.capture import preserved_modes
-from medlens.core.engine import Context, Method, register
+from medlens.core.engine import AttentionMethod, AttentionRun, Context, register
+from medlens.core.options import check_choice, require
 from medlens.errors import MedlensError
-from medlens.core.targets import Region, model_output, pool_scores, resolve_targets
+from medlens.core.targets import Region, is_segmentation_output, model_output, pool_scores, resolve_targets
 from medlens.core.tokens import has_class_token, patch_grid
 
 HEAD_FUSIONS = ("mean", "max", "min")
@@ -289,19 +290,16 @@ class HeadCapture:
 
 
 # --- the functional API ----------------------------------------------------------------------
-def _forward(model: nn.Module, x: Tensor, region: Region, targets: Any) -> tuple[Tensor, Tensor]:
-    logits = pool_scores(model_output(model(x)), x, region)
-    return logits, resolve_targets(targets, logits.detach())
+def _forward(model: nn.Module, x: Tensor, region: Region, targets: Any) -> tuple[Tensor, Tensor, str]:
+    """(pooled logits (B, N), targets (B, K), task) of one forward pass."""
+    output = model_output(model(x))
+    task = "segmentation" if is_segmentation_output(output, x) else "classification"
+    logits = pool_scores(output, x, region)
+    return logits, resolve_targets(targets, logits.detach()), task
 
 
-@dataclass
-class ViTRun:
-    """What one attention forward pass gives: maps (B, K, *grid), the pooled logits (B, N) and
-    the resolved targets (B, K)."""
-
-    maps: Tensor
-    logits: Tensor
-    targets: Tensor
+#: what one attention forward pass gives: maps (B, K, *grid), pooled logits (B, N), targets (B, K), task
+ViTRun = AttentionRun
 
 
 def vit_relevance(
@@ -354,18 +352,18 @@ def _class_agnostic(model, x, key, targets, region, block, head_fusion, discard_
     blocks = block_indices(len(find_attention(model)), int(block)) if key == "attention" else None
     fuse = None if per_head else (lambda a: fuse_heads(a, head_fusion))
     with AttentionCapture(model, blocks, transform=fuse) as cap, torch.no_grad():
-        logits, targets = _forward(model, x, region, targets)
+        logits, targets, task = _forward(model, x, region, targets)
     mats = cap.probs()
     query = query_row(model, x, x.shape[0], mats[0].shape[-1])
     if key == "attention":
         attn = mats[0] if per_head else mats[0].unsqueeze(1)  # (B, H or 1, N, N)
         maps = patch_map((query[:, None, None, :] @ attn).squeeze(-2), model, x)  # (B, H or 1, *grid)
         if per_head:
-            return ViTRun(maps, logits, targets)
+            return ViTRun(maps, logits, targets, task)
     else:
         mats = [residual_rows(discard_lowest(m, float(discard_ratio))) for m in mats]
         maps = patch_map(roll_out(query, mats), model, x).unsqueeze(1)
-    return ViTRun(maps.expand(-1, targets.shape[1], *maps.shape[2:]), logits, targets)
+    return ViTRun(maps.expand(-1, targets.shape[1], *maps.shape[2:]), logits, targets, task)
 
 
 def _gradient_based(model, x, key, targets, region, head_fusion, discard_ratio) -> Tensor:
@@ -373,7 +371,7 @@ def _gradient_based(model, x, key, targets, region, head_fusion, discard_ratio) 
         raise MedlensError(f"unknown head_fusion {head_fusion!r}: use mean, max or min")
     lrp = key == "chefer"
     with AttentionCapture(model, grad=True, record=lrp) as cap, HeadCapture(model) if lrp else nullcontext() as head, torch.enable_grad():
-        logits, targets = _forward(model, x.detach().requires_grad_(True), region, targets)
+        logits, targets, task = _forward(model, x.detach().requires_grad_(True), region, targets)
     probs = cap.probs()
     grads = attention_gradients(logits, targets, probs)  # [(B, K, H, N, N)]
     batch, k = targets.shape
@@ -389,7 +387,7 @@ def _gradient_based(model, x, key, targets, region, head_fusion, discard_ratio) 
         else:
             fused = [residual_rows(discard_lowest(fuse_heads(w, head_fusion).clamp(min=0), float(discard_ratio))) for w in weighted]
             row = roll_out(query, fused)
-    return ViTRun(patch_map(row, model, x).unflatten(0, (batch, k)), logits.detach(), targets)
+    return ViTRun(patch_map(row, model, x).unflatten(0, (batch, k)), logits.detach(), targets, task)
 
 
 def _chefer_rollout(model, cap: AttentionCapture, head: HeadCapture, logits, targets, grads, query, spatial) -> Tensor:
@@ -418,30 +416,26 @@ def _repeat(rec: BlockRecord, k: int) -> BlockRecord:
 
 
 # --- registered methods ----------------------------------------------------------------------
-class _ViTMethod(Method):
-    """A ViT attention method: it runs the model itself (:meth:`run`), with its own hooks, so
-    :func:`medlens.explain` makes no forward pass of its own."""
+class _ViTMethod(AttentionMethod):
+    """A ViT attention method: :meth:`attend` runs the model under
+    :class:`medlens.core.attention.AttentionCapture` (the engine's attention provider)."""
+    key: ClassVar[str] = ""
+    block: int = -1
+    head_fusion: str = "mean"
+    discard_ratio: float = 0.0
 
-    uses_layer = False
-    uses_gradients = False
-    key = ""
-
-    def __init__(self, **options: Any) -> None:
-        super().__init__(**options)
-        fusion, ratio = options.get("head_fusion"), options.get("discard_ratio")
+    def validate(self) -> None:
         allowed = HEAD_FUSIONS + (("none", "per-head", "heads") if self.key == "attention" else ())
-        if fusion is not None and fusion not in allowed:
-            raise MedlensError(f"{self.name}: head_fusion {fusion!r} unknown; use {', '.join(allowed)}")
-        if ratio is not None and not 0 <= float(ratio) < 1:
-            raise MedlensError(f"{self.name}: discard_ratio {ratio} must be in [0, 1)")
+        check_choice(self.name, "head_fusion", self.head_fusion, allowed)
+        require(0 <= float(self.discard_ratio) < 1, self.name, "discard_ratio", self.discard_ratio, "must be in [0, 1)")
 
-    def run(self, model: nn.Module, x: Tensor, target: Any, region: Region) -> tuple[Tensor, Tensor, Tensor]:
-        opts = {k: self.options[k] for k in ("block", "head_fusion", "discard_ratio") if self.options.get(k) is not None}
-        result = vit_run(model, x, self.key, targets=target, region=region, **opts)
-        return result.maps, result.logits, result.targets
+    def attend(self, model: nn.Module, x: Tensor, target: Any, region: Region) -> AttentionRun:
+        """Maps (B, K, *grid) with the logits, targets and task of the one forward pass."""
+        return vit_run(model, x, self.key, targets=target, region=region, block=self.block,
+                       head_fusion=self.head_fusion, discard_ratio=self.discard_ratio)
 
     def compute(self, ctx: Context) -> Tensor:
-        return self.run(ctx.model, ctx.x, ctx.targets, ctx.region)[0]
+        return self.attend(ctx.model, ctx.x, ctx.targets, ctx.region).maps
 
 
 @register
@@ -449,7 +443,7 @@ class RawAttention(_ViTMethod):
     """Raw attention (e.g. Chung et al.; Dosovitskiy et al. 2021): the class token's attention
     row of one block (default: last) over the patch tokens, heads fused by mean/max/min or kept."""
 
-    name = key = "attention"
+    name = key = "attention"  # type: ignore[misc]
 
 
 @register

@@ -23,8 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from medlens.errors import MedlensError
-from medlens.methods.attribution import region_rows
-from medlens.core.targets import Region, pool_scores
+from medlens.core.targets import SCORE_KINDS, Region, apply_score, pool_scores, region_rows
 
 __all__ = [
     "Curve", "confidence_change", "gaussian_filter", "noisy_linear_imputation", "perturbation_curve",
@@ -140,14 +139,12 @@ def _all_logits(model: nn.Module, stack: Tensor, region: Region, batch_size: int
 
 def _readout(logits: Tensor, targets: Tensor, score: str) -> tuple[Tensor, Tensor]:
     """Target score (logit or probability) and whether the prediction is still the target."""
-    if score == "softmax":
-        values = logits.softmax(dim=1).gather(1, targets)
-    elif score == "logit":
-        values = logits.gather(1, targets)
-    elif score == "sigmoid":
+    if score == "sigmoid":
         values = logits.sigmoid().gather(1, targets)
+    elif score in ("softmax", "logit") or score in SCORE_KINDS:
+        values = apply_score(logits, score).gather(1, targets)
     else:
-        raise MedlensError(f"score must be 'logit', 'softmax' or 'sigmoid'; got {score!r}")
+        raise MedlensError(f"score must be 'logit', 'softmax' ('probability'), 'log-probability' or 'sigmoid'; got {score!r}")
     return values[:, 0], logits.argmax(dim=1) == targets[:, 0]
 
 

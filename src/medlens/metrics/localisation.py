@@ -448,15 +448,6 @@ def dice(maps: Tensor, masks: Tensor, thresholds: Sequence[float] = (0.5,)) -> T
     return _nan_where_empty(2 * inter / (pred + true).clamp_min(1), masks)
 
 
-def _ties_ranks(flat: Tensor) -> tuple[Tensor, Tensor]:
-    """Each value's count of strictly smaller / smaller-or-equal values in its row (B, N).
-    (Used by :mod:`medlens.metrics.sanity`; the ranking metrics here use :func:`_ranking`.)"""
-    ordered = flat.sort(dim=1).values
-    below = torch.searchsorted(ordered, flat, right=False)
-    at_most = torch.searchsorted(ordered, flat, right=True)
-    return below, at_most
-
-
 def auroc(maps: Tensor, masks: Tensor) -> Tensor:
     """Area under the ROC curve of the map as a pixel classifier of the mask (rank-based).
 

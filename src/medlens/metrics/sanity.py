@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from medlens.core.engine import explain
 from medlens.errors import MedlensError
 from medlens.metrics.faithfulness import gaussian_filter
-from medlens.metrics.localisation import _ties_ranks
+from medlens.metrics.ranks import tie_ranks
 
 __all__ = ["SanityResult", "model_randomisation", "randomisation_units", "spearman", "ssim"]
 
@@ -34,7 +34,7 @@ def spearman(a: Tensor, b: Tensor) -> Tensor:
     fa, fb = a.flatten(1).float(), b.flatten(1).float()
     ranks = []
     for f in (fa, fb):
-        below, at_most = _ties_ranks(f)
+        below, at_most = tie_ranks(f)
         ranks.append((below + at_most).double() / 2)
     ra, rb = (r - r.mean(dim=1, keepdim=True) for r in ranks)
     va, vb = (ra * ra).sum(dim=1), (rb * rb).sum(dim=1)

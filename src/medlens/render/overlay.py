@@ -101,7 +101,7 @@ def overlay_tensor(
         raise MedlensError(f"heat map to overlay must be (H, W); got {tuple(heat.shape)}")
     heat = heat.float()
     if tuple(heat.shape) != tuple(base.shape[:2]):
-        from medlens.core.engine import upsample
+        from medlens.core.resample import upsample
 
         heat = upsample(heat[None, None], base.shape[:2])[0, 0]
     weight = float(alpha) * (heat.clamp(0, 1)[..., None] if alpha_by_heat else 1.0)

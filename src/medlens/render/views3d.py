@@ -34,7 +34,7 @@ def _volume_and_heat(volume: Tensor, heat: Tensor) -> tuple[Tensor, Tensor]:
     if volume.dim() != 4 or heat.dim() != 3:
         raise MedlensError(f"3D views need a volume (C, D, H, W) and a map (D, H, W); got {tuple(volume.shape)}, {tuple(heat.shape)}")
     if tuple(volume.shape[1:]) != tuple(heat.shape):
-        from medlens.core.engine import upsample
+        from medlens.core.resample import upsample
 
         heat = upsample(heat[None, None].float(), volume.shape[1:])[0, 0]
     return volume.to(heat.device), heat

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from medlens.core.engine import explain
+from medlens.core.engine import explain, options_for
 from medlens.errors import MedlensError, one_line
 from medlens.io.atomic import atomic_path, write_text
 from medlens.metrics.complexity import entropy, gini, max_sensitivity, method_explainer
@@ -322,7 +322,7 @@ def evaluate(
             x = torch.stack([torch.as_tensor(it[1]).float() for it in batch]).to(device)
             masks, boxes = _annotations(batch, tuple(x.shape[2:]), device)
             for method in methods:
-                opts = dict(method_options.get(method, {}))
+                opts = options_for(method, method_options.get(method, {}), methods)
                 probe_target = "pred" if target == "pred" or any(l is None for l in labels) else torch.tensor(labels, device=device)
                 expl = explain(model, x, method, target=probe_target, layer=layer, **opts)
                 maps, targets = expl.maps[:, 0], expl.targets[:, 0]
@@ -386,7 +386,7 @@ def _run_sanity(models: Mapping[str, nn.Module], batch: list[Item], methods: Seq
         tgt = "pred" if target == "pred" or any(l is None for l in labels) else torch.tensor(labels, device=x.device)
         for method in methods:
             for mode in modes:
-                res = model_randomisation(model, x, method, target=tgt, layer=layer, mode=mode, **dict(method_options.get(method, {})))
+                res = model_randomisation(model, x, method, target=tgt, layer=layer, mode=mode, **options_for(method, method_options.get(method, {}), methods))
                 for row in res.rows():
                     out.append({"model": model_name, "method": method, **row, "flagged": res.flagged})
     return out

@@ -26,7 +26,8 @@ from torch import Tensor, nn
 
 from medlens.core.boxes import argmax_cell_box, component_regions
 from medlens.core.capture import resolve_layer
-from medlens.core.engine import Explanation, explain, get_method, upsample
+from medlens.core.engine import Explanation, explain, get_method, options_for
+from medlens.core.resample import upsample
 from medlens.errors import MedlensError, one_line
 from medlens.io.atomic import atomic_path, write_text
 from medlens.io.loading import Loaded, iter_inputs, plan_inputs
@@ -186,7 +187,7 @@ def explain_inputs(
     """
     dicom = dicom_options(inputs, dicom_out, threshold)
     for method in methods:  # argument errors stop the run before any file is read
-        get_method(method, **(method_options or {}))
+        get_method(method, **options_for(method, method_options or {}, methods))
     for name in [layer] if isinstance(layer, str) else list(layer or []):
         resolve_layer(model, name)
     out = Path(out_dir)
@@ -221,7 +222,8 @@ def explain_inputs(
     try:
         for batch in batches_by_shape(prepared(), batch_size):
             for method in methods:
-                for group, result in _explained(model, batch, device, method, target, layer, method_options, summary):
+                for group, result in _explained(model, batch, device, method, target, layer,
+                                                options_for(method, method_options or {}, methods), summary):
                     for i, item in enumerate(group):
                         try:
                             record = _write_one(out, item, result, i, method, class_names, cmap, alpha, box_fraction, dicom)

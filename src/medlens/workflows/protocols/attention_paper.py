@@ -26,7 +26,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from medlens.core.targets import model_output
-from medlens.core.engine import explain, normalise
+from medlens.core.engine import explain
+from medlens.core.resample import normalise
 from medlens.errors import MedlensError
 from medlens.io.atomic import atomic_path
 from medlens.methods.vit import vit_relevance

@@ -28,7 +28,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from medlens.core.boxes import box_around
-from medlens.core.engine import explain, normalise
+from medlens.core.engine import explain
+from medlens.core.resample import normalise
 from medlens.errors import MedlensError
 from medlens.io.atomic import atomic_path
 from medlens.metrics.localisation import PAPER_PERCENTAGES, pointing_game, topk_box_iou
