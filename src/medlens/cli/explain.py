@@ -45,34 +45,99 @@ def parse_options(pairs: list[str]) -> dict[str, Any]:
     return options
 
 
-def load_model(spec: str, weights: str, num_classes: int, in_channels: int, dims: int, device: str):
-    """Build ``spec`` and load ``weights`` ('none' keeps the random initialisation)."""
-    import torch
+def parse_model_kwargs(pairs: list[str]) -> dict[str, Any]:
+    """``--model-kwargs key=value`` pairs; values are YAML (``channels=[8,16,32]``, ``dropout=0.1``, ``norm=batch``)."""
+    import yaml
 
-    from medlens.models import build_model, load_weights
+    kwargs: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            fail(f"--model-kwargs {pair!r} is not key=value")
+        try:
+            kwargs[key] = yaml.safe_load(value)
+        except yaml.YAMLError:
+            kwargs[key] = value
+    return kwargs
 
-    model = build_model(spec, num_classes=num_classes, in_channels=in_channels, spatial_dims=dims)
-    if weights.lower() not in ("none", "-", "random"):
-        load_weights(model, weights)
-    chosen = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
-    return model.to(chosen).eval()
+
+def load_model(spec: str, weights: Optional[str], num_classes: int, in_channels: int, dims: int, device: str,
+               model_kwargs: Optional[dict[str, Any]] = None):
+    """Build ``spec`` and load ``weights`` ('none' keeps the random initialisation); a run folder rebuilds its own model."""
+    from medlens.models.run_folder import load_model_source
+
+    return load_model_source(spec, weights, num_classes, in_channels, dims, device, model_kwargs).model
+
+
+def split_model_inputs(model: str, weights: Optional[str], inputs: Optional[list[Path]]) -> tuple[Optional[str], list[Path]]:
+    """With a run folder, the second positional is an input unless it names a weights file."""
+    from medlens.models.run_folder import is_run_folder, is_weights_file
+
+    inputs = list(inputs or [])
+    if is_run_folder(model) and weights is not None and not is_weights_file(weights):
+        return None, [Path(weights), *inputs]
+    if weights is None and not is_run_folder(model):
+        fail(f"{model} is a model spec: give its weights (or 'none') before the inputs, or pass a run folder")
+    return weights, inputs
+
+
+def parse_region(text: Optional[str]):
+    """``--region``: None, ``pred``, a mask file, or a box ``x0,y0,x1,y1`` (``x0,y0,z0,x1,y1,z1`` for volumes)."""
+    if text is None or text == "pred":
+        return text
+    if Path(text).exists():
+        return Path(text)
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        fail(f"--region {text!r}: use pred, a mask file, or a box x0,y0,x1,y1")
+    if len(values) not in (4, 6):
+        fail(f"--region {text!r}: a box has 4 numbers (x0,y0,x1,y1) or 6 (x0,y0,z0,x1,y1,z1)")
+    half = len(values) // 2
+    lower, upper = values[:half], values[half:]
+    if half == 2:  # x, y -> tensor order (row, column)
+        lower, upper = lower[::-1], upper[::-1]
+    if any(hi <= lo for lo, hi in zip(lower, upper)):
+        fail(f"--region {text!r}: each upper corner must be past its lower corner")
+    return (lower, upper)
+
+
+def resolve_target(target: str, class_names: Optional[list[str]]):
+    """``--target`` by class name (``glioma`` or ``anterior,posterior``) as well as pred/all/topK/numbers."""
+    if not class_names or target in ("pred", "all") or target.startswith("top"):
+        return target
+    parts = [p.strip() for p in target.split(",")]
+    if all(p.isdigit() for p in parts):
+        return target
+    indices = []
+    for p in parts:
+        if p.isdigit():
+            indices.append(int(p))
+        elif p in class_names:
+            indices.append(class_names.index(p))
+        else:
+            raise MedlensError(f"--target {p!r} is not a class of this model ({', '.join(class_names)})")
+    return ",".join(str(i) for i in indices)
 
 
 @app.command("explain")
 def explain_command(
-    model: str = typer.Argument(..., help="model spec: torchvision:resnet50, timm:efficientnet_b0, monai:UNet, pkg.module:factory"),
-    weights: str = typer.Argument(..., help=".pth/.pt/.ckpt/.safetensors weights (loaded safely), or 'none'"),
-    inputs: list[Path] = typer.Argument(..., help="PNG/JPG/TIFF files, DICOM files or series folders, NIfTI volumes, folders"),
+    model: str = typer.Argument(..., help="a run folder of medlens train (runs/NAME), or a model spec: torchvision:resnet50, timm:efficientnet_b0, monai:UNet, pkg.module:factory"),
+    weights: Optional[str] = typer.Argument(None, help="for a spec: .pth/.pt/.ckpt/.safetensors weights (loaded safely), or 'none'; a run folder uses its best.safetensors"),
+    inputs: Optional[list[Path]] = typer.Argument(None, help="PNG/JPG/TIFF files, DICOM files or series folders, NIfTI volumes, folders"),
     method: list[str] = typer.Option(["gradcam"], "--method", "-m", help="method name; repeat for several"),
     layer: list[str] = typer.Option([], "--layer", "-l", help="layer path (repeat to fuse layers); default: automatic"),
-    target: str = typer.Option("pred", "--target", "-t", help="pred, all, topK, or class numbers like 2 or 0,2"),
+    target: str = typer.Option("pred", "--target", "-t", help="pred, all, topK, class numbers like 2 or 0,2, or class names"),
     out: Path = typer.Option(Path("medlens-out"), "--out", "-o", help="output folder"),
-    num_classes: int = typer.Option(2, "--num-classes", "-n", help="classes of the model"),
-    in_channels: int = typer.Option(3, "--in-channels", help="input channels of the model"),
-    dims: int = typer.Option(2, "--dims", help="2 for images, 3 for volumes"),
-    size: Optional[str] = typer.Option(None, "--size", help="model input size, e.g. 224 or 224,224 or 64,64,64"),
-    normalize: str = typer.Option("none", "--normalize", help="none, imagenet or zscore"),
-    class_names: Optional[str] = typer.Option(None, "--class-names", help="comma-separated class names"),
+    num_classes: int = typer.Option(2, "--num-classes", "-n", help="classes of the model (a run folder knows its own)"),
+    in_channels: int = typer.Option(3, "--in-channels", help="input channels of the model (a run folder knows its own)"),
+    dims: int = typer.Option(2, "--dims", help="2 for images, 3 for volumes (a run folder knows its own)"),
+    size: Optional[str] = typer.Option(None, "--size", help="model input size, e.g. 224 or 224,224 or 64,64,64 (default: the run's)"),
+    normalize: Optional[str] = typer.Option(None, "--normalize", help="none, imagenet, zscore or mean=a,b,c/std=d,e,f (default: the run's, else none)"),
+    class_names: Optional[str] = typer.Option(None, "--class-names", help="comma-separated class names (default: the run's)"),
+    model_kwargs: list[str] = typer.Option([], "--model-kwargs", help="model constructor argument key=value (YAML value); repeatable"),
+    region: Optional[str] = typer.Option(None, "--region", help="segmentation: pred (each class's predicted mask), a mask file, or a box x0,y0,x1,y1"),
+    boxes: str = typer.Option("components", "--boxes", help="components (boxes around the strongest regions) or none"),
     batch_size: int = typer.Option(8, "--batch-size", "-b"),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:1"),
     cmap: str = typer.Option("jet", "--cmap", help="matplotlib colormap"),
@@ -85,30 +150,47 @@ def explain_command(
     policy: Optional[str] = typer.Option(None, "--policy", help="DICOM header policy that refuses files not fitting the model, e.g. chest-radiograph"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace results already in --out"),
 ) -> None:
-    """Explain a model's decisions on images and volumes; writes overlays, maps, boxes and index.html."""
+    """Explain a model's decisions on images and volumes; writes overlays, maps, boxes and index.html.
+
+    MODEL is a run folder written by `medlens train` (its network, best weights, preprocessing and
+    class names are used: nothing to repeat) or a model spec followed by its WEIGHTS."""
+    from medlens.data.prepare import parse_normalize
+    from medlens.models.run_folder import load_model_source
     from medlens.workflows.explain import explain_inputs
 
+    weights, input_paths = split_model_inputs(model, weights, inputs)
+    if not input_paths:
+        fail("no inputs: give image, DICOM or NIfTI files or folders after the model")
     options = parse_options(option)
     for key, value in (("block", block), ("head_fusion", head_fusion), ("discard_ratio", discard_ratio)):
         if value is not None:
             options[key] = value
-    size_tuple = parse_size(size)
-    if size_tuple is not None and len(size_tuple) == 1:
-        size_tuple = size_tuple * dims
+    names = class_names.split(",") if class_names else None
+    size_tuple, kwargs, region_spec = parse_size(size), parse_model_kwargs(model_kwargs), parse_region(region)
     try:
-        net = load_model(model, weights, num_classes, in_channels, dims, device)
+        source = load_model_source(model, weights, num_classes, in_channels, dims, device, kwargs, names)
+        pre = source.preprocessing
+        if size_tuple is not None and len(size_tuple) == 1:
+            size_tuple = size_tuple * (pre.dims or dims)
+        pre = pre.override(size=size_tuple, class_names=names, **parse_normalize(normalize))
         header_policy = _policy(policy)
+        chosen_target = resolve_target(target, pre.class_names)
         summary = explain_inputs(
-            net, inputs, out, methods=method, target=target, layer=(layer if len(layer) > 1 else (layer[0] if layer else None)),
-            size=size_tuple, normalize=normalize, batch_size=batch_size,
-            class_names=class_names.split(",") if class_names else None, cmap=cmap, alpha=alpha,
+            source.model, input_paths, out, methods=method, target=chosen_target,
+            layer=(layer if len(layer) > 1 else (layer[0] if layer else None)),
+            batch_size=batch_size, class_names=pre.class_names, cmap=cmap, alpha=alpha,
             box_fraction=box_fraction, overwrite=overwrite, policy=header_policy, method_options=options,
+            preprocessing=pre, region=region_spec, boxes=boxes,
         )
     except (MedlensError, RuntimeError) as error:  # RuntimeError: the model itself failed on the input
         fail(one_line(error))
     images = len({r["source"] for r in summary.written})
     typer.echo(f"explained {images} input(s) with {', '.join(method)}; results in {out / 'index.html'}")
+    seen: set[str] = set()
     for path, reason in summary.bad:
+        if str(path) in seen:
+            continue
+        seen.add(str(path))
         typer.secho(f"skipped: {reason}" if str(path) in reason else f"skipped {path}: {reason}", fg=typer.colors.YELLOW, err=True)
     if not summary.written:
         raise typer.Exit(1)
