@@ -13,7 +13,29 @@ from medlens.cli.explain import fail, load_model, parse_options, parse_size
 from medlens.errors import MedlensError, one_line
 
 
-def _data(source: str, size, channels: int, limit: Optional[int], split: Optional[Path], part: str, seed: int, dims: int = 2):
+def stratified_subset(items: list, limit: int, seed: int) -> list:
+    """At most ``limit`` items, dealt round-robin over the classes (labels) in a seeded shuffle, index order kept."""
+    import random
+
+    if limit <= 0:
+        raise MedlensError(f"--limit {limit}: give a positive number of images (or leave --limit out for all)")
+    if limit >= len(items):
+        return list(items)
+    by_label: dict = {}
+    for position, item in enumerate(items):
+        by_label.setdefault(getattr(item, "label", None), []).append(position)
+    rng = random.Random(seed)
+    pools = [rng.sample(v, len(v)) for _, v in sorted(by_label.items(), key=lambda kv: str(kv[0]))]
+    chosen: list[int] = []
+    while len(chosen) < limit:
+        for pool in pools:
+            if pool and len(chosen) < limit:
+                chosen.append(pool.pop())
+    return [items[i] for i in sorted(chosen)]
+
+
+def _data(source: str, size, channels: int, limit: Optional[int], split: Optional[Path], part: str, seed: int, dims: int = 2,
+          preprocessing=None):
     """Items for the runner: ``phantoms[:N[:SIZE[:DIMS]]]`` or a dataset folder / Decathlon / CSV."""
     from medlens.workflows.evaluate import folder_items, phantom_items
 
@@ -36,13 +58,18 @@ def _data(source: str, size, channels: int, limit: Optional[int], split: Optiona
             if part not in parts:
                 raise MedlensError(f"{split}: no part {part!r}; it has {', '.join(parts)}")
             subset = parts[part]
-        items = folder_items(source, size=size, channels=channels, items=subset)
+        if limit is not None:  # stratified by class and seeded, not the first N files (one class)
+            from medlens.data.datasets import index_source
+
+            subset = stratified_subset(subset if subset is not None else index_source(source)[0], limit, seed)
+        items = folder_items(source, size=size, channels=channels, items=subset, preprocessing=preprocessing)
+        return items
     return itertools.islice(items, limit) if limit else items
 
 
 @app.command("evaluate")
 def evaluate_command(
-    model: str = typer.Argument(..., help="model spec, e.g. torchvision:resnet18"),
+    model: str = typer.Argument(..., help="a run folder of medlens train (runs/NAME: its network, weights, preprocessing), or a model spec, e.g. torchvision:resnet18"),
     data: str = typer.Argument(..., help="dataset folder (class folders + YOLO boxes, images+masks, Decathlon), a CSV, or phantoms[:N[:SIZE[:DIMS]]]"),
     weights: list[str] = typer.Option([], "--weights", "-w", help="weights file; repeat to compare several models (none = random init)"),
     method: list[str] = typer.Option(["gradcam"], "--method", "-m", help="method name; repeat for several"),
@@ -52,13 +79,15 @@ def evaluate_command(
     num_classes: int = typer.Option(2, "--num-classes", "-n"),
     in_channels: int = typer.Option(3, "--in-channels"),
     dims: int = typer.Option(2, "--dims", help="2 for images, 3 for volumes"),
-    size: Optional[str] = typer.Option(None, "--size", help="resize inputs to this, e.g. 224 or 128,128"),
+    size: Optional[str] = typer.Option(None, "--size", help="resize inputs to this, e.g. 224 or 128,128 (default: the run's)"),
+    normalize: Optional[str] = typer.Option(None, "--normalize", help="none, imagenet, zscore or mean=a,b,c/std=d,e,f (default: the run's; for a spec, zscore when --size is given)"),
+    model_kwargs: list[str] = typer.Option([], "--model-kwargs", help="model constructor argument key=value (YAML value); repeatable"),
     layer: Optional[str] = typer.Option(None, "--layer", "-l", help="layer for layer methods; default automatic"),
     target: str = typer.Option("label", "--target", "-t", help="label (the annotated class) or pred"),
     option: list[str] = typer.Option([], "--option", help="method option key=value (all methods)"),
     split: Optional[Path] = typer.Option(None, "--split", help="split CSV written by medlens train / write_split"),
     part: str = typer.Option("test", "--part", help="which part of --split to evaluate"),
-    limit: Optional[int] = typer.Option(None, "--limit", help="evaluate at most this many images"),
+    limit: Optional[int] = typer.Option(None, "--limit", help="evaluate at most this many images, drawn stratified by class with --seed"),
     steps: int = typer.Option(20, "--steps", help="deletion/insertion steps"),
     baseline: str = typer.Option("zero", "--baseline", help="deletion baseline: zero, min, mean, blur"),
     road: bool = typer.Option(True, "--road/--no-road", help="run ROAD (noisy linear imputation)"),
@@ -73,13 +102,34 @@ def evaluate_command(
 
     from medlens.workflows.evaluate import evaluate
 
+    from medlens.cli.explain import parse_model_kwargs
+    from medlens.data.prepare import parse_normalize
+    from medlens.models.run_folder import is_run_folder, load_model_source
+
+    shape, kwargs = parse_size(size), parse_model_kwargs(model_kwargs)
+    if limit is not None and limit <= 0:
+        fail(f"--limit {limit}: give a positive number of images (or leave --limit out for all)")
     try:
-        shape = parse_size(size)
         models = {}
-        for w in weights or ["none"]:
-            name = "random" if w.lower() in ("none", "-", "random") else Path(w).stem
-            models[name] = load_model(model, w, num_classes, in_channels, dims, device)
-        items = _data(data, shape, in_channels, limit, split, part, seed, dims)
+        pre = None
+        run = is_run_folder(model)
+        for w in weights or ([None] if run else ["none"]):
+            name = Path(model).name if w is None else ("random" if w.lower() in ("none", "-", "random") else Path(w).stem)
+            source = load_model_source(model, w, num_classes, in_channels, dims, device, kwargs)
+            models[name] = source.model
+            pre = source.preprocessing
+        if run or normalize is not None:
+            if pre.channels is None:
+                pre = pre.override(channels=in_channels)
+            if shape is not None:
+                pre = pre.override(size=shape * (pre.dims or dims) if len(shape) == 1 else shape)
+            if normalize is None and not run:
+                normalize = "zscore" if shape is not None else "none"
+            pre = pre.override(**parse_normalize(normalize))
+        else:
+            pre = None  # a bare spec without --normalize: the former behaviour (z-score when --size is given)
+        items = _data(data, shape if pre is None else pre.size, pre.channels if pre is not None else in_channels,
+                      limit, split, part, seed, dims, preprocessing=pre)
         opts = parse_options(option)
         result = evaluate(models, items, method, metric, out_dir=out, batch_size=batch_size, target=target, layer=layer,
                           method_options={m: opts for m in method}, steps=steps, baseline=baseline, road=road,

@@ -4,9 +4,9 @@ Every command that feeds a model (``explain``, ``evaluate``, ``prototype``, the 
 demo) goes through :func:`prepare_loaded` with a :class:`Preprocessing` record, and training uses the
 same steps (:mod:`medlens.train.data`): intensities scaled to [0, 1] (``Loaded.display()``: DICOM VOI
 LUT or window, the pixel type's range, else min-max), resized to the model size (bilinear with
-antialiasing in 2D, trilinear in 3D, as :class:`medlens.data.datasets.Resize`), normalised
-(:class:`medlens.data.datasets.Normalise`: per-channel mean/std or a per-image z-score), then the
-channel count matched (greyscale repeated, RGB averaged). The display image is kept apart, at the
+antialiasing in 2D, trilinear in 3D, as :class:`medlens.data.datasets.Resize`), the channel count
+matched (greyscale repeated, RGB averaged), then normalised (:class:`medlens.data.datasets.Normalise`:
+per-channel mean/std or a per-image z-score). The display image is kept apart, at the
 input's own size and in [0, 1], so pictures are never drawn from a z-scored tensor.
 """
 
@@ -116,7 +116,7 @@ class PreparedInput:
 
 
 def model_tensor(display: Tensor, pre: Preprocessing, where: str = "input") -> Tensor:
-    """(C, *S) image in [0, 1] to the model tensor: resize, normalise, match channels (training order)."""
+    """(C, *S) image in [0, 1] to the model tensor: resize, match channels, normalise (training order)."""
     from medlens.data.datasets import Normalise, Resize, _match_channels
 
     x = display.float()
@@ -128,12 +128,12 @@ def model_tensor(display: Tensor, pre: Preprocessing, where: str = "input") -> T
         raise MedlensError("--normalize imagenet needs 3-channel model inputs")
     if pre.size is not None:
         x = Resize(pre.size)({"image": x})["image"]
+    x = _match_channels(x, pre.channels)
     if pre.normalize != "none":
         mean, std = pre.mean_std()
-        if mean is not None and len(mean) not in (1, x.shape[0]) and not (x.shape[0] == 1 and pre.channels == len(mean)):
+        if mean is not None and len(mean) not in (1, x.shape[0]):
             raise MedlensError(f"{where}: normalisation has {len(mean)} channel means for a {x.shape[0]}-channel image")
         x = Normalise(mean, std)({"image": x})["image"]
-    x = _match_channels(x, pre.channels)
     return x.contiguous()
 
 
