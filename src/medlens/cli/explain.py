@@ -208,38 +208,88 @@ def _policy(name: Optional[str]):
 
 @app.command("layers")
 def layers_command(
-    model: str = typer.Argument(..., help="model spec, e.g. torchvision:resnet50"),
+    model: str = typer.Argument(..., help="a run folder of medlens train, or a model spec, e.g. torchvision:resnet50"),
     num_classes: int = typer.Option(2, "--num-classes", "-n"),
     in_channels: int = typer.Option(3, "--in-channels"),
     dims: int = typer.Option(2, "--dims"),
-    size: str = typer.Option("224", "--size", help="input size used to trace shapes"),
+    size: Optional[str] = typer.Option(None, "--size", help="input size used to trace shapes (default: the run's, else 224)"),
+    model_kwargs: list[str] = typer.Option([], "--model-kwargs", help="model constructor argument key=value (YAML value); repeatable"),
     all_layers: bool = typer.Option(False, "--all", help="list every module, not only the candidates"),
 ) -> None:
-    """Summarise a model (layer, type, output shape, parameters) and the candidate target layers."""
+    """Summarise a model with torchinfo (full layer names, type, kernel/stride, output shape,
+    parameters, trainable or frozen, mult-adds) and the candidate target layers."""
     import torch
     from rich.console import Console
     from rich.table import Table
 
     from medlens.core.capture import auto_layer, trace_layers
+    from medlens.models.run_folder import load_model_source
 
-    size_tuple = parse_size(size) or (224,)
-    if len(size_tuple) == 1:
-        size_tuple = size_tuple * dims
+    size_tuple = parse_size(size)
+    kwargs = parse_model_kwargs(model_kwargs)
     try:
-        net = load_model(model, "none", num_classes, in_channels, dims, "cpu")
-        x = torch.zeros(1, in_channels, *size_tuple)
+        source = load_model_source(model, "none", num_classes, in_channels, dims, "cpu", kwargs)
+        pre = source.preprocessing
+        channels = pre.channels or in_channels
+        if size_tuple is None:
+            size_tuple = pre.size or (224,)
+        if len(size_tuple) == 1:
+            size_tuple = size_tuple * (pre.dims or dims)
+        net = source.model
+        x = torch.zeros(1, channels, *size_tuple)
         infos = trace_layers(net, x)
         chosen = auto_layer(net, x)
+        stats = _torchinfo_rows(net, x)
     except (MedlensError, RuntimeError) as error:  # RuntimeError: the model itself failed on the input
         fail(one_line(error))
-    table = Table(title=f"{model}: {sum(p.numel() for p in net.parameters()):,} parameters, input {tuple(x.shape)}")
-    for column in ("layer", "type", "output shape", "parameters", "candidate"):
-        table.add_column(column)
+    total = sum(p.numel() for p in net.parameters())
+    trainable = sum(p.numel() for p in net.parameters() if p.requires_grad)
+    macs = sum(row.get("macs", 0) for name, row in stats.items() if row.get("leaf"))
+    title = (f"{model}: {total:,} parameters ({trainable:,} trainable, {total - trainable:,} frozen), "
+             f"{macs / 1e6:,.1f} M mult-adds, input {tuple(x.shape)}")
+    table = Table(title=title)
+    table.add_column("layer", overflow="fold")
+    for column in ("type", "kernel / stride", "output shape", "parameters", "trainable", "mult-adds", "candidate"):
+        table.add_column(column, no_wrap=True)
+    width = 0
     for info in infos:
         candidate = info.spatial or info.name == chosen
         if not (all_layers or candidate):
             continue
+        row = stats.get(info.name, {})
         mark = "default" if info.name == chosen else ("yes" if candidate else "")
-        table.add_row(info.name, info.kind, str(info.shape), f"{info.params:,}", mark)
-    Console().print(table)
+        params = info.params
+        frozen = row.get("frozen", 0)
+        train_text = "-" if params == 0 else ("all" if frozen == 0 else ("frozen" if frozen == params else f"{params - frozen:,}"))
+        table.add_row(info.name, info.kind, row.get("kernel", ""), str(info.shape), f"{params:,}", train_text,
+                      f"{row['macs']:,}" if row.get("macs") else "", mark)
+        width = max(width, len(info.name))
+    Console(width=width + 170).print(table)  # wide enough that names are never cut (fold if ever)
     typer.echo(f"default layer: {chosen}")
+
+
+def _torchinfo_rows(net, x) -> dict[str, dict[str, Any]]:
+    """Per module path: kernel/stride text, mult-adds, frozen parameter count, leaf flag (torchinfo)."""
+    import torch
+    from torchinfo import summary
+
+    names = {id(m): n for n, m in net.named_modules()}
+    stats = summary(net, input_data=x, verbose=0, col_names=("kernel_size", "output_size", "num_params", "mult_adds"), device="cpu")
+    rows: dict[str, dict[str, Any]] = {}
+    for info in stats.summary_list:
+        name = names.get(id(info.module))
+        if not name:
+            continue
+        module = info.module
+        kernel = getattr(module, "kernel_size", None)
+        stride = getattr(module, "stride", None)
+        text = ""
+        if kernel is not None:
+            text = "x".join(str(k) for k in (kernel if isinstance(kernel, (tuple, list)) else (kernel,)))
+            if stride is not None:
+                text += " / " + "x".join(str(k) for k in (stride if isinstance(stride, (tuple, list)) else (stride,)))
+        own = list(module.parameters(recurse=True))
+        rows[name] = {"kernel": text, "macs": int(info.macs or 0), "leaf": info.is_leaf_layer,
+                      "frozen": sum(p.numel() for p in own if not p.requires_grad)}
+    del torch
+    return rows
