@@ -150,15 +150,37 @@ def fast_regions(heat: Tensor, fraction: float, limit: int = 10) -> list[dict[st
     return regions[:limit]
 
 
+BOX_COLOUR, TRUTH_COLOUR = "#00ff00", "#ff00ff"
+
+
+def annotated_boxes(path: Path, spatial: Sequence[int]) -> list[list[int]]:
+    """YOLO boxes written beside a 2D image (``N.jpg`` + ``N.txt``), as [y0, x0, y1, x1] pixels; [] if none."""
+    txt = path.with_suffix(".txt")
+    if len(spatial) != 2 or not txt.is_file():
+        return []
+    from medlens.data.datasets import read_yolo_boxes
+
+    try:
+        _, boxes = read_yolo_boxes(txt)
+    except (MedlensError, OSError, ValueError):
+        return []
+    h, w = spatial
+    return [[int(y0 * h), int(x0 * w), max(int(y1 * h), int(y0 * h) + 1), max(int(x1 * w), int(x0 * w) + 1)] for x0, y0, x1, y1 in boxes]
+
+
 def draw(display: Tensor, heat: Tensor, cmap: str, alpha: float, boxes: Sequence[Sequence[int]] = (),
-         orientation: str | None = None) -> np.ndarray:
-    """The overlay a person looks at: a 2D image with its map, or three orthogonal slices of
-    a volume through the map's peak."""
+         orientation: str | None = None, truth: Sequence[Sequence[int]] = ()) -> np.ndarray:
+    """The overlay a person looks at: a 2D image with its map (numbered boxes, annotated boxes in
+    magenta), or three orthogonal slices of a volume through the map's peak."""
     from medlens import render
 
     if heat.dim() == 2:
         rgb = render.overlay(display, heat, cmap=cmap, alpha=alpha)
-        return render.draw_boxes(rgb, list(boxes)) if boxes else rgb
+        if truth:
+            rgb = render.draw_boxes(rgb, list(truth), colors=[TRUTH_COLOUR] * len(truth))
+        if boxes:
+            rgb = render.draw_boxes(rgb, list(boxes), colors=[BOX_COLOUR] * len(boxes), labels=[str(n + 1) for n in range(len(boxes))])
+        return rgb
     return render.orthogonal_views(display, heat, cmap=cmap, alpha=alpha, orientation=orientation)
 
 
@@ -183,9 +205,9 @@ def titled_overlay(rgb: np.ndarray, title: str, subtitle: str, cmap: str, flat: 
                 bbox={"facecolor": "black", "alpha": 0.7, "edgecolor": "none"})
     handles = []
     if box_legend:
-        handles.append(Line2D([], [], color="#00ff00", lw=2, label=box_legend))
+        handles.append(Line2D([], [], color=BOX_COLOUR, lw=2, label=box_legend))
     if outline_legend:
-        handles.append(Line2D([], [], color="#ff00ff", lw=2, label=outline_legend))
+        handles.append(Line2D([], [], color=TRUTH_COLOUR, lw=2, label=outline_legend))
     if handles:
         ax.legend(handles=handles, loc="lower center", bbox_to_anchor=(0.5, -0.01), fontsize=7, ncol=len(handles),
                   framealpha=0.75, borderaxespad=0.3)
@@ -441,7 +463,7 @@ def segmentation_panel(display: Tensor, label: Tensor | None, predicted: Tensor,
         ax.set_xticks([])
         ax.set_yticks([])
     fig.legend(handles=[Patch(color=colours[(c - 1) % 10], label=names[c]) for c in range(1, len(names))],
-               loc="lower center", ncol=max(1, len(names) - 1), fontsize=8)
+               loc="outside lower center", ncol=max(1, len(names) - 1), fontsize=8)
     fig.suptitle(title + (f" (axial slice {z})" if image.dim() == 3 else ""), fontsize=9)
     return figure_png(fig, dpi=100)
 
@@ -483,6 +505,9 @@ def _write_one(
     classes = result.targets[i].tolist()
     per_head = maps.shape[0] != len(classes)  # raw attention with head_fusion="none": one map per head
     orientation = item.loaded.meta.get("orientation") if item.loaded.is_3d else None
+    truth = annotated_boxes(item.path, spatial)
+    if truth:
+        record["annotated_boxes"] = truth
     layer_text = ", ".join(result.layers) if result.layers else "input"
     for k in range(maps.shape[0]):
         cls = classes[min(k, len(classes) - 1)]
@@ -494,7 +519,7 @@ def _write_one(
         boxes = [r["box"] for r in regions]
         png = f"{stem}_c{cls}" + (f"_head{k}" if per_head else "") + ".png"
         target_name = name_of(cls) + (f", head {k}" if per_head else "")
-        rgb = draw(item.display.cpu(), heat.cpu(), cmap, alpha, boxes[:3] if heat.dim() == 2 else (), orientation)
+        rgb = draw(item.display.cpu(), heat.cpu(), cmap, alpha, boxes[:3] if heat.dim() == 2 else (), orientation, truth)
         with atomic_path(out / png) as tmp:  # the overlay at the input's own size (pixels only)
             tmp.write_bytes(png_bytes(rgb))
         figure = None
@@ -502,9 +527,13 @@ def _write_one(
             prob = "" if segmentation else f", p = {float(probabilities[cls]):.3f}"
             what = (f"{target_name}{prob}; predicted {name_of(predicted)}"
                     + (f", p = {float(probabilities[predicted]):.3f}" if not segmentation else ""))
-            legend = f"top {box_fraction:.0%} regions (3 strongest)" if boxes and heat.dim() == 2 else None
+            where = (extra or {}).get("region_per_class", {}).get(int(cls)) or (extra or {}).get("region")
+            if segmentation:
+                what += f"; region: {where or 'whole image'}"
+            legend = f"1-3: strongest regions (top {box_fraction:.0%})" if boxes and heat.dim() == 2 else None
             figure = png[:-4] + "_figure.png"
-            data = titled_overlay(rgb, f"{item.path.name} | {method} | {layer_text}", what, cmap, flat, legend)
+            data = titled_overlay(rgb, f"{item.path.name} | {method} | {layer_text}", what, cmap, flat, legend,
+                                  "annotated box" if truth else None)
             with atomic_path(out / figure) as tmp:
                 tmp.write_bytes(data)
         record["targets"].append({
