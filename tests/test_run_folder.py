@@ -90,6 +90,7 @@ def test_explain_and_evaluate_a_classifier_run_folder_match_its_validation_predi
         by_source[record["source"]] = record
     assert len(by_source) == len(files)
     for row in validation:
+        assert float(row["confidence"]) == pytest.approx(float(row[f"p_{row['predicted_class']}"]))
         record = by_source[row["path"]]
         assert record["predicted_name"] == row["predicted_class"], (row, record["probabilities"])
         assert abs(sum(record["probabilities"].values()) - 1) < 1e-4
@@ -109,14 +110,16 @@ def test_explain_and_evaluate_a_classifier_run_folder_match_its_validation_predi
 
 
 def test_segmentation_run_folder_explained_with_predicted_regions(hippo_run: Path, tmp_path: Path) -> None:
-    volume = Path(_rows(hippo_run / "validation_samples.csv")[0]["path"])
+    samples = _rows(hippo_run / "validation_samples.csv")
+    assert {"dice_Anterior", "dice_Posterior"} <= set(samples[0])  # per-case, per-class Dice
+    assert all(r["dice_Anterior"] == "" or 0 <= float(r["dice_Anterior"]) <= 1 for r in samples)
+    volume = Path(samples[0]["path"])
     out = tmp_path / "out"
     result = _run("explain", hippo_run, volume, "--target", "all", "--region", "pred", "--out", out, "--device", "cpu")
     assert result.exit_code == 0, result.output
     record = json.loads(next(out.glob("*_gradcam.json")).read_text())
     source = nib.load(str(volume))
-    assert record["task"] == "segmentation" and [t["name"] for t in record["targets"]] == ["background", "Anterior", "Posterior"] \
-        or len(record["targets"]) == 3
+    assert record["task"] == "segmentation" and [t["name"] for t in record["targets"]] == ["background", "Anterior", "Posterior"]
     for target in record["targets"]:
         written = nib.load(str(out / target["nifti"]))
         assert written.shape[:3] == source.shape[:3]
@@ -124,7 +127,7 @@ def test_segmentation_run_folder_explained_with_predicted_regions(hippo_run: Pat
     summary = record["prediction"]
     assert sum(summary["voxels"].values()) == int(np.prod(source.shape[:3]))
     assert "dice" in summary and summary["label"].endswith(volume.name)  # labelsTr found beside imagesTr
-    assert record["region"] == "pred" and set(record["region_per_class"]) == {0, 1, 2} | set() or len(record["region_per_class"]) == 3
+    assert record["region"] == "pred" and set(record["region_per_class"]) == {"0", "1", "2"}  # JSON keys
     assert (out / record["segmentation_png"]).is_file() and (out / record["prediction_nifti"]).is_file()
     assert nib.load(str(out / record["prediction_nifti"])).shape[:3] == source.shape[:3]
 
@@ -209,3 +212,29 @@ def test_evaluate_limit_is_stratified_seeded_and_positive() -> None:
         stratified_subset(items, 0, seed=0)
     result = CliRunner().invoke(app, ["evaluate", "medlens.models:phantom_net", "phantoms:4", "--limit", "0"])
     assert result.exit_code != 0 and "--limit 0" in result.output
+
+
+def test_explanation_panels_draw_the_display_image_not_the_clipped_model_input() -> None:
+    from medlens import explain
+    from medlens.models import build_model
+    from medlens.render.panels import explanation_panels, figure_rgb
+
+    torch.manual_seed(0)
+    display = torch.linspace(0, 1, 64 * 64).view(1, 1, 64, 64)  # a smooth ramp: 4096 grey levels
+    x = (display - display.mean()) / display.std()  # z-scored model input
+    model = build_model("medlens.models:phantom_net", num_classes=2, in_channels=1).eval()
+    exp = explain(model, x, "gradcam")
+    for kwargs in ({"display": display}, {}):  # given, and the fallback that rescales instead of clipping
+        fig = explanation_panels(x, exp, 0, **kwargs)
+        image = fig.axes[0].get_images()[0].get_array()
+        grey = np.asarray(image, dtype=float)
+        grey = grey[..., 0] if grey.ndim == 3 else grey
+        assert len(np.unique(np.round(grey, 3))) > 50, kwargs  # not near-binary
+        figure_rgb(fig)
+
+
+def test_layers_lists_full_names_kernels_trainable_and_mult_adds() -> None:
+    result = CliRunner().invoke(app, ["layers", "torchvision:resnet18", "--size", "32", "--in-channels", "1"])
+    assert result.exit_code == 0, result.output
+    assert "layer2.0.downsample.0" in result.output and "3x3 / 1x1" in result.output
+    assert "mult-adds" in result.output and "trainable" in result.output and "frozen" in result.output
