@@ -138,6 +138,7 @@ def explain_command(
     model_kwargs: list[str] = typer.Option([], "--model-kwargs", help="model constructor argument key=value (YAML value); repeatable"),
     region: Optional[str] = typer.Option(None, "--region", help="segmentation: pred (each class's predicted mask), a mask file, or a box x0,y0,x1,y1"),
     boxes: str = typer.Option("components", "--boxes", help="components (boxes around the strongest regions) or none"),
+    figures: bool = typer.Option(True, "--figures/--no-figures", help="also write titled pictures (class, probability, colourbar, legend); off is faster"),
     batch_size: int = typer.Option(8, "--batch-size", "-b"),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:1"),
     cmap: str = typer.Option("jet", "--cmap", help="matplotlib colormap"),
@@ -180,7 +181,7 @@ def explain_command(
             layer=(layer if len(layer) > 1 else (layer[0] if layer else None)),
             batch_size=batch_size, class_names=pre.class_names, cmap=cmap, alpha=alpha,
             box_fraction=box_fraction, overwrite=overwrite, policy=header_policy, method_options=options,
-            preprocessing=pre, region=region_spec, boxes=boxes,
+            preprocessing=pre, region=region_spec, boxes=boxes, titles=figures,
         )
     except (MedlensError, RuntimeError) as error:  # RuntimeError: the model itself failed on the input
         fail(one_line(error))
