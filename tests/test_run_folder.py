@@ -238,3 +238,18 @@ def test_layers_lists_full_names_kernels_trainable_and_mult_adds() -> None:
     assert result.exit_code == 0, result.output
     assert "layer2.0.downsample.0" in result.output and "3x3 / 1x1" in result.output
     assert "mult-adds" in result.output and "trainable" in result.output and "frozen" in result.output
+
+
+def test_factory_specs_import_from_the_working_folder(tmp_path: Path, monkeypatch) -> None:
+    import sys
+
+    from medlens.models import build_model
+
+    (tmp_path / "wf_local_models.py").write_text(
+        "import torch\n\ndef tiny(num_classes=2, in_channels=1, width=4):\n"
+        "    return torch.nn.Sequential(torch.nn.Conv2d(in_channels, width, 3), torch.nn.AdaptiveAvgPool2d(1),"
+        " torch.nn.Flatten(), torch.nn.Linear(width, num_classes))\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", ".", str(tmp_path))])
+    model = build_model("wf_local_models:tiny", num_classes=3, in_channels=1, width=6)
+    assert model[0].out_channels == 6 and model[-1].out_features == 3
