@@ -271,7 +271,6 @@ def layers_command(
 
 def _torchinfo_rows(net, x) -> dict[str, dict[str, Any]]:
     """Per module path: kernel/stride text, mult-adds, frozen parameter count, leaf flag (torchinfo)."""
-    import torch
     from torchinfo import summary
 
     names = {id(m): n for n, m in net.named_modules()}
@@ -292,5 +291,4 @@ def _torchinfo_rows(net, x) -> dict[str, dict[str, Any]]:
         own = list(module.parameters(recurse=True))
         rows[name] = {"kernel": text, "macs": int(info.macs or 0), "leaf": info.is_leaf_layer,
                       "frozen": sum(p.numel() for p in own if not p.requires_grad)}
-    del torch
     return rows
