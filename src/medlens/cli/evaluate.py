@@ -9,7 +9,7 @@ from typing import Optional
 import typer
 
 from medlens.cli.app import app
-from medlens.cli.explain import check_model_args, check_model_fits, fail, load_model, parse_options, parse_size
+from medlens.cli.explain import load_source, check_model_args, check_model_fits, fail, load_model, parse_options, parse_size
 from medlens.errors import MedlensError, one_line
 
 
@@ -26,8 +26,29 @@ def _phantom_fields(source: str, size, dims: int) -> tuple[int, int, int]:
     return n, px, dims
 
 
+def stratified_subset(items: list, limit: int, seed: int) -> list:
+    """At most ``limit`` items, dealt round-robin over the classes (labels) in a seeded shuffle, index order kept."""
+    import random
+
+    if limit <= 0:
+        raise MedlensError(f"--limit {limit}: give a positive number of images (or leave --limit out for all)")
+    if limit >= len(items):
+        return list(items)
+    by_label: dict = {}
+    for position, item in enumerate(items):
+        by_label.setdefault(getattr(item, "label", None), []).append(position)
+    rng = random.Random(seed)
+    pools = [rng.sample(v, len(v)) for _, v in sorted(by_label.items(), key=lambda kv: str(kv[0]))]
+    chosen: list[int] = []
+    while len(chosen) < limit:
+        for pool in pools:
+            if pool and len(chosen) < limit:
+                chosen.append(pool.pop())
+    return [items[i] for i in sorted(chosen)]
+
+
 def _data(source: str, size, channels: int, limit: Optional[int], split: Optional[Path], part: str, seed: int, dims: int = 2,
-          bad: Optional[list] = None):
+          bad: Optional[list] = None, preprocessing=None):
     """Items for the runner: ``phantoms[:N[:SIZE[:DIMS]]]`` or a dataset folder / Decathlon / CSV."""
     from medlens.workflows.evaluate import folder_items, phantom_items
 
@@ -47,13 +68,17 @@ def _data(source: str, size, channels: int, limit: Optional[int], split: Optiona
             if part not in parts:
                 raise MedlensError(f"{split}: no part {part!r}; it has {', '.join(parts)}")
             subset = parts[part]
-        items = folder_items(source, size=size, channels=channels, items=subset, bad=bad)
-    return itertools.islice(items, limit) if limit is not None else items
+        if limit is not None:  # stratified by class and seeded, not the first N files (one class)
+            from medlens.data.datasets import index_source
+
+            subset = stratified_subset(subset if subset is not None else index_source(source)[0], limit, seed)
+        return folder_items(source, size=size, channels=channels, items=subset, bad=bad, preprocessing=preprocessing)
+    return itertools.islice(items, limit) if limit else items
 
 
 @app.command("evaluate")
 def evaluate_command(
-    model: str = typer.Argument(..., help="model spec, e.g. torchvision:resnet18"),
+    model: str = typer.Argument(..., help="a run folder of medlens train (runs/NAME: its network, weights, preprocessing), or a model spec, e.g. torchvision:resnet18"),
     data: str = typer.Argument(..., help="dataset folder (class folders + YOLO boxes, images+masks, Decathlon), a CSV, or phantoms[:N[:SIZE[:DIMS]]]"),
     weights: list[str] = typer.Option([], "--weights", "-w", help="weights file; repeat to compare several models (none = random init)"),
     method: list[str] = typer.Option(["gradcam"], "--method", "-m", help="method name; repeat for several"),
@@ -63,13 +88,15 @@ def evaluate_command(
     num_classes: int = typer.Option(2, "--num-classes", "-n"),
     in_channels: int = typer.Option(3, "--in-channels"),
     dims: int = typer.Option(2, "--dims", help="2 for images, 3 for volumes"),
-    size: Optional[str] = typer.Option(None, "--size", help="resize inputs to this, e.g. 224 or 128,128"),
+    size: Optional[str] = typer.Option(None, "--size", help="resize inputs to this, e.g. 224 or 128,128 (default: the run's)"),
+    normalize: Optional[str] = typer.Option(None, "--normalize", help="none, imagenet, zscore or mean=a,b,c/std=d,e,f (default: the run's; for a spec, zscore when --size is given)"),
+    model_kwargs: list[str] = typer.Option([], "--model-kwargs", help="model constructor argument key=value (YAML value); repeatable"),
     layer: Optional[str] = typer.Option(None, "--layer", "-l", help="layer for layer methods; default automatic"),
     target: str = typer.Option("label", "--target", "-t", help="label (the annotated class) or pred"),
     option: list[str] = typer.Option([], "--option", help="method option key=value (all methods)"),
     split: Optional[Path] = typer.Option(None, "--split", help="split CSV written by medlens train / write_split"),
     part: str = typer.Option("test", "--part", help="which part of --split to evaluate"),
-    limit: Optional[int] = typer.Option(None, "--limit", help="evaluate at most this many images"),
+    limit: Optional[int] = typer.Option(None, "--limit", help="evaluate at most this many images, drawn stratified by class with --seed"),
     steps: int = typer.Option(20, "--steps", help="deletion/insertion steps"),
     baseline: str = typer.Option("zero", "--baseline", help="deletion baseline: zero, min, mean, blur"),
     road: bool = typer.Option(True, "--road/--no-road", help="run ROAD (noisy linear imputation)"),
@@ -86,10 +113,15 @@ def evaluate_command(
     from medlens.workflows.evaluate import evaluate
     from medlens.workflows.explain import prepare_out_dir
 
+    from medlens.cli.explain import parse_model_kwargs
+    from medlens.data.prepare import parse_normalize
+    from medlens.models.run_folder import is_run_folder
+
     shape = parse_size(size)
     check_model_args(num_classes, in_channels, dims, shape, batch_size)
+    kwargs = parse_model_kwargs(model_kwargs)
     if limit is not None and limit < 1:
-        fail(f"--limit {limit}: must be at least 1 (leave it out to evaluate every image)")
+        fail(f"--limit {limit}: give a positive number of images (or leave --limit out for all)")
     if target not in ("label", "pred"):
         fail(f"--target {target!r}: use label or pred")
     if steps < 1:
@@ -108,12 +140,28 @@ def evaluate_command(
         if out.is_dir() and any(out.iterdir()) and not overwrite:
             raise MedlensError(f"--out {out} is not empty; pass --overwrite to replace an evaluation there, or choose another folder")
         models = {}
-        for w in weights or ["none"]:
-            name = "random" if w.lower() in ("none", "-", "random") else Path(w).stem
-            models[name] = load_model(model, w, num_classes, in_channels, dims, device)
-            check_model_fits(models[name], dims, in_channels)
+        pre = None
+        run = is_run_folder(model)
+        for w in weights or ([None] if run else ["none"]):
+            name = Path(model).name if w is None else ("random" if w.lower() in ("none", "-", "random") else Path(w).stem)
+            source = load_source(model, w, num_classes, in_channels, dims, device, kwargs)
+            models[name] = source.model
+            if not run:
+                check_model_fits(models[name], dims, in_channels)
+            pre = source.preprocessing
+        if run or normalize is not None:
+            if pre.channels is None:
+                pre = pre.override(channels=in_channels)
+            if shape is not None:
+                pre = pre.override(size=shape * (pre.dims or dims) if len(shape) == 1 else shape)
+            if normalize is None and not run:
+                normalize = "zscore" if shape is not None else "none"
+            pre = pre.override(**parse_normalize(normalize))
+        else:
+            pre = None  # a bare spec without --normalize: the former behaviour (z-score when --size is given)
         prepare_out_dir(out, overwrite, what="an evaluation")
-        items = _data(data, shape, in_channels, limit, split, part, seed, dims, bad=bad)
+        items = _data(data, shape if pre is None else pre.size, pre.channels if pre is not None else in_channels,
+                      limit, split, part, seed, dims, bad=bad, preprocessing=pre)
         result = evaluate(models, items, method, metric, out_dir=out, batch_size=batch_size, target=target, layer=layer,
                           method_options={m: opts for m in method}, steps=steps, baseline=baseline, road=road,
                           n_boot=n_boot, seed=seed)

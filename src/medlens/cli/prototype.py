@@ -11,25 +11,43 @@ from medlens.cli.app import app
 from medlens.errors import MedlensError, one_line
 
 
-def _read_stack(paths: list[Path], channels: int, size: tuple[int, ...]):
-    """Images/volumes at ``paths`` (files or folders), as (N, channels, *size) float tensors."""
+def _files(paths: list[Path]) -> list[Path]:
+    from medlens.io.loaded import is_readable
+
+    return [f for p in paths for f in (sorted(x for x in p.rglob("*") if is_readable(x)) if p.is_dir() else [p])]
+
+
+def _read_stack(paths: list[Path], pre) -> "torch.Tensor":
+    """Images/volumes at ``paths`` (files or folders) prepared as for the model: (N, C, *size) in model units
+    (display range [0, 1], resized, channels matched, then the model's normalisation; see medlens.data.prepare)."""
     import torch
 
-    from medlens.core.resample import upsample
+    from medlens.data.prepare import prepare_loaded
     from medlens.io.loading import read_image
 
-    files = [f for p in paths for f in (sorted(x for x in p.rglob("*") if x.is_file() and not x.name.endswith(".txt")) if p.is_dir() else [p])]
+    files = _files(paths)
     if not files:
         raise MedlensError(f"no images found in {', '.join(str(p) for p in paths)}")
     images = []
     for file in files:
-        image = read_image(file).image  # (C, *S)
-        if image.dim() - 1 != len(size):
-            raise MedlensError(f"{file}: has {image.dim() - 1} spatial dims but --size has {len(size)}")
-        if image.shape[0] != channels:
-            image = image.mean(0, keepdim=True).expand(channels, *image.shape[1:])
-        images.append(upsample(image[None].float(), size)[0])
+        loaded = read_image(file)
+        if loaded.image.dim() - 1 != len(pre.size):
+            raise MedlensError(f"{file}: has {loaded.image.dim() - 1} spatial dims but --size has {len(pre.size)}")
+        images.append(prepare_loaded(loaded, pre, file).tensor)
     return torch.stack(images)
+
+
+def _class_means(root: Path, classes: list[int], names: Optional[list[str]], pre) -> "torch.Tensor":
+    """One mean image per class from ``root/<class name>/`` (or ``root/<class index>/``), in model units."""
+    import torch
+
+    means = []
+    for cls in classes:
+        folder = next((root / n for n in ([names[cls]] if names else []) + [str(cls)] if (root / n).is_dir()), None)
+        if folder is None:
+            raise MedlensError(f"--class-means {root}: no folder for class {names[cls] if names else cls}")
+        means.append(_read_stack([folder], pre).mean(0))
+    return torch.stack(means)
 
 
 def _save(images, out: Path, overwrite: bool) -> list[Path]:
@@ -75,15 +93,18 @@ def _check_writable(out: Path) -> None:
 
 @app.command("prototype")
 def prototype_command(
-    model: str = typer.Argument(..., help="model spec: torchvision:resnet18, timm:..., pkg.module:factory"),
-    weights: str = typer.Argument(..., help=".pth/.pt/.safetensors weights (loaded safely), or 'none'"),
-    classes: list[int] = typer.Option(..., "--class", "-c", help="class to build a prototype of; repeat for several"),
-    num_classes: int = typer.Option(2, "--num-classes", "-n", help="classes of the model"),
-    in_channels: int = typer.Option(1, "--in-channels", help="input channels of the model"),
-    size: str = typer.Option("64,64", "--size", help="input size, e.g. 64 (every axis), 64,64 or 32,32,32"),
+    model: str = typer.Argument(..., help="a run folder of medlens train (runs/NAME), or a model spec: torchvision:resnet18, timm:..., pkg.module:factory"),
+    weights: Optional[str] = typer.Argument(None, help="for a spec: .pth/.pt/.safetensors weights (loaded safely), or 'none'; a run folder uses its best.safetensors"),
+    classes: list[str] = typer.Option(..., "--class", "-c", help="class (number or name) to build a prototype of; repeat for several"),
+    num_classes: int = typer.Option(2, "--num-classes", "-n", help="classes of the model (a run folder knows its own)"),
+    in_channels: int = typer.Option(1, "--in-channels", help="input channels of the model (a run folder knows its own)"),
+    size: Optional[str] = typer.Option(None, "--size", help="input size, e.g. 64 (every axis), 64,64 or 32,32,32 (default: the run's, else 64,64)"),
     dims: Optional[int] = typer.Option(None, "--dims", help="2 for images, 3 for volumes (default: from --size, 2 for one number)"),
-    init: Optional[Path] = typer.Option(None, "--init", help="start from this image instead of zeros"),
+    normalize: Optional[str] = typer.Option(None, "--normalize", help="none, imagenet, zscore or mean=a,b,c/std=d,e,f (default: the run's, else none)"),
+    model_kwargs: list[str] = typer.Option([], "--model-kwargs", help="model constructor argument key=value (YAML value); repeatable"),
+    init: Optional[Path] = typer.Option(None, "--init", help="start from this image (prepared like the model's inputs) instead of zeros"),
     mean_images: list[Path] = typer.Option([], "--mean-images", help="images (or folders) of the class: their mean is the pull target"),
+    class_means: Optional[Path] = typer.Option(None, "--class-means", help="a dataset folder with one subfolder per class: each class is pulled to its own mean image"),
     lam: float = typer.Option(0.1, "--lambda", help="weight of the MSE pull toward the class mean"),
     steps: int = typer.Option(200, "--steps"),
     lr: float = typer.Option(0.05, "--lr"),
@@ -94,12 +115,19 @@ def prototype_command(
     device: str = typer.Option("auto", "--device"),
 ) -> None:
     """Optimise an input that the model assigns to each --class (cross-entropy + lambda * MSE to
-    the class mean, Adam), from zeros or from --init, and save it."""
+    the class mean, Adam), from zeros or from --init, and save it. The optimisation runs in the
+    model's own units: --init and the mean images are prepared exactly like the model's inputs."""
     from rich.progress import Progress
 
-    from medlens.cli.explain import fail, load_model, parse_size  # shared with `medlens explain`
+    from medlens.cli.explain import fail, parse_model_kwargs, parse_size  # shared with `medlens explain`
+    from medlens.data.prepare import parse_normalize
     from medlens.methods.prototype import class_prototype
+    from medlens.models.run_folder import is_run_folder, is_weights_file, load_model_source
 
+    if is_run_folder(model) and weights is not None and not is_weights_file(weights):
+        fail(f"{weights}: not a weights file (a run folder uses its best.safetensors)")
+    if weights is None and not is_run_folder(model):
+        fail(f"{model} is a model spec: give its weights (or 'none'), or pass a run folder")
     shape = parse_size(size)
     if num_classes < 1:
         fail(f"--num-classes {num_classes}: a model has at least 1 class")
@@ -113,18 +141,37 @@ def prototype_command(
     _check_writable(out)
     if dims is not None and dims not in (2, 3):
         fail(f"--dims {dims}: use 2 for images or 3 for volumes")
-    if len(shape) == 1:
-        shape = shape * (dims or 2)
-    elif dims is not None and len(shape) != dims:
+    if shape is not None and len(shape) > 1 and dims is not None and len(shape) != dims:
         fail(f"--size {size} has {len(shape)} axes but --dims is {dims}")
+    kwargs = parse_model_kwargs(model_kwargs)
     try:
-        net = load_model(model, weights, num_classes, in_channels, len(shape), device)
+        run = is_run_folder(model)
+        model_dims = dims or (len(shape) if shape is not None and len(shape) > 1 else 2)
+        source = load_model_source(model, weights, num_classes, in_channels, model_dims, device, kwargs)
+        pre = source.preprocessing
+        if shape is None:
+            shape = pre.size if run and pre.size else (64,)
+        if len(shape) == 1:
+            shape = shape * (dims or pre.dims or 2)
+        pre = pre.override(size=tuple(shape), channels=pre.channels or in_channels, **parse_normalize(normalize))
+        names = pre.class_names
+        chosen = []
+        for c in classes:
+            if c.lstrip("-").isdigit():
+                chosen.append(int(c))
+            elif names and c in names:
+                chosen.append(names.index(c))
+            else:
+                raise MedlensError(f"--class {c!r} is not a class number" + (f" or one of {', '.join(names)}" if names else ""))
+        net = source.model
         dev = next(net.parameters()).device
-        start = _read_stack([init], in_channels, shape)[0].to(dev) if init is not None else None
-        mean = _read_stack(mean_images, in_channels, shape).mean(0).to(dev) if mean_images else None
+        start = _read_stack([init], pre)[0].to(dev) if init is not None else None
+        mean = _read_stack(mean_images, pre).mean(0).to(dev) if mean_images else None
+        if class_means is not None:
+            mean = _class_means(class_means, chosen, names, pre).to(dev)
         with Progress(transient=True) as progress:
-            progress.add_task(f"optimising {len(classes)} prototype(s), {steps} steps", total=None)
-            result = class_prototype(net, classes, shape=(in_channels, *shape), init=start, class_mean=mean, lam=lam,
+            progress.add_task(f"optimising {len(chosen)} prototype(s), {steps} steps", total=None)
+            result = class_prototype(net, chosen, shape=(pre.channels, *shape), init=start, class_mean=mean, lam=lam,
                                      steps=steps, lr=lr, tv=tv, jitter=jitter, seed=seed)
         written = _save(result.images, out, overwrite=True)
     except (MedlensError, RuntimeError) as err:  # RuntimeError: the model itself failed on the input
@@ -132,6 +179,7 @@ def prototype_command(
     except OSError as err:
         fail(f"cannot write {err.filename or out} ({err.strerror or err})")
     for cls, prob in zip(result.targets.tolist(), result.probabilities.tolist()):
-        typer.echo(f"class {cls}: model probability {prob:.3f}")
+        label = f" ({names[cls]})" if names and 0 <= cls < len(names) else ""
+        typer.echo(f"class {cls}{label}: model probability {prob:.3f}")
     for path in written:
         typer.echo(f"wrote {path}")

@@ -176,9 +176,24 @@ def _monai(name: str, num_classes: int, in_channels: int, spatial_dims: int, kwa
         raise MedlensError(f"monai:{name}: {first_line(err)}") from None
 
 
+def _import_here(module_name: str):
+    """Import ``module_name``, also from the current working folder (``pkg.module:factory`` of a project)."""
+    import sys
+
+    try:
+        return importlib.import_module(module_name)
+    except ModuleNotFoundError as err:
+        here = str(Path.cwd())
+        if err.name is None or not module_name.startswith(err.name) or here in sys.path:
+            raise
+        sys.path.append(here)
+        importlib.invalidate_caches()
+        return importlib.import_module(module_name)
+
+
 def _factory(module_name: str, attr: str, num_classes: int, in_channels: int, spatial_dims: int, kwargs: dict[str, Any]) -> nn.Module:
     try:
-        module = importlib.import_module(module_name)
+        module = _import_here(module_name)
     except ImportError as err:
         raise MedlensError(f"model spec {module_name}:{attr}: cannot import {module_name!r} ({err})") from None
     factory = getattr(module, attr, None)

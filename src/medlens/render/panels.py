@@ -166,17 +166,41 @@ def explanation_panels(
     cmap: str = "jet",
     alpha: float = 0.5,
     title: str | None = None,
+    display: Tensor | None = None,
 ) -> Figure:
     """:func:`class_panels` for image ``index`` of a :class:`medlens.Explanation` of input ``x``.
 
-    For a volume, the panels show the axial slice through the peak of the first map (named in
-    the title); use :mod:`medlens.render.views3d` for the full orthogonal views.
+    ``display``: the picture to draw on, (C, *S) or (B, C, *S) in [0, 1] (e.g. ``Loaded.display()``
+    or :func:`medlens.data.prepare.prepare_loaded`'s ``display``). Without it, a model input outside
+    [0, 1] (z-scored, ImageNet-normalised) is min-max rescaled for drawing, never clipped.
+
+    For a volume, the panels show the axial slice through the peak of the explained class's map
+    (the predicted class when explained, else the first foreground target; named in the title); use
+    :mod:`medlens.render.views3d` for the full orthogonal views.
     """
-    image, maps = x[index].detach(), explanation.maps[index]
+    maps = explanation.maps[index]
+    if display is not None:
+        image = (display[index] if display.dim() == x.dim() else display).detach().float()
+    else:
+        image = x[index].detach().float()
+        low, high = float(image.min()), float(image.max())
+        if low < 0 or high > 1:  # model units, not an image: rescale instead of clipping to near-binary
+            image = (image - low) / max(high - low, 1e-12)
+    if tuple(image.shape[1:]) != tuple(maps.shape[1:]):
+        from medlens.core.engine import upsample
+
+        maps = upsample(maps[None], image.shape[1:])[0]
     if mask is not None and mask.dim() == image.dim():  # (1, *S) -> (*S)
         mask = mask[0]
     if image.dim() == 4:
-        depth = int(maps[0].flatten().argmax()) // (maps.shape[-1] * maps.shape[-2])
+        targets = explanation.targets[index].tolist()
+        predicted = int(explanation.predictions[index])
+        if explanation.task == "segmentation":
+            foreground = [k for k, t in enumerate(targets) if t != 0]
+            k = foreground[0] if foreground else 0
+        else:
+            k = targets.index(predicted) if predicted in targets else 0
+        depth = int(maps[min(k, maps.shape[0] - 1)].flatten().argmax()) // (maps.shape[-1] * maps.shape[-2])
         image, maps = image[:, depth], maps[:, depth]
         mask = mask[depth] if mask is not None else None
         title = (title + " · " if title else "") + f"axial slice {depth} (through the peak)"

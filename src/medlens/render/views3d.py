@@ -5,6 +5,12 @@ Axis names follow the tensor's (D, H, W) order: the *axial* slice fixes D (shows
 matches the patient's anatomy depends on how the volume was loaded; the slice indices are always
 printed so a reader can find them in a viewer.
 
+With ``orientation="RAS"`` (what :func:`medlens.io.read_nifti` returns: tensor axes (X, Y, Z) pointing
+to the patient's Right, Anterior and Superior) the planes are named from the anatomy instead: axial
+is normal to S (fixes Z), coronal normal to A (fixes Y), sagittal normal to R (fixes X). They are drawn
+the radiological way, anterior / superior up, the patient's right on the viewer's left (anterior on the
+left of the sagittal), with orientation letters on the edges.
+
 The ``*_views`` / ``slice_strip`` functions return uint8 RGB arrays (fast, for per-image files);
 the ``*_figure`` functions return titled matplotlib figures with a colourbar (for reports).
 """
@@ -55,6 +61,47 @@ def _slices(volume: Tensor, heat: Tensor, point: Sequence[int]) -> list[tuple[Te
         (volume[:, :, y], heat[:, y], (z, x)),
         (volume[:, :, :, x], heat[:, :, x], (z, y)),
     ]
+
+
+RAS_LETTERS = (("A", "P", "R", "L"), ("S", "I", "R", "L"), ("S", "I", "A", "P"))  # top, bottom, left, right
+
+
+def _ras_slices(volume: Tensor, heat: Tensor, point: Sequence[int]) -> list[tuple[Tensor, Tensor, tuple[int, int]]]:
+    """Axial, coronal, sagittal slices of an (C, X, Y, Z) RAS volume through (x, y, z), radiological display."""
+    x, y, z = point
+    nx, ny, nz = heat.shape
+
+    def shown(image: Tensor) -> Tensor:  # (..., a, b) -> rows b reversed, columns a reversed
+        return image.transpose(-1, -2).flip(-1, -2)
+
+    return [
+        (shown(volume[:, :, :, z]), shown(heat[:, :, z]), (ny - 1 - y, nx - 1 - x)),
+        (shown(volume[:, :, y, :]), shown(heat[:, y, :]), (nz - 1 - z, nx - 1 - x)),
+        (shown(volume[:, x]), shown(heat[x]), (nz - 1 - z, ny - 1 - y)),
+    ]
+
+
+def _plane_slices(volume: Tensor, heat: Tensor, point: Sequence[int], orientation: str | None):
+    if orientation is None:
+        return _slices(volume, heat, point)
+    if str(orientation).upper() != "RAS":
+        raise MedlensError(f"orientation {orientation!r}: only RAS volumes (or None, tensor order) can be named")
+    return _ras_slices(volume, heat, point)
+
+
+def _letters(rgb: np.ndarray, boxes: Sequence[tuple[int, int]], letters: Sequence[Sequence[str]]) -> np.ndarray:
+    """Write orientation letters at the middle of each panel's edges (``boxes``: (left, width) per panel)."""
+    from PIL import Image, ImageDraw
+
+    image = Image.fromarray(rgb)
+    draw = ImageDraw.Draw(image)
+    h = rgb.shape[0]
+    for (left, width), (top, bottom, lft, rgt) in zip(boxes, letters):
+        for text, (px, py) in ((top, (left + width // 2 - 3, 2)), (bottom, (left + width // 2 - 3, h - 13)),
+                               (lft, (left + 3, h // 2 - 6)), (rgt, (left + width - 10, h // 2 - 6))):
+            draw.text((px + 1, py + 1), text, fill=(0, 0, 0))
+            draw.text((px, py), text, fill=(255, 255, 0))
+    return np.asarray(image)
 
 
 def _crosshair(rgb: Tensor, row: int, col: int, colour: Tensor, gap: int) -> Tensor:
@@ -109,6 +156,7 @@ def orthogonal_views(
     crosshair: str = "#ffffff",
     gap: int = 2,
     min_height: int = 192,
+    orientation: str | None = None,
 ) -> np.ndarray:
     """Axial | coronal | sagittal overlays through ``point`` (default: the map's peak), with a crosshair.
 
@@ -119,6 +167,8 @@ def orthogonal_views(
         mask: optional (D, H, W) ground truth, outlined in magenta.
         min_height: small volumes are enlarged (nearest neighbour, integer factor f) to at least
             this height so a person can read them; 1 keeps the native size.
+        orientation: ``"RAS"`` for (C, X, Y, Z) volumes in RAS: planes named from the anatomy,
+            radiological display and orientation letters (see the module notes); None: tensor order.
 
     Returns:
         (f * max(H, D), f * (W + W + H + 2 * gap), 3) uint8 array.
@@ -128,12 +178,20 @@ def orthogonal_views(
     if len(point) != 3 or any(not 0 <= p < s for p, s in zip(point, heat.shape)):
         raise MedlensError(f"point {point} is not inside the volume of size {tuple(heat.shape)}")
     colour = _colour(crosshair, heat.device)
-    masks = [m for _, m, _ in _slices(mask[None].float(), mask.float(), point)] if mask is not None else [None] * 3
+    masks = [m for _, m, _ in _plane_slices(mask[None].float(), mask.float(), point, orientation)] if mask is not None else [None] * 3
     panels = []
-    for (image, slice_heat, (row, col)), slice_mask in zip(_slices(volume, heat, point), masks):
+    for (image, slice_heat, (row, col)), slice_mask in zip(_plane_slices(volume, heat, point, orientation), masks):
         rgb = _with_outline(overlay_tensor(image, slice_heat, cmap, alpha, alpha_by_heat), slice_mask)
         panels.append(_crosshair(rgb, row, col, colour, gap=max(2, min(rgb.shape[:2]) // 20)))
-    return to_uint8(_enlarge(_hstack(panels, gap), min_height))
+    stacked = _enlarge(_hstack(panels, gap), min_height)
+    if orientation is None:
+        return to_uint8(stacked)
+    factor = stacked.shape[0] // max(p.shape[0] for p in panels)
+    lefts, left = [], 0
+    for p in panels:
+        lefts.append((left * factor, p.shape[1] * factor))
+        left += p.shape[1] + gap
+    return _letters(to_uint8(stacked), lefts, RAS_LETTERS)
 
 
 def _strip_indices(length: int, n: int) -> list[int]:
@@ -177,6 +235,7 @@ def orthogonal_figure(
     title: str | None = None,
     cmap: str = "jet",
     alpha: float = 0.5,
+    orientation: str | None = None,
 ) -> Figure:
     """Titled axial / coronal / sagittal panels through ``point`` (default the peak), with crosshair
     lines, the ground-truth outline (magenta) and a relevance colourbar."""
@@ -184,14 +243,21 @@ def orthogonal_figure(
     point = tuple(point) if point is not None else peak_point(heat)
     fig = new_figure(8.4, 3.1)
     axes = fig.subplots(1, 3)
-    masks = _slices(mask[None].float(), mask.float(), point) if mask is not None else [(None, None, None)] * 3
-    for ax, name, axis_index, (image, slice_heat, (row, col)), (_, slice_mask, _) in zip(
-        axes, VIEW_NAMES, ("z", "y", "x"), _slices(volume, heat, point), masks
-    ):
+    masks = _plane_slices(mask[None].float(), mask.float(), point, orientation) if mask is not None else [(None, None, None)] * 3
+    order = "zyx" if orientation is None else "xyz"
+    fixed = ("z", "y", "x")
+    for n, (ax, name, axis_index, (image, slice_heat, (row, col)), (_, slice_mask, _)) in enumerate(zip(
+        axes, VIEW_NAMES, fixed, _plane_slices(volume, heat, point, orientation), masks
+    )):
         rgb = to_uint8(overlay_tensor(image, slice_heat, cmap, alpha))
-        show(ax, rgb, f"{name} ({axis_index} = {point['zyx'.index(axis_index)]})", slice_mask)
+        show(ax, rgb, f"{name} ({axis_index} = {point[order.index(axis_index)]})", slice_mask)
         ax.axhline(row, color="white", lw=0.6, alpha=0.7)
         ax.axvline(col, color="white", lw=0.6, alpha=0.7)
+        if orientation is not None:
+            top, bottom, left, right = RAS_LETTERS[n]
+            for text, xy, ha, va in ((top, (0.5, 0.98), "center", "top"), (bottom, (0.5, 0.02), "center", "bottom"),
+                                     (left, (0.02, 0.5), "left", "center"), (right, (0.98, 0.5), "right", "center")):
+                ax.text(*xy, text, transform=ax.transAxes, ha=ha, va=va, color="yellow", fontsize=8, weight="bold")
     add_colorbar(fig, axes.tolist(), cmap)
     fig.suptitle(title or f"Slices through the map's peak at (z, y, x) = {point}", fontsize=10)
     return fig

@@ -135,6 +135,14 @@ def train(config: TrainConfig | str | Path, out_dir: str | Path | None = None, r
     started = time.perf_counter()
 
     data = MedlensDataModule(config.data, config.task, out).prepare()
+    # the model and its initial weights are checked before any image is read (a wrong path fails in seconds)
+    model = build_network(config, len(data.classes))
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    if config.model.init_weights is None and total and trainable < 0.5 * total:
+        warnings.warn(f"{total - trainable:,} of {total:,} parameters are frozen (model.unfreeze_last={config.model.unfreeze_last}) "
+                      "but keep their random initialisation (model.init_weights is unset): set init_weights or unfreeze_last: null",
+                      stacklevel=2)
     data.setup("fit")  # reads every item once; unreadable files are left out and reported
     report = None
     if data.bad_files:
@@ -146,7 +154,6 @@ def train(config: TrainConfig | str | Path, out_dir: str | Path | None = None, r
     classes = data.classes
     config_out = config.to_dict() | {"out": str(out)}
     write_text(out / "config.yaml", yaml.safe_dump(config_out, sort_keys=False))
-    model = build_network(config, len(classes))
     kind = ClassificationModule if config.task == "classification" else SegmentationModule
     module = kind(model, config.optim, tc.max_epochs, classes)
 
@@ -232,8 +239,11 @@ def _merge_logs(path: Path, earlier: list[dict[str, str]]) -> None:
 
 
 @torch.no_grad()
-def predict_validation(module: L.LightningModule, data: MedlensDataModule, precision: Any = None) -> tuple[Tensor, Tensor, Tensor]:
-    """Best-model predictions on the validation split: truth and predicted ((N,) or (N,1,*S)), images (N,*S)."""
+def predict_validation(module: L.LightningModule, data: MedlensDataModule, precision: Any = None,
+                       probabilities: list | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """Best-model predictions on the validation split: truth and predicted ((N,) or (N,1,*S)), images (N,*S).
+
+    ``probabilities``: a list that receives the (N, classes) softmax of a classifier's logits."""
     model = module.model.eval()
     device = next(model.parameters()).device
     data.setup("validate")
@@ -246,6 +256,8 @@ def predict_validation(module: L.LightningModule, data: MedlensDataModule, preci
         with torch.autocast(device.type, dtype=dtype, enabled=mixed):
             logits = model(batch["image"].to(device)).float()
         predicted.append(logits.argmax(1, keepdim=key == "mask").cpu())
+        if probabilities is not None and key == "label":
+            probabilities.append(logits.softmax(1).cpu())
         truth.append(batch[key])
         images.append(batch["image"][:, 0])
     return torch.cat(truth), torch.cat(predicted), torch.cat(images)
@@ -253,7 +265,8 @@ def predict_validation(module: L.LightningModule, data: MedlensDataModule, preci
 
 def write_reports(module: L.LightningModule, data: MedlensDataModule, out: Path, precision: Any = None, gallery_size: int = 16) -> dict[str, Path]:
     """Write validation_samples.csv, the confusion matrix (CSV, PNG) and the misclassified gallery."""
-    truth, predicted, images = predict_validation(module, data, precision)
+    scores: list[Tensor] = []
+    truth, predicted, images = predict_validation(module, data, precision, scores)
     classes = data.classes
     n = len(classes)
     confusion = torch.bincount(truth.flatten() * n + predicted.flatten().long(), minlength=n * n).view(n, n)
@@ -263,12 +276,17 @@ def write_reports(module: L.LightningModule, data: MedlensDataModule, out: Path,
     with atomic_path(files["validation_samples"]) as tmp, tmp.open("w", newline="") as handle:
         writer = csv.writer(handle)
         if segmentation:
-            writer.writerow(["path", "mask", "patient"])
-            writer.writerows([item.path, item.mask, item.patient or ""] for item in data.val_items)
+            dice = case_dice(truth, predicted, n, getattr(data.val_set, "index", None), len(data.val_items))
+            writer.writerow(["path", "mask", "patient", *[f"dice_{c}" for c in classes[1:]]])
+            writer.writerows([item.path, item.mask, item.patient or "", *["" if d is None else f"{d:.4f}" for d in row]]
+                             for item, row in zip(data.val_items, dice))
         else:
-            writer.writerow(["path", "label", "class", "predicted", "predicted_class"])
-            writer.writerows([item.path, item.label, classes[item.label], p, classes[p]]
-                             for item, p in zip(data.val_items, predicted.tolist()))
+            probs = torch.cat(scores) if scores else None
+            writer.writerow(["path", "label", "class", "predicted", "predicted_class", "confidence", *[f"p_{c}" for c in classes]])
+            for i, (item, p) in enumerate(zip(data.val_items, predicted.tolist())):
+                extra = [f"{float(v):.4f}" for v in probs[i]] if probs is not None else [""] * n
+                confidence = f"{float(probs[i, p]):.4f}" if probs is not None else ""
+                writer.writerow([item.path, item.label, classes[item.label], p, classes[p], confidence, *extra])
     with atomic_path(files["confusion_csv"]) as tmp, tmp.open("w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["truth \\ predicted", *classes])
@@ -276,8 +294,25 @@ def write_reports(module: L.LightningModule, data: MedlensDataModule, out: Path,
     plot_confusion(confusion, classes, files["confusion_png"])
     if not segmentation:
         files["misclassified"] = out / "misclassified.png"
-        plot_misclassified(images, truth, predicted, data, files["misclassified"], gallery_size)
+        plot_misclassified(images, truth, predicted, data, files["misclassified"], gallery_size, torch.cat(scores) if scores else None)
     return files
+
+
+def case_dice(truth: Tensor, predicted: Tensor, n: int, slice_index: list | None, cases: int) -> list[list[float | None]]:
+    """Per validation case, the Dice of each foreground class (None where neither truth nor prediction has it).
+
+    ``slice_index``: for a 2D model on volume slices, the (volume, slice) of each prediction, so the
+    slices of one case are pooled."""
+    owner = [v for v, _ in slice_index] if slice_index is not None and len(slice_index) == len(truth) else list(range(len(truth)))
+    inter = torch.zeros(cases, n)
+    total = torch.zeros(cases, n)
+    for i, case in enumerate(owner):
+        t, p = truth[i].flatten(), predicted[i].flatten().long()
+        for c in range(1, n):
+            a, b = t == c, p == c
+            inter[case, c] += float((a & b).sum())
+            total[case, c] += float(a.sum() + b.sum())
+    return [[(2 * float(inter[k, c]) / float(total[k, c])) if total[k, c] > 0 else None for c in range(1, n)] for k in range(cases)]
 
 
 def plot_confusion(confusion: Tensor, classes: list[str], path: Path) -> None:
@@ -299,11 +334,16 @@ def plot_confusion(confusion: Tensor, classes: list[str], path: Path) -> None:
     save_figure(fig, path, dpi=100)
 
 
-def plot_misclassified(images: Tensor, truth: Tensor, predicted: Tensor, data: MedlensDataModule, path: Path, limit: int) -> None:
-    """Up to ``limit`` wrongly classified validation images, titled with file, truth and prediction."""
+def plot_misclassified(images: Tensor, truth: Tensor, predicted: Tensor, data: MedlensDataModule, path: Path, limit: int,
+                       probabilities: Tensor | None = None) -> None:
+    """Up to ``limit`` wrongly classified validation images, titled with file, truth and prediction;
+    with ``probabilities`` (N, classes) the most confident mistakes come first, each with p(pred) and p(true)."""
     from medlens.render.panels import new_figure, save_figure
 
-    wrong = (truth != predicted).nonzero().flatten()[:limit].tolist()
+    wrong = (truth != predicted).nonzero().flatten().tolist()
+    if probabilities is not None:
+        wrong.sort(key=lambda i: -float(probabilities[i, int(predicted[i])]))
+    wrong = wrong[:limit]
     cols = max(1, min(4, len(wrong)))
     rows = max(1, -(-len(wrong) // cols))
     fig = new_figure(2.6 * cols, 2.8 * rows)
@@ -313,7 +353,8 @@ def plot_misclassified(images: Tensor, truth: Tensor, predicted: Tensor, data: M
     for ax, i in zip(axes.flat, wrong):
         ax.imshow(images[i].float().numpy(), cmap="gray")
         name = Path(data.val_items[i].path)
-        ax.set_title(f"{name.parent.name}/{name.name}\ntrue {data.classes[int(truth[i])]} | pred {data.classes[int(predicted[i])]}", fontsize=7)
+        odds = (f" p={float(probabilities[i, int(predicted[i])]):.2f}", f" p={float(probabilities[i, int(truth[i])]):.2f}") if probabilities is not None else ("", "")
+        ax.set_title(f"{name.parent.name}/{name.name}\ntrue {data.classes[int(truth[i])]}{odds[1]} | pred {data.classes[int(predicted[i])]}{odds[0]}", fontsize=7)
     if not wrong:
         axes[0, 0].text(0.5, 0.5, "no misclassified validation images", ha="center", va="center")
     save_figure(fig, path, dpi=100)

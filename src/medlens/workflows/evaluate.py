@@ -94,13 +94,15 @@ def phantom_items(phantoms: Any) -> Iterator[Item]:
 def folder_items(source: str | Path, size: int | Sequence[int] | None = None, channels: int | None = None,
                  classes: Sequence[str] | None = None, items: Sequence[Any] | None = None,
                  mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
-                 bad: list[tuple[str, str]] | None = None) -> Iterator[Item]:
+                 bad: list[tuple[str, str]] | None = None, preprocessing: Any = None) -> Iterator[Item]:
     """Items from a folder dataset (:mod:`medlens.data.datasets`): class folders with YOLO boxes,
     image+mask folders, Decathlon, or a CSV. Boxes (normalised x0, y0, x1, y1) become pixel boxes
     and a mask (their union) after resizing to ``size``; a Decathlon label becomes a foreground mask.
     ``items`` restricts to a subset of the index (e.g. a held-out split). An item that cannot be
     read (a truncated file, a bad mask) is left out and, when ``bad`` is a list, appended to it as
-    (path, reason); the others are still yielded."""
+    (path, reason); the others are still yielded. ``preprocessing`` (a
+    :class:`medlens.data.prepare.Preprocessing`, e.g. a run folder's) replaces size, channels, mean
+    and std: images are then prepared exactly as in training (``none`` normalisation is honoured)."""
     from medlens.data.datasets import MedicalDataset, eval_transforms, index_source
 
     index, names, _task = index_source(source, classes, bad=bad)
@@ -119,10 +121,19 @@ def folder_items(source: str | Path, size: int | Sequence[int] | None = None, ch
     if isinstance(size, Sequence) and len(size) == 1:  # "--size 112" means 112 on every axis
         size = int(size[0])
     transform = eval_transforms(size, ndim, mean, std) if size is not None else None
+    if preprocessing is not None:
+        from medlens.data.datasets import Compose, Normalise, Resize
+
+        # training order (medlens.train.data): resize, match channels, then normalise
+        transform = Compose([Resize(preprocessing.size)] if preprocessing.size is not None else [])
+        channels = preprocessing.channels if preprocessing.channels is not None else channels
+        normalise = Normalise(*preprocessing.mean_std()) if preprocessing.normalize != "none" else None
     dataset = MedicalDataset(dataset_items, names, transform=transform, channels=channels)
     for i in range(len(dataset)):
         try:
             sample = dataset[i]
+            if preprocessing is not None and normalise is not None:
+                sample = normalise(sample)
         except (MedlensError, RuntimeError, OSError) as error:  # one bad item never stops the evaluation
             if bad is not None:
                 bad.append((str(dataset_items[i].path), one_line(error)))

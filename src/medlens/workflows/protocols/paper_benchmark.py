@@ -58,20 +58,20 @@ def load_pairs(images: str | Path, masks: str | Path, channels: int = 3,
     paths = [p for p in sorted(image_dir.iterdir()) if p.is_file() and not p.name.startswith(".") and p.suffix.lower() != ".txt"]
     if not paths:
         raise MedlensError(f"{image_dir}: no images")
+    from medlens.data.prepare import Preprocessing, prepare_loaded
+
+    normalised = mean is not None and std is not None
+    pre = Preprocessing(channels=channels, size=BENCHMARK_SIZE, normalize="meanstd" if normalised else "none",
+                        mean=tuple(mean[:channels]) if normalised else None, std=tuple(std[:channels]) if normalised else None)
     stems, xs, ms = [], [], []
     for path in paths:
         if path.stem not in mask_by_stem:
             raise MedlensError(f"{path}: no mask named {path.stem}.* in {mask_dir}")
-        image = read_image(path).display().float()
-        image = image.mean(0, keepdim=True).expand(channels, -1, -1) if image.shape[0] != channels else image
-        xs.append(F.interpolate(image[None], size=BENCHMARK_SIZE, mode="bilinear", align_corners=False)[0])
+        xs.append(prepare_loaded(read_image(path), pre, path).tensor)  # the one input preparation (medlens.data.prepare)
         mask = read_image(mask_by_stem[path.stem]).image.float().amax(0)
         ms.append(F.interpolate(mask[None, None], size=BENCHMARK_SIZE, mode="nearest")[0, 0] > 0)
         stems.append(path.stem)
-    x = torch.stack(xs)
-    if mean is not None and std is not None:
-        x = (x - torch.tensor(mean[:channels]).view(1, -1, 1, 1)) / torch.tensor(std[:channels]).view(1, -1, 1, 1)
-    return stems, x, torch.stack(ms)
+    return stems, torch.stack(xs), torch.stack(ms)
 
 
 def paper_benchmark_maps(model: nn.Module, x: Tensor, method: str) -> Tensor:
