@@ -77,8 +77,8 @@ class RunStore:
     def check_fresh_or_resumable(self, config: dict[str, Any], resume: bool) -> dict[str, Any] | None:
         """The existing manifest when resuming a matching run; raises a one-line error otherwise."""
         manifest = self.read_manifest()
-        if manifest is None:
-            if self.root.is_dir() and any(p for p in self.root.iterdir()) and not resume:
+        if manifest is None:  # a run killed before its manifest was written leaves an empty folder
+            if self.root.is_dir() and any(p for p in self.root.iterdir() if not p.name.startswith(".manifest.")):
                 raise MedlensError(f"--out {self.root} is not empty and holds no run; choose another folder")
             return None
         if not resume:
@@ -91,11 +91,11 @@ class RunStore:
 
     def init(self, config: dict[str, Any], planned: int) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
-        self.results.mkdir(exist_ok=True)
-        self.state_dir.mkdir(exist_ok=True)
-        if self.read_manifest() is None:
+        if self.read_manifest() is None:  # the manifest first: a folder with anything else in it has one
             write_json(self.manifest_path, {"version": VERSION, "config": config, "config_hash": config_hash(config),
                                             "planned": planned, "done": 0, "failed": 0, "parts": {}, "complete": False})
+        self.results.mkdir(exist_ok=True)
+        self.state_dir.mkdir(exist_ok=True)
 
     def state_file(self, rank: int) -> Path:
         return self.state_dir / f"rank-{rank:03d}.json"

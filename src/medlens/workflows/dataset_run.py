@@ -187,6 +187,7 @@ def run_dataset(
     result = DatasetRunResult(Path(out_dir), planned=len(plan), rank=rank, world_size=world,
                               parts_reused=len(mine) - len(todo))
 
+    torch.manual_seed(0)  # a randomly initialised model ('none' weights) is the same on every rank and run
     model = model_factory().to(device).eval()
     from medlens.workflows.explain import model_input_spec
 
