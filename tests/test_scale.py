@@ -103,26 +103,37 @@ def test_outputs_of_a_run(reference):
     assert maps["gradcam/32x32"].shape == (24, 1, 32, 32) and maps["gradcam/32x32"].dtype == np.float16
 
 
+KILLABLE = """
+import sys
+from tests.test_scale import _run
+_run([sys.argv[1]], sys.argv[2], deletion_steps=4, resume=sys.argv[3] == "resume", workers=int(sys.argv[4]))
+"""
+
+
 def test_kill_9_then_resume_equals_uninterrupted(phantom_folder, reference, tmp_path):
     rng = random.Random(7)
-    args = MEDLENS + RUN + [str(phantom_folder)] + COMMON + ["--deletion-steps", "4"]
     for trial in range(3):
         out = tmp_path / f"killed{trial}"
-        proc = subprocess.Popen(args + ["--out", str(out)], env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        # start-up (imports) takes a few seconds; kill somewhere from start-up to the last parts
-        deadline = time.monotonic() + rng.uniform(2.0, 14.0)
+        args = [sys.executable, "-c", KILLABLE, str(phantom_folder), str(out)]
+        proc = subprocess.Popen(args + ["fresh", str(trial % 2)], env=_env(), cwd=ROOT,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        while not (out / "manifest.json").exists() and proc.poll() is None:  # the run has started
+            time.sleep(0.01)
+        deadline = time.monotonic() + rng.uniform(0.0, 2.0)  # then kill it at a random point
         while time.monotonic() < deadline and proc.poll() is None:
-            time.sleep(0.05)
-        if proc.poll() is None:
+            time.sleep(0.005)
+        killed = proc.poll() is None
+        if killed:
             os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
-        visible = [p for p in (out / "results").glob("part-*.parquet")] if (out / "results").exists() else []
-        for part in visible:  # what is visible under a final name is whole
-            __import__("pyarrow.parquet").parquet.read_table(part)
-        done = subprocess.run(args + ["--out", str(out), "--resume"], env=_env(), capture_output=True, text=True)
+        parts_before = sorted(p.name for p in (out / "results").glob("part-*.parquet")) if (out / "results").exists() else []
+        for part in parts_before:  # what is visible under a final name is whole
+            __import__("pyarrow.parquet").parquet.read_table(out / "results" / part)
+        done = subprocess.run(args + ["resume", "0"], env=_env(), cwd=ROOT, capture_output=True, text=True)
         assert done.returncode == 0, done.stderr
         _assert_same_run(reference, out)
         assert _partials(out) == []
+        print(f"trial {trial}: killed={killed} with {len(parts_before)} of 6 parts written")
 
 
 def test_two_fabric_processes_equal_one(phantom_folder, reference, tmp_path):
