@@ -18,7 +18,9 @@ import torch
 from medlens.errors import MedlensError
 
 ROOT = Path(__file__).resolve().parents[1]
-MEDLENS = [sys.executable, "-c", "from medlens.cli import app; app()"]
+_SCRIPT = Path(sys.executable).with_name("medlens")
+# Fabric starts the other processes by re-running the command line, so it must be a script, not "-c"
+MEDLENS = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "medlens"]
 RUN = ["run", "medlens.models:phantom_net", "none"]
 COMMON = ["--in-channels", "1", "--batch-size", "4", "--shard-size", "4", "--overlays", "worst:2", "--bootstrap", "50"]
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import torch
 from torch import Tensor
@@ -48,11 +48,8 @@ def _annotation_files(path: Path) -> dict[str, Path]:
 
 def _annotations(path: Path, original: Sequence[int], spatial: Sequence[int]) -> tuple[Tensor | None, Tensor | None]:
     """(mask (*S) bool at model size or None, box ``lo..., hi...`` at model size or None)."""
-    from medlens.core.boxes import box_around  # noqa: F401  (kept import-light for workers)
-
     files = _annotation_files(path)
     nd = len(spatial)
-    scale = [s / o for s, o in zip(spatial, original)]
     mask = box = None
     if "mask" in files:
         from medlens.io.loading import read_image
@@ -82,7 +79,6 @@ def _annotations(path: Path, original: Sequence[int], spatial: Sequence[int]) ->
                 from medlens.metrics.localisation import boxes_to_masks
 
                 mask = boxes_to_masks(box[None], tuple(spatial))[0].bool()
-    del scale
     if box is None and mask is not None and bool(mask.any()):
         from medlens.core.boxes import box_around
 
@@ -175,6 +171,3 @@ def make_loader(dataset: ExplainDataset, batches: Sequence[Sequence[int]], worke
     return DataLoader(dataset, batch_sampler=[list(b) for b in batches], num_workers=workers,
                       collate_fn=collate_by_shape, **options)
 
-
-def iter_batches(loader: DataLoader) -> Iterator[dict[str, Any]]:
-    yield from loader
