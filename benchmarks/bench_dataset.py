@@ -101,7 +101,9 @@ if r.rank == 0:
 def child(folder, out, mode="fresh", workers=0, devices=1):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT / "src"))
     start = time.perf_counter()
-    done = subprocess.run([sys.executable, "-c", CHILD, str(folder), str(out), mode, str(workers), str(devices)],
+    script = Path(folder).parent / "child.py"  # a file: Fabric starts the other ranks by re-running the command line
+    script.write_text(CHILD)
+    done = subprocess.run([sys.executable, str(script), str(folder), str(out), mode, str(workers), str(devices)],
                           env=env, capture_output=True, text=True, cwd=ROOT)
     wall = time.perf_counter() - start
     if done.returncode:
@@ -127,8 +129,9 @@ def main() -> None:
         t_med = bench_medlens(files, tmp / "mri", args.steps, args.batch)
         rows.append((f"{len(files)} brain MRI, 224 px: medlens run (Grad-CAM, PG, IoU@10, deletion {args.steps} steps)",
                      f"{t_med:.1f} s ({len(files) / t_med:.2f} img/s)"))
-        rows.append((f"same: pytorch-grad-cam + Quantus PointingGame + PixelFlipping loop",
+        rows.append(("same: pytorch-grad-cam + Quantus PointingGame + PixelFlipping loop",
                      f"{t_base:.1f} s ({len(files) / t_base:.2f} img/s); medlens x{t_base / t_med:.2f}"))
+        print(rows[-2:], flush=True)
     from medlens.data.phantoms import make_phantoms, write_phantoms
 
     for n in (args.small, args.large):
@@ -137,6 +140,7 @@ def main() -> None:
     s_large, rss_large, _, _ = child(tmp / f"ph{args.large}", tmp / "large")
     rows.append((f"peak RSS, {args.small} phantoms (32 px)", f"{rss_small:.0f} MiB ({s_small:.1f} s)"))
     rows.append((f"peak RSS, {args.large} phantoms (32 px)", f"{rss_large:.0f} MiB ({s_large:.1f} s)"))
+    print(rows[-2:], flush=True)
     s_two, _, _, wall_two = child(tmp / f"ph{args.small}", tmp / "two", devices=2)
     rows.append((f"{args.small} phantoms, 1 process vs 2 Fabric processes (gloo)", f"{s_small:.1f} s vs {s_two:.1f} s"))
     s_resume, _, _, wall_resume = child(tmp / f"ph{args.large}", tmp / "large", mode="resume")
