@@ -226,7 +226,8 @@ def run_dataset(
             result.parts_computed += 1
     bar.close()
     fabric.barrier()
-    if rank == 0:
+    already_complete = len(finished) == n_shards and (store.read_manifest() or {}).get("complete", False)
+    if rank == 0 and not already_complete:  # resuming a finished run recomputes nothing, not even summaries
         _finish(store, config, overlays, n_boot, ci, names, plan, size, normalize, channels)
     fabric.barrier()
     manifest = store.read_manifest()
@@ -378,8 +379,9 @@ def _finish(store, config, overlays, n_boot, ci, names, plan, size, normalize, c
     if summary is not None:
         write_text(store.root / "summary.csv", summary.to_csv(index=False))
     drawn = _draw_overlays(store, _select_overlays(rows, overlays), size, normalize, channels)
-    store.merge_manifest(complete=True, extra={"overlays": drawn})
+    store.merge_manifest(extra={"overlays": drawn})
     _summary_html(store, rows, summary, drawn)
+    store.merge_manifest(complete=True)  # last: a run killed while finishing redoes the summaries
 
 
 def _draw_overlays(store, chosen, size, normalize, channels) -> list[dict[str, Any]]:
