@@ -96,6 +96,9 @@ class RunStore:
                                             "planned": planned, "done": 0, "failed": 0, "parts": {}, "complete": False})
         self.results.mkdir(exist_ok=True)
         self.state_dir.mkdir(exist_ok=True)
+        import zarr
+
+        zarr.open_group(str(self.maps_path), mode="a")  # rank 0, before the other ranks open it
 
     def state_file(self, rank: int) -> Path:
         return self.state_dir / f"rank-{rank:03d}.json"
@@ -151,7 +154,7 @@ class RunStore:
         import zarr
 
         if self._zarr_root is None:
-            self._zarr_root = zarr.open_group(str(self.maps_path), mode="a")
+            self._zarr_root = zarr.open_group(str(self.maps_path), mode="r+")
         return self._zarr_root
 
     def map_array(self, method: str, spatial: tuple[int, ...], n_items: int, n_targets: int, dtype: str):
@@ -162,15 +165,24 @@ class RunStore:
         name = f"{method.replace('/', '_')}/{'x'.join(map(str, spatial))}"
         if name in self._arrays:
             return name, self._arrays[name]
+        import time
+
         root = self._root_group()
-        try:
-            array = zarr.open_array(str(self.maps_path / name), mode="r+")
-        except Exception:
+        array = None
+        for attempt in range(100):  # ranks may race to create it: open, else create, else wait and retry
+            try:
+                array = zarr.open_array(str(self.maps_path / name), mode="r+")
+                break
+            except Exception:
+                pass
             try:
                 array = root.create_array(name, shape=(n_items, n_targets, *spatial), chunks=(1, 1, *spatial),
                                           dtype=dtype, fill_value=float("nan"), compressors=None, overwrite=False)
-            except Exception:  # another rank created it meanwhile
-                array = zarr.open_array(str(self.maps_path / name), mode="r+")
+                break
+            except Exception:  # another rank is creating it
+                time.sleep(0.05)
+        if array is None:
+            raise MedlensError(f"{self.maps_path}/{name}: could not open or create the maps array")
         if tuple(array.shape[1:]) != (n_targets, *spatial):
             raise MedlensError(f"{self.maps_path}/{name}: holds {array.shape[1]} targets per map; this batch has {n_targets}")
         self._arrays[name] = array
