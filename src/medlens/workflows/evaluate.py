@@ -186,14 +186,11 @@ def _annotations(batch: list[Item], spatial: tuple[int, ...], device: torch.devi
 
 
 def bootstrap_ci(values: Tensor, n_boot: int = 1000, level: float = 0.95, seed: int = 0) -> tuple[float, float, float]:
-    """Mean and percentile-bootstrap CI of the non-NaN ``values`` (1-D), resampled in one batch."""
-    v = values[~torch.isnan(values)].double()
-    if v.numel() == 0:
-        return float("nan"), float("nan"), float("nan")
-    gen = torch.Generator().manual_seed(seed)
-    means = v[torch.randint(0, v.numel(), (n_boot, v.numel()), generator=gen)].mean(dim=1)
-    lo, hi = torch.quantile(means, torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=means.dtype))
-    return float(v.mean()), float(lo), float(hi)
+    """Mean and percentile-bootstrap CI of the non-NaN ``values`` (1-D); resampled in chunks of
+    replicates (bounded memory), equal to a one-shot draw (see :mod:`medlens.metrics.bootstrap`)."""
+    from medlens.metrics.bootstrap import bootstrap_ci as chunked
+
+    return chunked(values, n_boot, level, seed)
 
 
 def summarise(rows: Any, n_boot: int = 1000, seed: int = 0) -> Any:

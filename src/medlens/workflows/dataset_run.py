@@ -1,0 +1,449 @@
+"""Dataset-scale explain (+ evaluate): streamed, sharded, resumable, on Lightning Fabric.
+
+The plan (every input, folders expanded, in order) is cut into shards of ``shard_size`` items.
+Shard ``s`` belongs to rank ``s % world_size``: ranks take disjoint subsets, with no padding
+duplicates, and a shard's result does not depend on which rank (or how many) computed it. Each
+finished shard is one Parquet part plus its maps in the Zarr store; the rank then records it in
+``state/rank-NNN.json`` (atomically), and rank 0 merges every state into ``manifest.json``. A run
+killed at any point resumes with ``resume=True``: recorded parts whose checksum matches are kept,
+every other shard is computed again (deterministically, so the final table and maps equal an
+uninterrupted run's).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from medlens.errors import MedlensError, one_line
+
+PRECISIONS = {"32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class DatasetRunResult:
+    out: Path
+    planned: int = 0
+    done: int = 0
+    failed: int = 0
+    parts_computed: int = 0
+    parts_reused: int = 0
+    bad: list[tuple[str, str]] = field(default_factory=list)
+    seconds: float = 0.0
+    rank: int = 0
+    world_size: int = 1
+
+
+def autocast_context(device: torch.device, precision: str):
+    """Autocast for the forward pass: ``32`` none, ``bf16`` (CPU and CUDA), ``fp16`` (CUDA only)."""
+    if precision not in PRECISIONS:
+        raise MedlensError(f"--precision {precision!r} not understood: use 32, bf16 or fp16")
+    dtype = PRECISIONS[precision]
+    if dtype is None:
+        return contextlib.nullcontext()
+    if dtype is torch.float16 and device.type != "cuda":
+        raise MedlensError("--precision fp16 needs a CUDA device; use bf16 on CPU")
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def plan_items(inputs: Sequence[str | Path]):
+    from medlens.data.stream import PlannedItem
+    from medlens.io.loading import plan_inputs
+
+    return [PlannedItem(i, str(path), None if problem is None else str(problem))
+            for i, (path, problem) in enumerate(plan_inputs(inputs))]
+
+
+def _select_overlays(rows, spec: str):
+    """Rows to draw: ``all``, ``none``, ``worst:K``, ``best:K`` (by IoU@10, else pointing game,
+    else deletion AUC, else score), ``sample:K`` (seeded)."""
+    ok = rows[rows["status"] == "ok"]
+    if spec == "none" or len(ok) == 0:
+        return ok.iloc[:0]
+    if spec == "all":
+        return ok
+    kind, _, k = spec.partition(":")
+    try:
+        k = int(k)
+    except ValueError:
+        raise MedlensError(f"--overlays {spec!r} not understood: use all, none, worst:K, best:K or sample:K") from None
+    if kind == "sample":
+        return ok.sample(n=min(k, len(ok)), random_state=0).sort_values("row_id")
+    if kind not in ("worst", "best"):
+        raise MedlensError(f"--overlays {spec!r} not understood: use all, none, worst:K, best:K or sample:K")
+    for column, higher_better in (("iou@10", True), ("pointing_game", True), ("deletion_auc", False), ("score", True)):
+        if ok[column].notna().any():
+            ranked = ok[ok[column].notna()].sort_values([column, "row_id"], ascending=[not higher_better, True], kind="stable")
+            return ranked.iloc[-k:] if kind == "best" else ranked.iloc[:k]
+    return ok.iloc[:0]
+
+
+def check_overlays(spec: str) -> None:
+    import pandas as pd
+
+    _select_overlays(pd.DataFrame({"status": ["ok"], "row_id": [0], "score": [0.0], "iou@10": [None],
+                                   "pointing_game": [None], "deletion_auc": [None]}), spec)
+
+
+def run_dataset(
+    model_factory: Callable[[], nn.Module],
+    inputs: Sequence[str | Path],
+    out_dir: str | Path,
+    methods: Sequence[str] = ("gradcam",),
+    target: Any = "pred",
+    layer: str | None = None,
+    size: Sequence[int] | None = None,
+    normalize: str = "none",
+    batch_size: int = 8,
+    workers: int = 0,
+    shard_size: int = 64,
+    map_dtype: str = "float16",
+    overlays: str = "worst:16",
+    deletion_steps: int = 0,
+    resume: bool = False,
+    devices: int | str = 1,
+    num_nodes: int = 1,
+    accelerator: str = "cpu",
+    strategy: str = "auto",
+    precision: str = "32",
+    class_names: Sequence[str] | None = None,
+    box_fraction: float = 0.05,
+    method_options: dict[str, Any] | None = None,
+    n_boot: int = 1000,
+    ci: str = "percentile",
+    policy: Any = None,
+    config_extra: dict[str, Any] | None = None,
+    progress: bool = False,
+    fabric: Any = None,
+) -> DatasetRunResult:
+    """Explain every input with every method and write the dataset-scale outputs to ``out_dir``.
+
+    ``model_factory`` builds the model (on CPU, eval mode); each rank moves it to its device.
+    With ``devices * num_nodes > 1`` the processes are started by Lightning Fabric (re-running
+    the command line) or were started by torchrun / SLURM. Returns this rank's counts.
+    """
+    from lightning.fabric import Fabric
+
+    from medlens.core.engine import get_method
+    from medlens.io.store import RunStore
+
+    if map_dtype not in ("float16", "float32"):
+        raise MedlensError(f"--map-dtype {map_dtype!r} not understood: use float16 or float32")
+    check_overlays(overlays)
+    if ci not in ("percentile", "bca"):
+        raise MedlensError(f"--ci {ci!r} not understood: use percentile or bca")
+    for method in methods:
+        get_method(method, **(method_options or {}))
+    if precision not in PRECISIONS:
+        raise MedlensError(f"--precision {precision!r} not understood: use 32, bf16 or fp16")
+    started = time.perf_counter()
+    if fabric is None:
+        single = str(devices) == "1" and num_nodes == 1
+        fabric = Fabric(accelerator=accelerator, devices=devices, num_nodes=num_nodes,
+                        strategy="auto" if single else strategy)
+        fabric.launch()
+    rank, world = fabric.global_rank, fabric.world_size
+    device = fabric.device
+    autocast_context(device, precision)  # refuse fp16 on CPU before anything is written
+
+    plan = plan_items(inputs)
+    config = {
+        "inputs": [it.path for it in plan], "methods": list(methods), "target": str(target), "layer": layer,
+        "size": list(size) if size else None, "normalize": normalize, "batch_size": batch_size, "shard_size": shard_size,
+        "map_dtype": map_dtype, "deletion_steps": deletion_steps, "precision": precision, "box_fraction": box_fraction,
+        "method_options": method_options or {}, "class_names": list(class_names) if class_names else None,
+        "n_boot": n_boot, "ci": ci, **(config_extra or {}),
+        "workers": workers, "devices": devices, "num_nodes": num_nodes, "accelerator": accelerator,
+        "strategy": strategy, "overlays": overlays,
+    }
+    store = RunStore(out_dir, rank)
+    fabric.barrier()
+    error: str | None = None
+    try:
+        store.check_fresh_or_resumable(config, resume)
+    except MedlensError as exc:
+        error = str(exc)
+    fabric.barrier()
+    if error:
+        raise MedlensError(error)
+    if rank == 0:
+        store.cleanup_partials()
+        store.init(config, len(plan))
+    fabric.barrier()
+
+    finished = store.finished_parts()
+    n_shards = math.ceil(len(plan) / shard_size) if plan else 0
+    mine = [s for s in range(n_shards) if s % world == rank]
+    todo = [s for s in mine if f"{s:06d}" not in finished]
+    my_parts = {k: v for k, v in finished.items() if int(k) % world == rank}
+    result = DatasetRunResult(Path(out_dir), planned=len(plan), rank=rank, world_size=world,
+                              parts_reused=len(mine) - len(todo))
+
+    torch.manual_seed(0)  # a randomly initialised model ('none' weights) is the same on every rank and run
+    model = model_factory().to(device).eval()
+    from medlens.workflows.explain import model_input_spec
+
+    channels, _ = model_input_spec(model)
+    from medlens.data.stream import ExplainDataset, make_loader
+
+    dataset = ExplainDataset(plan, channels, size, normalize, policy)
+    batches, owner = [], []
+    for s in todo:
+        positions = list(range(s * shard_size, min((s + 1) * shard_size, len(plan))))
+        for b in range(0, len(positions), batch_size):
+            batches.append(positions[b : b + batch_size])
+            owner.append(s)
+    shard_rows: dict[int, list[dict[str, Any]]] = {s: [] for s in todo}
+    remaining = {s: sum(1 for o in owner if o == s) for s in todo}
+    names = list(class_names) if class_names else None
+    runner = _BatchRunner(model, methods, target, layer, method_options or {}, device, precision, store, len(plan),
+                          map_dtype, names, box_fraction, deletion_steps)
+    from tqdm import tqdm
+
+    bar = tqdm(total=sum(len(b) for b in batches), desc=f"rank {rank}", unit="input", disable=not progress)
+    for shard, batch in zip(owner, make_loader(dataset, batches, workers)):
+        shard_rows[shard].extend(runner.run(batch, shard))
+        bar.update(sum(len(g["indices"]) for g in batch["groups"]) + len(batch["errors"]))
+        remaining[shard] -= 1
+        if remaining[shard] == 0:
+            rows = sorted(shard_rows.pop(shard), key=lambda r: r["row_id"])
+            info = store.write_part(shard, rows)
+            failed_items = {r["item"] for r in rows if r["status"] == "error"}
+            all_items = {r["item"] for r in rows}
+            info.update(items=len(all_items), items_failed=len(failed_items), items_ok=len(all_items - failed_items))
+            my_parts[f"{shard:06d}"] = info
+            store.record_part(my_parts)
+            if rank == 0:
+                store.merge_manifest()
+            result.parts_computed += 1
+    bar.close()
+    fabric.barrier()
+    already_complete = len(finished) == n_shards and (store.read_manifest() or {}).get("complete", False)
+    if rank == 0 and not already_complete:  # resuming a finished run recomputes nothing, not even summaries
+        _finish(store, config, overlays, n_boot, ci, names, plan, size, normalize, channels)
+    fabric.barrier()
+    manifest = store.read_manifest()
+    result.done, result.failed = manifest["done"], manifest["failed"]
+    from medlens.io.store import read_results
+
+    if rank == 0:
+        rows = read_results(out_dir)
+        bad = rows[rows["status"] == "error"].drop_duplicates(["item", "error"])
+        result.bad = list(zip(bad["source"], bad["error"]))
+    result.seconds = time.perf_counter() - started
+    return result
+
+
+class _BatchRunner:
+    """Explains one loader batch (its same-shape groups) and turns it into result rows; maps go
+    to the Zarr store. Tensors move to the host once per group, not per image."""
+
+    def __init__(self, model, methods, target, layer, options, device, precision, store, n_items, map_dtype,
+                 class_names, box_fraction, deletion_steps) -> None:
+        self.model, self.methods, self.target, self.layer, self.options = model, methods, target, layer, options
+        self.device, self.precision, self.store, self.n_items = device, precision, store, n_items
+        self.map_dtype, self.class_names, self.box_fraction, self.deletion_steps = map_dtype, class_names, box_fraction, deletion_steps
+
+    def name(self, c: int) -> str:
+        return self.class_names[c] if self.class_names and 0 <= c < len(self.class_names) else f"class {c}"
+
+    def run(self, batch: dict[str, Any], shard: int) -> list[dict[str, Any]]:
+        rows = []
+        for record in batch["errors"]:
+            rows.extend(self.error_rows(record["index"], record["path"], record["error"], shard, self.methods))
+        for group in batch["groups"]:
+            for m, method in enumerate(self.methods):
+                rows.extend(self.run_group(group, m, method, shard))
+        return rows
+
+    def error_rows(self, index: int, path: str, error: str, shard: int, methods) -> list[dict[str, Any]]:
+        return [{"row_id": (index * len(self.methods) + self.methods.index(method)) * 1000, "item": index, "source": path,
+                 "status": "error", "error": error, "method": method, "target_rank": 0, "shard": shard} for method in methods]
+
+    def explain(self, x, method):
+        from medlens.core.engine import explain
+
+        with autocast_context(self.device, self.precision):
+            return explain(self.model, x, method, target=self.target, layer=self.layer, **self.options)
+
+    def run_group(self, group: dict[str, Any], m: int, method: str, shard: int) -> list[dict[str, Any]]:
+        x = group["x"].to(self.device, non_blocking=True)
+        try:
+            result = self.explain(x, method)
+        except (MedlensError, RuntimeError) as error:
+            if len(group["indices"]) == 1:
+                return self.error_rows(group["indices"][0], group["paths"][0], f"{method}: {one_line(error)}", shard, [method])
+            rows = []  # one failing input must not take the good ones of its batch with it: retry one by one
+            for i in range(len(group["indices"])):
+                single = {k: (v[i : i + 1] if isinstance(v, torch.Tensor) else v[i : i + 1]) if v is not None else None
+                          for k, v in group.items()}
+                rows.extend(self.run_group(single, m, method, shard))
+            return rows
+        return self.rows_of(group, result, m, method, shard, x)
+
+    def rows_of(self, group, result, m, method, shard, x) -> list[dict[str, Any]]:
+        from medlens.core.boxes import component_regions
+        from medlens.metrics.localisation import pointing_game, topk_box_iou
+
+        maps = result.maps.float()
+        B, K = maps.shape[:2]
+        finite = torch.isfinite(maps.flatten(1)).all(dim=1)
+        maps = torch.nan_to_num(maps, nan=0.0, posinf=0.0, neginf=0.0)
+        masks = group["masks"].to(self.device) if group["masks"] is not None else None
+        boxes = group["boxes"].to(self.device) if group["boxes"] is not None else None
+        pg = torch.full((B, K), float("nan"), device=maps.device, dtype=torch.float64)
+        iou = pg.clone()
+        dele = pg.clone()
+        for k in range(K):
+            if masks is not None:
+                pg[:, k] = pointing_game(maps[:, k], masks).double()
+            if boxes is not None:
+                iou[:, k] = topk_box_iou(maps[:, k], boxes, percentages=(10,))[:, 0].double()
+            if self.deletion_steps > 0:
+                from medlens.metrics.faithfulness import perturbation_curve
+
+                with torch.no_grad(), autocast_context(self.device, self.precision):
+                    curve = perturbation_curve(self.model, x, maps[:, k], result.targets[:, k], steps=self.deletion_steps)
+                dele[:, k] = curve.auc.double()
+        # one transfer per group: everything the rows need comes to the host together
+        probs = torch.softmax(result.logits.float(), dim=1)
+        host = [t.detach().to("cpu") for t in (maps, result.targets, result.scores.float(), result.predictions, probs, pg, iou, dele, finite)]
+        maps_h, targets_h, scores_h, preds_h, probs_h, pg_h, iou_h, del_h, finite_h = host
+        spatial = tuple(maps_h.shape[2:])
+        array_name, array = self.store.map_array(method, spatial, self.n_items, K, self.map_dtype)
+        maps_np = maps_h.numpy().astype(self.map_dtype)
+        index = group["indices"]
+        good = [i for i in range(B) if bool(finite_h[i])]
+        for lo, hi in _runs(sorted(index[i] for i in good)):  # contiguous items -> one slice write
+            positions = [index.index(j) for j in range(lo, hi)]
+            array[lo:hi] = maps_np[positions]
+        rows = []
+        box_h = group["boxes"]
+        for i in range(B):
+            base = (index[i] * len(self.methods) + m) * 1000
+            if not bool(finite_h[i]):
+                rows.extend(self.error_rows(index[i], group["paths"][i], f"{group['paths'][i]}: {method} map has NaN or Inf values", shard, [method]))
+                continue
+            pred = int(preds_h[i])
+            for k in range(K):
+                cls = int(targets_h[i, k])
+                regions = component_regions(maps_h[i, k], fraction=self.box_fraction) if self.box_fraction > 0 else []
+                rows.append({
+                    "row_id": base + k, "item": index[i], "source": group["paths"][i], "status": "ok", "error": None,
+                    "method": method, "target_rank": k, "target": cls, "target_name": self.name(cls),
+                    "prediction": pred, "prediction_name": self.name(pred), "probabilities": probs_h[i].tolist(),
+                    "score": float(scores_h[i, k]), "boxes": [[int(v) for v in r["box"]] for r in regions[:5]],
+                    "annotation_box": [int(v) for v in box_h[i]] if box_h is not None and int(box_h[i].sum()) > 0 else None,
+                    "pointing_game": float(pg_h[i, k]), "iou@10": float(iou_h[i, k]), "deletion_auc": float(del_h[i, k]),
+                    "map_array": array_name, "map_index": index[i], "shard": shard,
+                })
+        return rows
+
+
+def _runs(values: list[int]):
+    """[lo, hi) runs of consecutive integers in sorted ``values``."""
+    if not values:
+        return
+    lo = prev = values[0]
+    for v in values[1:]:
+        if v != prev + 1:
+            yield lo, prev + 1
+            lo = v
+        prev = v
+    yield lo, prev + 1
+
+
+def _finish(store, config, overlays, n_boot, ci, names, plan, size, normalize, channels) -> None:
+    """Rank 0, after every rank is done: manifest, bad_files.csv, summary.csv, overlays, summary.html."""
+    from medlens.io.report import write_bad_files
+    from medlens.io.store import read_results
+    from medlens.metrics.bootstrap import summarise_table
+    from medlens.io.atomic import write_text
+
+    store.cleanup_partials()
+    rows = read_results(store.root)
+    bad = rows[rows["status"] == "error"].drop_duplicates(["item"])
+    if len(bad):
+        write_bad_files(store.root / "bad_files.csv", list(zip(bad["source"], bad["error"])))
+    ok = rows[rows["status"] == "ok"]
+    metrics = [c for c in ("pointing_game", "iou@10", "deletion_auc", "score") if c in ok and ok[c].notna().any()]
+    summary = summarise_table(ok, ("method",), metrics, n_boot=n_boot, method=ci) if len(ok) else None
+    if summary is not None:
+        write_text(store.root / "summary.csv", summary.to_csv(index=False))
+    drawn = _draw_overlays(store, _select_overlays(rows, overlays), size, normalize, channels)
+    store.merge_manifest(extra={"overlays": drawn})
+    _summary_html(store, rows, summary, drawn)
+    store.merge_manifest(complete=True)  # last: a run killed while finishing redoes the summaries
+
+
+def _draw_overlays(store, chosen, size, normalize, channels) -> list[dict[str, Any]]:
+    import zarr
+
+    from medlens.core.engine import upsample
+    from medlens.io.atomic import atomic_path
+    from medlens.io.loading import read_image
+    from medlens.render import overlay
+    from medlens.render.overlay import png_bytes
+
+    drawn = []
+    folder = store.root / "overlays"
+    arrays: dict[str, Any] = {}
+    for row in chosen.to_dict("records"):
+        row = _Row(row)
+        try:
+            loaded = read_image(row.source)
+            display = loaded.display().float()
+            array = arrays.setdefault(row.map_array, zarr.open_array(str(store.maps_path / row.map_array), mode="r"))
+            heat = torch.from_numpy(np.asarray(array[int(row.item), int(row.target_rank)], dtype=np.float32))
+            heat = upsample(heat[None, None], tuple(display.shape[1:]))[0, 0].clamp(0, 1)
+            if heat.dim() != 2:
+                continue
+            name = f"{int(row.item):06d}_{row.method.replace('+', 'p')}_c{int(row.target)}.png"
+            with atomic_path(folder / name) as tmp:
+                tmp.write_bytes(png_bytes(overlay(display, heat)))
+            drawn.append({"row_id": int(row.row_id), "png": f"overlays/{name}", "source": row.source, "method": row.method,
+                          "target": row.target_name, "score": float(row.score), "iou@10": float(row["iou@10"])})
+        except Exception:  # an overlay is a convenience: a failure to draw one never fails the run
+            continue
+    return drawn
+
+
+class _Row(dict):
+    __getattr__ = dict.__getitem__
+
+
+def _summary_html(store, rows, summary, drawn) -> None:
+    import html
+
+    from medlens.io.atomic import write_text
+    from medlens.render.html import html_page
+
+    ok = rows[rows["status"] == "ok"]
+    manifest = store.read_manifest()
+    facts = (f"<p>{manifest['planned']} input(s) planned, {manifest['done']} explained, {manifest['failed']} failed; "
+             f"{len(manifest['parts'])} part(s); {len(ok)} result row(s). Table: <code>results/</code> (Parquet), "
+             f"maps: <code>maps.zarr</code>.</p>")
+    sections = [("Run", facts)]
+    if summary is not None and len(summary):
+        head = "<tr><th>method</th><th>metric</th><th>mean</th><th>95% CI</th><th>n</th></tr>"
+        body = "".join(f"<tr><td>{html.escape(r.method)}</td><td>{html.escape(r.metric)}</td><td>{r.mean:.3f}</td>"
+                       f"<td>[{r.ci_low:.3f}, {r.ci_high:.3f}]</td><td>{r.n}</td></tr>" for r in summary.itertuples())
+        sections.append(("Summary", f"<table>{head}{body}</table>"))
+    if drawn:
+        cards = "".join(f'<figure class="card"><img src="{html.escape(d["png"])}" alt="{html.escape(d["source"])}">'
+                        f"<figcaption>{html.escape(Path(d['source']).name)}<br>{html.escape(d['method'])}: "
+                        f"{html.escape(str(d['target']))} (score {d['score']:.3g})</figcaption></figure>" for d in drawn)
+        sections.append(("Overlays", f'<div class="gallery">{cards}</div>'))
+    bad = rows[rows["status"] == "error"].drop_duplicates(["item"])
+    if len(bad):
+        items = "".join(f"<li><code>{html.escape(s)}</code>: {html.escape(str(e))}</li>" for s, e in zip(bad["source"], bad["error"]))
+        sections.append(("Inputs that were skipped", f"<ul>{items}</ul>"))
+    write_text(store.root / "summary.html", html_page("medlens run", sections))

@@ -1,0 +1,238 @@
+"""Dataset-scale runs (``medlens run``): kill -9 + resume, 2 Fabric processes, bad items,
+configuration checks, and the bounded-memory bootstrap."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from medlens.errors import MedlensError
+
+ROOT = Path(__file__).resolve().parents[1]
+_SCRIPT = Path(sys.executable).with_name("medlens")
+# Fabric starts the other processes by re-running the command line, so it must be a script, not "-c"
+MEDLENS = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "medlens"]
+RUN = ["run", "medlens.models:phantom_net", "none"]
+COMMON = ["--in-channels", "1", "--batch-size", "4", "--shard-size", "4", "--overlays", "worst:2", "--bootstrap", "50"]
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT / "src"))
+    return env
+
+
+@pytest.fixture(scope="module")
+def phantom_folder(tmp_path_factory) -> Path:
+    from medlens.data.phantoms import make_phantoms, write_phantoms
+
+    folder = tmp_path_factory.mktemp("phantoms")
+    write_phantoms(folder, make_phantoms(24, 32, seed=3))
+    return folder
+
+
+def _factory():
+    from medlens.models import build_model
+
+    return build_model("medlens.models:phantom_net", num_classes=2, in_channels=1, spatial_dims=2).eval()
+
+
+def _run(inputs, out, **kwargs):
+    from medlens.workflows.dataset_run import run_dataset
+
+    options = dict(batch_size=4, shard_size=4, overlays="worst:2", n_boot=50, accelerator="cpu")
+    options.update(kwargs)
+    return run_dataset(_factory, inputs, out, **options)
+
+
+def _table(out: Path):
+    from medlens.io.store import read_results
+
+    return read_results(out)
+
+
+def _maps(out: Path) -> dict[str, np.ndarray]:
+    import zarr
+
+    group = zarr.open_group(str(out / "maps.zarr"), mode="r")
+    return {name: np.asarray(array[:]) for name, array in group.arrays()} | {
+        f"{g}/{name}": np.asarray(array[:]) for g, sub in group.groups() for name, array in sub.arrays()}
+
+
+def _assert_same_run(a: Path, b: Path) -> None:
+    import pandas as pd
+
+    pd.testing.assert_frame_equal(_table(a), _table(b))
+    maps_a, maps_b = _maps(a), _maps(b)
+    assert maps_a.keys() == maps_b.keys() and maps_a
+    for name in maps_a:
+        assert np.array_equal(maps_a[name], maps_b[name], equal_nan=True), name
+    for name in ("summary.csv",):
+        assert (a / name).read_text() == (b / name).read_text()
+
+
+def _partials(out: Path) -> list[Path]:
+    return [p for p in out.rglob("*") if p.is_file() and (p.name.endswith(".partial") or (p.name.startswith(".") and ".tmp" in p.name))]
+
+
+@pytest.fixture(scope="module")
+def reference(phantom_folder, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("ref") / "run"
+    result = _run([phantom_folder], out, deletion_steps=4)
+    assert result.done == 24 and result.failed == 0
+    return out
+
+
+def test_outputs_of_a_run(reference):
+    import pandas as pd
+
+    table = pd.read_parquet(reference / "results")
+    assert len(table) == 24 and set(table["status"]) == {"ok"}
+    assert table["iou@10"].notna().all() and table["pointing_game"].notna().all() and table["deletion_auc"].notna().all()
+    manifest = __import__("json").loads((reference / "manifest.json").read_text())
+    assert manifest["planned"] == 24 and manifest["done"] == 24 and manifest["complete"] and len(manifest["parts"]) == 6
+    assert all(len(p["sha256"]) == 64 for p in manifest["parts"].values())
+    assert (reference / "summary.html").exists() and len(list((reference / "overlays").glob("*.png"))) == 2
+    maps = _maps(reference)
+    assert maps["gradcam/32x32"].shape == (24, 1, 32, 32) and maps["gradcam/32x32"].dtype == np.float16
+
+
+KILLABLE = """
+import sys
+from tests.test_scale import _run
+_run([sys.argv[1]], sys.argv[2], deletion_steps=4, resume=sys.argv[3] == "resume", workers=int(sys.argv[4]))
+"""
+
+
+def test_kill_9_then_resume_equals_uninterrupted(phantom_folder, reference, tmp_path):
+    rng = random.Random(7)
+    for trial in range(3):
+        out = tmp_path / f"killed{trial}"
+        args = [sys.executable, "-c", KILLABLE, str(phantom_folder), str(out)]
+        proc = subprocess.Popen(args + ["fresh", str(trial % 2)], env=_env(), cwd=ROOT,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        while not (out / "manifest.json").exists() and proc.poll() is None:  # the run has started
+            time.sleep(0.01)
+        deadline = time.monotonic() + rng.uniform(0.0, 2.0)  # then kill it at a random point
+        while time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.005)
+        killed = proc.poll() is None
+        if killed:
+            os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        parts_before = sorted(p.name for p in (out / "results").glob("part-*.parquet")) if (out / "results").exists() else []
+        for part in parts_before:  # what is visible under a final name is whole
+            __import__("pyarrow.parquet").parquet.read_table(out / "results" / part)
+        done = subprocess.run(args + ["resume", "0"], env=_env(), cwd=ROOT, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+        _assert_same_run(reference, out)
+        assert _partials(out) == []
+        print(f"trial {trial}: killed={killed} with {len(parts_before)} of 6 parts written")
+
+
+def test_two_fabric_processes_equal_one(phantom_folder, reference, tmp_path):
+    out = tmp_path / "ddp"
+    args = MEDLENS + RUN + [str(phantom_folder)] + COMMON + ["--deletion-steps", "4", "--devices", "2", "--strategy", "ddp"]
+    done = subprocess.run(args + ["--out", str(out)], env=_env(), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    _assert_same_run(reference, out)
+    states = sorted((out / "state").glob("rank-*.json"))
+    assert [s.name for s in states] == ["rank-000.json", "rank-001.json"]
+    import json
+
+    owned = [set(json.loads(s.read_text())["parts"]) for s in states]
+    assert not owned[0] & owned[1] and len(owned[0] | owned[1]) == 6  # disjoint shards, no duplicates
+
+
+def test_bad_item_in_a_batch_leaves_the_good_ones(phantom_folder, tmp_path):
+    import shutil
+
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    names = sorted(p.name for p in phantom_folder.glob("phantom_000[0-5].png"))
+    for name in names:
+        shutil.copy(phantom_folder / name, folder / name)
+    (folder / "phantom_0002b.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a picture")  # 4th of 7: mid-batch
+    out = tmp_path / "run"
+    result = _run([folder], out, workers=2, shard_size=8)
+    table = _table(out)
+    good = table[table["status"] == "ok"]
+    assert sorted(Path(s).name for s in good["source"]) == names
+    assert result.done == 6 and result.failed == 1
+    bad = table[table["status"] == "error"]
+    assert len(bad) == 1 and bad["source"].iloc[0].endswith("phantom_0002b.png")
+    assert "phantom_0002b.png" in (out / "bad_files.csv").read_text()
+    assert [Path(p).name for p, _ in result.bad] == ["phantom_0002b.png"]
+
+
+def test_resume_with_a_changed_option_is_refused(phantom_folder, tmp_path):
+    out = tmp_path / "run"
+    inputs = sorted(phantom_folder.glob("phantom_000[0-3].png"))
+    _run(inputs, out)
+    with pytest.raises(MedlensError) as info:
+        _run(inputs, out, resume=True, map_dtype="float32")
+    message = str(info.value)
+    assert "\n" not in message and "map_dtype ('float16' -> 'float32')" in message
+    with pytest.raises(MedlensError, match="pass --resume"):
+        _run(inputs, out)
+    again = _run(inputs, out, resume=True, workers=1, overlays="none")  # runtime options may change
+    assert again.parts_computed == 0 and again.parts_reused == 1
+
+
+def test_cli_refusal_is_one_line(phantom_folder, tmp_path):
+    out = tmp_path / "run"
+    _run(sorted(phantom_folder.glob("phantom_000[0-1].png")), out)
+    args = MEDLENS + RUN + [str(p) for p in sorted(phantom_folder.glob("phantom_000[0-1].png"))] + COMMON
+    done = subprocess.run(args + ["--out", str(out), "--resume", "--map-dtype", "float32"], env=_env(), capture_output=True, text=True)
+    assert done.returncode == 2 and done.stderr.strip().count("\n") == 0 and "map_dtype" in done.stderr
+
+
+def _one_shot_reference(values: torch.Tensor, n_boot: int, level: float, seed: int):
+    v = values[~torch.isnan(values)].double()
+    gen = torch.Generator().manual_seed(seed)
+    means = v[torch.randint(0, v.numel(), (n_boot, v.numel()), generator=gen)].mean(dim=1)
+    lo, hi = torch.quantile(means, torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=means.dtype))
+    return float(v.mean()), float(lo), float(hi)
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 64, None])
+def test_chunked_bootstrap_equals_one_shot(chunk):
+    from medlens.metrics.bootstrap import bootstrap_ci
+
+    gen = torch.Generator().manual_seed(1)
+    values = torch.rand(57, generator=gen, dtype=torch.float64)
+    values[[3, 10]] = float("nan")
+    for seed in (0, 5):
+        assert bootstrap_ci(values, 300, 0.95, seed, chunk=chunk) == _one_shot_reference(values, 300, 0.95, seed)
+
+
+def test_bca_and_evaluate_use_the_chunked_bootstrap():
+    from medlens.metrics.bootstrap import bootstrap_ci
+    from medlens.workflows.evaluate import bootstrap_ci as evaluate_ci
+
+    values = torch.linspace(0, 1, 40, dtype=torch.float64) ** 2
+    assert evaluate_ci(values, 200, seed=3) == _one_shot_reference(values, 200, 0.95, 3)
+    mean, lo, hi = bootstrap_ci(values, 500, method="bca", chunk=16)
+    assert lo < mean < hi
+    assert bootstrap_ci(torch.ones(5), 100, method="bca") == (1.0, 1.0, 1.0)
+    with pytest.raises(MedlensError):
+        bootstrap_ci(values, 10, method="nope")
+
+
+def test_precision_and_overlay_options_are_checked(phantom_folder, tmp_path):
+    inputs = sorted(phantom_folder.glob("phantom_000[0-1].png"))
+    with pytest.raises(MedlensError, match="fp16 needs a CUDA"):
+        _run(inputs, tmp_path / "a", precision="fp16")
+    with pytest.raises(MedlensError, match="--overlays"):
+        _run(inputs, tmp_path / "b", overlays="many")
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    result = _run(inputs, tmp_path / "c", precision="bf16", overlays="all")
+    assert result.done == 2 and len(list((tmp_path / "c" / "overlays").glob("*.png"))) == 2
