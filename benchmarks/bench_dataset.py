@@ -57,7 +57,7 @@ def bench_baseline(files, steps):
     import quantus
     from pytorch_grad_cam import GradCAM
 
-    from medlens.data.stream import ExplainDataset, PlannedItem
+    from medlens.workflows.stream import ExplainDataset, PlannedItem
 
     model = resnet()
     start = time.perf_counter()

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from medlens.core.tokens import merge_heads, split_heads  # noqa: F401  (re-exported)
 from medlens.errors import MedlensError
 
 
@@ -182,17 +183,6 @@ def block_indices(n_blocks: int, blocks: int | Sequence[int] | None) -> list[int
             raise MedlensError(f"block {b} is out of range: the model has {n_blocks} attention blocks")
         out.append(b % n_blocks)
     return sorted(set(out))
-
-
-def split_heads(qkv: Tensor, heads: int, parts: int = 3) -> tuple[Tensor, ...]:
-    """(B, N, parts*H*D) fused projection -> q, k(, v) each (B, H, N, D) (timm/MONAI/torch layout)."""
-    b, n, _ = qkv.shape
-    return qkv.reshape(b, n, parts, heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
-
-
-def merge_heads(t: Tensor) -> Tensor:
-    """(B, H, N, D) -> (B, N, H*D)."""
-    return t.transpose(1, 2).flatten(2)
 
 
 _PRE_NORM_BLOCKS = ("Block", "EncoderBlock", "TransformerBlock")  # x + attn(norm1(x)), then x + mlp(norm2(x))

@@ -23,8 +23,6 @@ from torch import Tensor, nn
 
 from medlens.errors import MedlensError
 
-if TYPE_CHECKING:  # pragma: no cover
-    from medlens.core.attention import AttentionCapture, AttentionSite
 
 #: Pre-norm residual blocks of transformers vision models: x + attn(norm_a(x)), then x + mlp(norm_b(x)).
 HF_BLOCKS = ("ViTLayer", "DeiTLayer", "BeitLayer", "Dinov2Layer", "Dinov2WithRegistersLayer", "ViTMSNLayer", "ViTMAELayer", "Data2VecVisionLayer")
@@ -118,7 +116,7 @@ def _first(out: object) -> Tensor:
 
 def hook_hf_site(cap: "AttentionCapture", index: int, site: "AttentionSite") -> None:
     """Register the hooks of one transformers attention site on ``cap`` (removed when it closes)."""
-    from medlens.core.attention import split_heads
+    from medlens.core.tokens import split_heads
 
     attn = site.attn
 

@@ -139,3 +139,14 @@ def default_token_layer(model: nn.Module) -> str | None:
         if isinstance(stage_blocks, (nn.Sequential, nn.ModuleList)) and len(stage_blocks) and hasattr(stage_blocks[-1], "norm1"):
             return f"layers.{_last_index(stages)}.blocks.{_last_index(stage_blocks)}.norm1"
     return None
+
+
+def split_heads(qkv: Tensor, heads: int, parts: int = 3) -> tuple[Tensor, ...]:
+    """(B, N, parts*H*D) fused projection -> q, k(, v) each (B, H, N, D) (timm/MONAI/torch layout)."""
+    b, n, _ = qkv.shape
+    return qkv.reshape(b, n, parts, heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+
+
+def merge_heads(t: Tensor) -> Tensor:
+    """(B, H, N, D) -> (B, N, H*D)."""
+    return t.transpose(1, 2).flatten(2)

@@ -65,10 +65,8 @@ def _version() -> str:
         from importlib.metadata import version
 
         return version("medlens")
-    except Exception:  # not installed (PYTHONPATH checkout)
-        import medlens
-
-        return str(getattr(medlens, "__version__", "0"))
+    except Exception:  # not installed (a PYTHONPATH checkout)
+        return "0"
 
 
 def _read(path: str) -> Any:
@@ -140,7 +138,7 @@ def _geometry_problem(datasets: list[Any]) -> str | None:
 
 def _on_grid(maps: torch.Tensor, meta: dict[str, Any]) -> torch.Tensor:
     """(K, *S) maps resampled to the input's own size (the source's pixel grid) when they are not."""
-    from medlens.core.engine import upsample
+    from medlens.core.resample import upsample
 
     maps = maps.detach().float().cpu()
     spatial = tuple(int(s) for s in meta["original_shape"][1:])

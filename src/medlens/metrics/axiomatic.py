@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from medlens.core.targets import Region
-from medlens.metrics.faithfulness import _all_logits, _baseline, _prepare, _readout
+from medlens.metrics.faithfulness import all_class_logits, perturbation_baseline, prepare_perturbation, read_scores
 from medlens.metrics.faithfulness_extra import masked_scores
 
 __all__ = ["completeness", "non_sensitivity"]
@@ -31,10 +31,10 @@ def completeness(
     Returns:
         (B,) float (0 for a complete attribution).
     """
-    flat, targets, _, _ = _prepare(model, x, maps, targets, region)
-    fill = _baseline(x, baseline, blur_sigma).contiguous()
-    clean = _readout(_all_logits(model, x, region, batch_size), targets, score)[0]
-    base = _readout(_all_logits(model, fill, region, batch_size), targets, score)[0]
+    flat, targets, _, _ = prepare_perturbation(model, x, maps, targets, region)
+    fill = perturbation_baseline(x, baseline, blur_sigma).contiguous()
+    clean = read_scores(all_class_logits(model, x, region, batch_size), targets, score)[0]
+    base = read_scores(all_class_logits(model, fill, region, batch_size), targets, score)[0]
     return (flat.double().sum(dim=1) - (clean - base).double()).abs().float()
 
 
@@ -53,14 +53,14 @@ def non_sensitivity(
     Returns:
         (B,) float count (0 is best). N / features_in_step forwards per image.
     """
-    flat, targets, _, _ = _prepare(model, x, maps, targets, region)
+    flat, targets, _, _ = prepare_perturbation(model, x, maps, targets, region)
     n = flat.shape[1]
     steps = math.ceil(n / features_in_step)
     chunk = torch.arange(n, device=x.device) // features_in_step
     removed = (chunk[None, :] == torch.arange(steps, device=x.device)[:, None]).view(1, steps, *x.shape[2:])
     removed = removed.expand(x.shape[0], *removed.shape[1:])
-    fill = _baseline(x, baseline, blur_sigma)
-    clean = _readout(_all_logits(model, x, region, batch_size), targets, score)[0]
+    fill = perturbation_baseline(x, baseline, blur_sigma)
+    clean = read_scores(all_class_logits(model, x, region, batch_size), targets, score)[0]
     preds = masked_scores(model, x, removed, fill, targets, region, batch_size, score)
     insensitive = ((preds - clean[:, None]).abs() < eps)[:, chunk]
     unattributed = flat < eps

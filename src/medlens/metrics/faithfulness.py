@@ -74,7 +74,7 @@ def gaussian_filter(x: Tensor, sigma: float, truncate: float = 3.0) -> Tensor:
     return out
 
 
-def _baseline(x: Tensor, baseline: str | float, blur_sigma: float) -> Tensor:
+def perturbation_baseline(x: Tensor, baseline: str | float, blur_sigma: float) -> Tensor:
     if isinstance(baseline, (int, float)):
         return torch.full_like(x, float(baseline))
     spatial = tuple(range(2, x.dim()))
@@ -89,7 +89,7 @@ def _baseline(x: Tensor, baseline: str | float, blur_sigma: float) -> Tensor:
     raise MedlensError(f"baseline {baseline!r} not understood: use zero, min, mean, blur or a number")
 
 
-def _prepare(model: nn.Module, x: Tensor, maps: Tensor, targets: Tensor | int | None, region: Region,
+def prepare_perturbation(model: nn.Module, x: Tensor, maps: Tensor, targets: Tensor | int | None, region: Region,
              need_logits: bool = False) -> tuple[Tensor, Tensor, int, Tensor | None]:
     """Check shapes; return maps (B, N) flattened, targets (B, 1), the number of classes and, when
     the targets are not given (or ``need_logits``), the clean logits (B, classes)."""
@@ -104,7 +104,7 @@ def _prepare(model: nn.Module, x: Tensor, maps: Tensor, targets: Tensor | int | 
         raise MedlensError(f"maps have shape {tuple(maps.shape)}; expected {(x.shape[0], *x.shape[2:])} to match x")
     logits = None
     if targets is None or need_logits:
-        logits = _all_logits(model, x, region, batch_size=max(1, x.shape[0]))
+        logits = all_class_logits(model, x, region, batch_size=max(1, x.shape[0]))
         n_classes = logits.shape[1]
     else:
         n_classes = _class_count(model, x, region)
@@ -124,7 +124,7 @@ def _class_count(model: nn.Module, x: Tensor, region: Region) -> int:
         return pool_scores(model(x[:1]), x[:1], region_rows(region, x, torch.zeros(1, dtype=torch.long))).shape[1]
 
 
-def _all_logits(model: nn.Module, stack: Tensor, region: Region, batch_size: int) -> Tensor:
+def all_class_logits(model: nn.Module, stack: Tensor, region: Region, batch_size: int) -> Tensor:
     """(b, classes) scores of every class for a stack of inputs, in no-grad chunks of ``batch_size``.
     ``region`` is shared by all inputs or, as a (b, 1, *S) tensor, one row per input."""
     per_row = isinstance(region, Tensor) and region.dim() == stack.dim() and region.shape[0] == stack.shape[0] > 1
@@ -137,7 +137,7 @@ def _all_logits(model: nn.Module, stack: Tensor, region: Region, batch_size: int
     return torch.cat(out)
 
 
-def _readout(logits: Tensor, targets: Tensor, score: str) -> tuple[Tensor, Tensor]:
+def read_scores(logits: Tensor, targets: Tensor, score: str) -> tuple[Tensor, Tensor]:
     """Target score (logit or probability) and whether the prediction is still the target."""
     if score == "sigmoid":
         values = logits.sigmoid().gather(1, targets)
@@ -176,8 +176,8 @@ def _score_steps(
         removed = removed.view(-1, 1, *x.shape[2:])
         stack = fill(xs.repeat_interleave(steps, dim=0), removed, start)
         image = torch.arange(start, start + xs.shape[0], device=x.device).repeat_interleave(steps)
-        logits = _all_logits(model, stack, region_rows(region, x, image), batch_size)
-        value, same = _readout(logits, targets[start : start + per_group].repeat_interleave(steps, dim=0), score)
+        logits = all_class_logits(model, stack, region_rows(region, x, image), batch_size)
+        value, same = read_scores(logits, targets[start : start + per_group].repeat_interleave(steps, dim=0), score)
         scores.append(value.view(-1, steps))
         kept.append(same.view(-1, steps))
     return torch.cat(scores), torch.cat(kept)
@@ -227,10 +227,10 @@ def perturbation_curve(
         raise MedlensError(f"mode must be 'deletion' or 'insertion'; got {mode!r}")
     if steps < 1:
         raise MedlensError(f"steps must be at least 1; got {steps}")
-    flat, targets, n_classes, _ = _prepare(model, x, maps, targets, region)
+    flat, targets, n_classes, _ = prepare_perturbation(model, x, maps, targets, region)
     n = flat.shape[1]
     counts = torch.div(torch.arange(steps + 1, device=x.device) * n, steps, rounding_mode="floor")
-    base = _baseline(x, baseline, blur_sigma)
+    base = perturbation_baseline(x, baseline, blur_sigma)
 
     def fill(repeated: Tensor, removed: Tensor, start: int) -> Tensor:
         b = repeated.shape[0] // (steps + 1)
@@ -369,7 +369,7 @@ def road(
     Returns:
         :class:`Curve` with fractions (P,) = p / 100, scores (B, P), kept (B, P) and auc (B,).
     """
-    flat, targets, n_classes, _ = _prepare(model, x, maps, targets, region)
+    flat, targets, n_classes, _ = prepare_perturbation(model, x, maps, targets, region)
     n = flat.shape[1]
     counts = torch.tensor([int(n * float(p) / 100) for p in percentages], device=x.device)
     generator = None if seed is None else torch.Generator(device=x.device).manual_seed(seed)
@@ -401,11 +401,11 @@ def confidence_change(
     Returns:
         {"average_drop": (B,), "increase_in_confidence": (B,)} per image.
     """
-    flat, targets, n_classes, logits = _prepare(model, x, maps, targets, region, need_logits=True)
+    flat, targets, n_classes, logits = prepare_perturbation(model, x, maps, targets, region, need_logits=True)
     masks = flat.clamp(0, 1).view(x.shape[0], 1, *x.shape[2:])
-    masked = _all_logits(model, x * masks, region, batch_size)
-    clean, _ = _readout(logits, targets, "softmax")
-    kept, _ = _readout(masked, targets, "softmax")
+    masked = all_class_logits(model, x * masks, region, batch_size)
+    clean, _ = read_scores(logits, targets, "softmax")
+    kept, _ = read_scores(masked, targets, "softmax")
     drop = (clean - kept).clamp_min(0) / clean.clamp_min(1e-12)
     return {"average_drop": drop, "increase_in_confidence": (kept > clean).float()}
 

@@ -26,8 +26,8 @@ from torch import Tensor, nn
 
 from medlens.core.targets import Region
 from medlens.errors import MedlensError
-from medlens.methods.attribution import region_rows
-from medlens.metrics.faithfulness import _all_logits, _baseline, _prepare, _readout
+from medlens.core.targets import region_rows
+from medlens.metrics.faithfulness import all_class_logits, perturbation_baseline, prepare_perturbation, read_scores
 
 __all__ = [
     "faithfulness_correlation", "faithfulness_estimate", "masked_scores", "monotonicity_arya",
@@ -86,13 +86,13 @@ def masked_scores(
     for start in range(0, b * t, batch_size):
         i, s = image[start : start + batch_size], step[start : start + batch_size]
         stack = torch.where(removed[i, s][:, None], fill[i], base[i])
-        logits = _all_logits(model, stack, region_rows(region, x, i), stack.shape[0])
-        out.append(_readout(logits, targets[i], score)[0])
+        logits = all_class_logits(model, stack, region_rows(region, x, i), stack.shape[0])
+        out.append(read_scores(logits, targets[i], score)[0])
     return torch.cat(out).view(b, t)
 
 
 def _clean_scores(model: nn.Module, x: Tensor, targets: Tensor, region: Region, batch_size: int, score: str) -> Tensor:
-    return _readout(_all_logits(model, x, region, batch_size), targets, score)[0]
+    return read_scores(all_class_logits(model, x, region, batch_size), targets, score)[0]
 
 
 def _subset_masks(idx: Tensor, n: int) -> Tensor:
@@ -116,7 +116,7 @@ def faithfulness_correlation(
     Returns:
         (B,) r in [-1, 1] (higher is more faithful).
     """
-    flat, targets, _, _ = _prepare(model, x, maps, targets, region)
+    flat, targets, _, _ = prepare_perturbation(model, x, maps, targets, region)
     n = flat.shape[1]
     if subsets is None:
         if subset_size > n:
@@ -125,7 +125,7 @@ def faithfulness_correlation(
         subsets = torch.rand(x.shape[0], n_runs, n, generator=gen).argsort(dim=2)[..., :subset_size]
     subsets = torch.as_tensor(subsets, device=x.device).long()
     removed = _subset_masks(subsets, n).view(x.shape[0], -1, *x.shape[2:])
-    fill = _baseline(x, baseline, blur_sigma)
+    fill = perturbation_baseline(x, baseline, blur_sigma)
     clean = _clean_scores(model, x, targets, region, batch_size, score)
     deltas = clean[:, None] - masked_scores(model, x, removed, fill, targets, region, batch_size, score)
     sums = flat.double().gather(1, subsets.flatten(1)).view(subsets.shape).sum(dim=2)
@@ -153,10 +153,10 @@ def faithfulness_estimate(
     Returns:
         (B,) r (higher is more faithful).
     """
-    flat, targets, _, _ = _prepare(model, x, maps, targets, region)
+    flat, targets, _, _ = prepare_perturbation(model, x, maps, targets, region)
     chunk, steps = _chunks(flat, features_in_step, descending=True)
     removed = (chunk[:, None, :] == torch.arange(steps, device=x.device)[None, :, None]).view(x.shape[0], steps, *x.shape[2:])
-    fill = _baseline(x, baseline, blur_sigma)
+    fill = perturbation_baseline(x, baseline, blur_sigma)
     clean = _clean_scores(model, x, targets, region, batch_size, score)
     deltas = clean[:, None] - masked_scores(model, x, removed, fill, targets, region, batch_size, score)
     sums = torch.zeros(x.shape[0], steps, dtype=torch.float64, device=x.device).scatter_add_(1, chunk, flat.double())
@@ -179,10 +179,10 @@ def monotonicity_arya(
     Returns:
         (B,) float 0/1 (and the (B, T) curve with ``return_curve``).
     """
-    flat, targets, _, _ = _prepare(model, x, maps, targets, region)
+    flat, targets, _, _ = prepare_perturbation(model, x, maps, targets, region)
     chunk, steps = _chunks(flat, features_in_step, descending=False)
     revealed = (chunk[:, None, :] <= torch.arange(steps, device=x.device)[None, :, None]).view(x.shape[0], steps, *x.shape[2:])
-    fill = _baseline(x, baseline, blur_sigma)
+    fill = perturbation_baseline(x, baseline, blur_sigma)
     curve = masked_scores(model, x, revealed, x, targets, region, batch_size, score, keep_from=fill)
     mono = (curve.diff(dim=1) >= 0).all(dim=1).float()
     return (mono, curve) if return_curve else mono
@@ -203,7 +203,7 @@ def monotonicity_nguyen(
     Returns:
         (B,) rho (higher is more faithful).
     """
-    flat, targets, _, _ = _prepare(model, x, maps, targets, region)
+    flat, targets, _, _ = prepare_perturbation(model, x, maps, targets, region)
     chunk, steps = _chunks(flat, features_in_step, descending=False)
     removed = (chunk[:, None, :] == torch.arange(steps, device=x.device)[None, :, None]).view(x.shape[0], steps, *x.shape[2:])
     clean = _clean_scores(model, x, targets, region, batch_size, score)
@@ -212,7 +212,7 @@ def monotonicity_nguyen(
     stochastic = baseline == "uniform"
     total = torch.zeros(x.shape[0], steps, dtype=torch.float64, device=x.device)
     for _ in range(n_samples if stochastic else 1):
-        fill = (torch.rand(x.shape, generator=gen).to(x) if stochastic else _baseline(x, baseline, blur_sigma))
+        fill = (torch.rand(x.shape, generator=gen).to(x) if stochastic else perturbation_baseline(x, baseline, blur_sigma))
         total += ((masked_scores(model, x, removed, fill, targets, region, batch_size, score) - clean[:, None]) ** 2).double()
     var = total / (n_samples if stochastic else 1) * inv[:, None].double()
     sums = torch.zeros(x.shape[0], steps, dtype=torch.float64, device=x.device).scatter_add_(1, chunk, flat.double())
@@ -261,7 +261,7 @@ def region_perturbation(
     Returns:
         (B, T) score drops, T = min(regions, patches); AOPC = ``.mean(dim=1)``.
     """
-    flat, targets, _, _ = _prepare(model, x, maps, targets, region)
+    flat, targets, _, _ = prepare_perturbation(model, x, maps, targets, region)
     ids, n_patches = _patch_ids(tuple(x.shape[2:]), patch_size, x.device)
     sums = torch.zeros(x.shape[0], n_patches, dtype=torch.float64, device=x.device).index_add_(1, ids, flat.double())
     if order == "random":
@@ -275,7 +275,7 @@ def region_perturbation(
     steps = min(regions, n_patches)
     loc_rank = rank[:, ids]  # (B, N)
     removed = (loc_rank[:, None, :] <= torch.arange(steps, device=x.device)[None, :, None]).view(x.shape[0], steps, *x.shape[2:])
-    fill = _baseline(x, baseline, blur_sigma)
+    fill = perturbation_baseline(x, baseline, blur_sigma)
     clean = _clean_scores(model, x, targets, region, batch_size, score)
     return (clean[:, None] - masked_scores(model, x, removed, fill, targets, region, batch_size, score)).float()
 
@@ -294,7 +294,7 @@ def selectivity(
     """
     drops = region_perturbation(model, x, maps, targets, patch_size, "morf", 10**9, baseline, score, region,
                                 batch_size, blur_sigma)
-    flat, tg, _, _ = _prepare(model, x, maps, targets, region)
+    flat, tg, _, _ = prepare_perturbation(model, x, maps, targets, region)
     clean = _clean_scores(model, x, tg, region, batch_size, score)
     curve = clean[:, None] - drops
     return curve, torch.trapezoid(curve.double(), dim=1).float()

@@ -55,7 +55,7 @@ def autocast_context(device: torch.device, precision: str):
 
 
 def plan_items(inputs: Sequence[str | Path]):
-    from medlens.data.stream import PlannedItem
+    from medlens.workflows.stream import PlannedItem
     from medlens.io.loading import plan_inputs
 
     return [PlannedItem(i, str(path), None if problem is None else str(problem))
@@ -192,7 +192,7 @@ def run_dataset(
     from medlens.workflows.explain import model_input_spec
 
     channels, _ = model_input_spec(model)
-    from medlens.data.stream import ExplainDataset, make_loader
+    from medlens.workflows.stream import ExplainDataset, make_loader
 
     dataset = ExplainDataset(plan, channels, size, normalize, policy)
     batches, owner = [], []
