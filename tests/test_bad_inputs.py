@@ -496,7 +496,7 @@ def test_full_disk_stops_in_one_line(tmp_path, weights, monkeypatch):
 
     monkeypatch.setattr(runner.os, "replace", full)
     good = _good(tmp_path / "in")
-    result = _invoke(["explain", SPEC, weights, *good, "--in-channels", "1", "-o", tmp_path / "out", "-b", "1"])
+    result = _invoke(["explain", SPEC, weights, *good, "--in-channels", "1", "-o", tmp_path / "out", "-b", "1", "--no-figures"])
     monkeypatch.undo()
     assert result.exit_code == 2 and "No space left on device" in result.output and "stopped after 1 complete" in result.output
     _assert_complete(tmp_path / "out", ["good_a"])

@@ -236,7 +236,7 @@ def test_prepare_applies_the_model_preprocessing(vit_dir):
     loaded = Loaded(torch.rand(1, 40, 48))
     item = prepare(Path("x.png"), loaded, 3, model.preprocessing.size, model.preprocessing)
     assert item.tensor.shape == (3, 32, 32)
-    resized = torch.nn.functional.interpolate(loaded.display().float().expand(3, -1, -1)[None], size=(32, 32), mode="bilinear", align_corners=False)[0]
+    resized = torch.nn.functional.interpolate(loaded.display().float().expand(3, -1, -1)[None], size=(32, 32), mode="bilinear", align_corners=False, antialias=True)[0]
     assert torch.allclose(item.tensor, model.preprocessing(resized), atol=1e-5)
 
 

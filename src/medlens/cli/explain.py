@@ -196,8 +196,10 @@ def check_explain_args(target: str, normalize: Optional[str], num_classes: Optio
         check_target_spec(target, num_classes)
     except MedlensError as error:
         words = [w.strip() for w in target.split(",")]
-        if not all(w and not w.isdigit() and w.lower() not in ("pred", "all") and not w.lower().startswith("top") for w in words):
-            fail(str(error))  # else: class names, resolved once the model's classes are known
+        names = [n.strip() for n in class_names.split(",")] if class_names else None
+        by_name = all(w[:1].isalpha() and w.lower() not in ("pred", "all") and not w.lower().startswith("top") for w in words)
+        if not by_name or (num_classes is not None and (names is None or any(w not in names for w in words))):
+            fail(str(error))  # else: class names, checked once a run folder's classes are known
     from medlens.data.prepare import parse_normalize
 
     try:

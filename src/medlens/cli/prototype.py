@@ -131,7 +131,8 @@ def prototype_command(
     shape = parse_size(size)
     if num_classes < 1:
         fail(f"--num-classes {num_classes}: a model has at least 1 class")
-    bad = [c for c in classes if not 0 <= c < num_classes]
+    numbers = [int(c) for c in classes if c.lstrip("-").isdigit()]
+    bad = [c for c in numbers if not 0 <= c < num_classes] if not is_run_folder(model) else [c for c in numbers if c < 0]
     if bad:
         fail(f"--class {bad[0]} is out of range for {num_classes} classes (0..{num_classes - 1}; see --num-classes)")
     if not 1 <= in_channels <= 64:
@@ -156,8 +157,11 @@ def prototype_command(
         pre = pre.override(size=tuple(shape), channels=pre.channels or in_channels, **parse_normalize(normalize))
         names = pre.class_names
         chosen = []
+        n_out = len(names) if names else num_classes
         for c in classes:
             if c.lstrip("-").isdigit():
+                if not 0 <= int(c) < n_out:
+                    raise MedlensError(f"--class {c} is out of range for {n_out} classes (0..{n_out - 1})")
                 chosen.append(int(c))
             elif names and c in names:
                 chosen.append(names.index(c))

@@ -11,6 +11,8 @@ from __future__ import annotations
 import math
 
 import numpy as np
+from typing import Any
+
 import torch
 from torch import Tensor
 
@@ -72,6 +74,13 @@ class FeatureAblation(InputMethod):
     """
 
     name = "feature-ablation"
+    segments: Any = "grid"
+    patch: int = 8
+    n_segments: int = 50
+    compactness: float = 10.0
+    baseline: float = 0.0
+    batch_size: int = 64
+
 
     def compute(self, ctx: Context) -> Tensor:
         x = ctx.x

@@ -27,7 +27,7 @@ def noisy_gradients(ctx: Context, options) -> Tensor:
         raise MedlensError(f"option samples={samples} must be at least 1")
     absolute = bool(options.get("absolute", True))
     generator = torch.Generator(device=x.device).manual_seed(int(options.get("seed", 0)))
-    if "stdev" in options:
+    if options.get("stdev") is not None:
         sigma = torch.full((x.shape[0],), float(options["stdev"]), device=x.device, dtype=x.dtype)
     else:
         flat = x.flatten(1)
@@ -53,6 +53,13 @@ class SmoothGradSquared(InputMethod):
     """
 
     name = "smoothgrad-sq"
+    samples: int = 25
+    noise_level: float = 0.15
+    stdev: float | None = None
+    absolute: bool = True
+    seed: int = 0
+    batch_size: int = 32
+
 
     def compute(self, ctx: Context) -> Tensor:
         grads = noisy_gradients(ctx, self.options)
@@ -66,6 +73,13 @@ class VarGrad(InputMethod):
     mean_n g_n^2 - (mean_n g_n)^2, as Captum; the map max over channels. Options as ``smoothgrad-sq``."""
 
     name = "vargrad"
+    samples: int = 25
+    noise_level: float = 0.15
+    stdev: float | None = None
+    absolute: bool = True
+    seed: int = 0
+    batch_size: int = 32
+
 
     def compute(self, ctx: Context) -> Tensor:
         grads = noisy_gradients(ctx, self.options)

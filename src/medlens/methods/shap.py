@@ -12,6 +12,8 @@ are scored in no-grad chunks of ``batch_size``.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
 
@@ -31,6 +33,15 @@ class ShapleySampling(InputMethod):
     """
 
     name = "shapley-sampling"
+    segments: Any = "grid"
+    patch: int = 8
+    n_segments: int = 50
+    compactness: float = 10.0
+    baseline: float = 0.0
+    batch_size: int = 64
+    samples: int = 25
+    seed: int = 0
+
 
     def compute(self, ctx: Context) -> Tensor:
         x = ctx.x
@@ -76,6 +87,14 @@ class GradientSHAP(InputMethod):
     """
 
     name = "gradient-shap"
+    samples: int = 25
+    stdev: float = 0.0
+    batch_size: int = 32
+    seed: int = 0
+    baselines: Any = 0.0
+    baseline_index: Any = None
+    alphas: Any = None
+
 
     def compute(self, ctx: Context) -> Tensor:
         from medlens.methods.attribution import input_gradients

@@ -187,7 +187,7 @@ def explanation_panels(
         if low < 0 or high > 1:  # model units, not an image: rescale instead of clipping to near-binary
             image = (image - low) / max(high - low, 1e-12)
     if tuple(image.shape[1:]) != tuple(maps.shape[1:]):
-        from medlens.core.engine import upsample
+        from medlens.core.resample import upsample
 
         maps = upsample(maps[None], image.shape[1:])[0]
     if mask is not None and mask.dim() == image.dim():  # (1, *S) -> (*S)

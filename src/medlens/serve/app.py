@@ -404,7 +404,8 @@ class Server:
         region: str | None, truth_mask: torch.Tensor | None, truth_box: list[int] | None, box_fraction: float = 0.05,
     ) -> dict[str, Any]:
         from medlens.core.boxes import component_regions
-        from medlens.core.engine import METHODS, explain, upsample
+        from medlens.core.engine import METHODS, explain
+        from medlens.core.resample import upsample
         from medlens.workflows.explain import prepare
 
         served = self.models.get(model_name)
@@ -512,7 +513,7 @@ def _metrics(maps: torch.Tensor, mask: torch.Tensor | None, box: list[int] | Non
 
     if mask is not None:
         if tuple(mask.shape) != spatial:
-            from medlens.core.engine import upsample
+            from medlens.core.resample import upsample
 
             mask = upsample(mask.float()[None, None], spatial)[0, 0] > 0.5
         kwargs = {"masks": mask.bool()[None]}

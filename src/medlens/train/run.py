@@ -105,8 +105,9 @@ def check_checkpoint(path: Path) -> None:
         found = re.search(r"GLOBAL ([\w.]+)", str(error))
         what = f"it pickles {found.group(1)}" if found else "not a torch checkpoint"
         raise MedlensError(f"--resume: checkpoint {path} refused ({what}); delete it to start afresh") from None
-    except (RuntimeError, EOFError, OSError, ValueError) as error:
-        raise MedlensError(f"--resume: checkpoint {path} is corrupt or truncated ({str(error).splitlines()[0][:160]})") from None
+    except (RuntimeError, EOFError, OSError, ValueError, IndexError, KeyError, TypeError, AttributeError) as error:
+        reason = (str(error).splitlines() or [type(error).__name__])[0][:160]
+        raise MedlensError(f"--resume: checkpoint {path} is corrupt or truncated ({reason})") from None
 
 
 def train(config: TrainConfig | str | Path, out_dir: str | Path | None = None, resume: bool = False, **trainer_kwargs: Any) -> TrainResult:

@@ -387,7 +387,7 @@ def _finish(store, config, overlays, n_boot, ci, names, plan, size, normalize, c
 def _draw_overlays(store, chosen, size, normalize, channels) -> list[dict[str, Any]]:
     import zarr
 
-    from medlens.core.engine import upsample
+    from medlens.core.resample import upsample
     from medlens.io.atomic import atomic_path
     from medlens.io.loading import read_image
     from medlens.render import overlay

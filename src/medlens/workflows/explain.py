@@ -77,6 +77,8 @@ def prepare(
         normalize: ``none``, ``imagenet`` (mean/std per RGB channel) or ``zscore`` (per image).
         preprocessing: a full record (e.g. a run folder's); replaces the three arguments above.
     """
+    if preprocessing is None and callable(normalize):  # a model's own preparation (medlens.models.preprocessing)
+        preprocessing = Preprocessing(channels=channels, size=tuple(size) if size else None, model_transform=normalize)
     pre = preprocessing or Preprocessing(channels=channels, size=tuple(size) if size else None, normalize=normalize)
     if pre.size is not None and len(pre.size) != loaded.image.dim() - 1:
         raise MedlensError(f"{path}: --size has {len(pre.size)} numbers for a {loaded.image.dim() - 1}D image")
