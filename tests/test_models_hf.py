@@ -268,3 +268,20 @@ def test_hf_beit_attention_with_layer_scale_equals_output_attentions(tmp_path):
     assert maps.shape == (2, 1, 32, 32) and torch.isfinite(maps).all()
     with pytest.raises(MedlensError, match="chefer supports"):
         explain(sdpa, x, "chefer")
+
+
+def test_served_hf_model_uses_its_own_preprocessing(vit_dir, tmp_path):
+    """`medlens serve --model hf:DIR` builds the model through served_model: the model's channels,
+    size, normalisation and class names; attention and CAM methods answer over the REST API."""
+    from fastapi.testclient import TestClient
+
+    from medlens.serve.app import create_app, served_model
+
+    Image.fromarray((np.random.default_rng(0).random((40, 48)) * 255).astype(np.uint8)).save(tmp_path / "scan.png")
+    served = served_model(f"hf:{vit_dir}")
+    assert served.in_channels == 3 and served.size == (32, 32) and served.class_names == ["glioma", "meningioma", "pituitary"]
+    client = TestClient(create_app([served], data_dir=tmp_path))
+    for method in ("gradcam", "rollout"):
+        answer = client.post("/api/explain", data={"path": "scan.png", "method": method})
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["prediction"]["name"] in served.class_names

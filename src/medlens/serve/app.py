@@ -66,7 +66,7 @@ class ServedModel:
     dims: int = 2
     in_channels: int = 1
     size: tuple[int, ...] | None = None
-    normalize: str = "none"
+    normalize: Any = "none"  # none, imagenet, zscore, or a model's own preparation (callable)
     class_names: list[str] | None = None
     lock: threading.Lock = field(default_factory=threading.Lock)
     layers: list[str] = field(default_factory=list)
@@ -866,6 +866,12 @@ def served_model(
         if not weights.lower().endswith((".pt", ".pth", ".ckpt", ".safetensors", ".bin")):
             raise MedlensError(f"--weights {weights}: only .pt/.pth/.ckpt/.safetensors files are loaded")
         load_weights(model, weights)
+    own = getattr(model, "preprocessing", None)  # hf: and bundle: models bring their own preparation
+    if own is not None:
+        in_channels = own.in_channels or in_channels
+        size = size or (own.size if own.transform is None else None)
+        class_names = class_names or own.class_names
+        normalize = own if normalize == "none" else normalize
     if size is not None and len(size) == 1:
         size = tuple(size) * dims
     return ServedModel(
