@@ -60,7 +60,6 @@ class SmoothGradSquared(InputMethod):
     seed: int = 0
     batch_size: int = 32
 
-
     def compute(self, ctx: Context) -> Tensor:
         grads = noisy_gradients(ctx, self.options)
         self.attributions = (grads * grads).mean(dim=1)
@@ -68,17 +67,11 @@ class SmoothGradSquared(InputMethod):
 
 
 @register
-class VarGrad(InputMethod):
+class VarGrad(SmoothGradSquared):  # the same options
     """VarGrad: the (population) variance over samples of the noisy gradients,
     mean_n g_n^2 - (mean_n g_n)^2, as Captum; the map max over channels. Options as ``smoothgrad-sq``."""
 
     name = "vargrad"
-    samples: int = 25
-    noise_level: float = 0.15
-    stdev: float | None = None
-    absolute: bool = True
-    seed: int = 0
-    batch_size: int = 32
 
 
     def compute(self, ctx: Context) -> Tensor:
