@@ -65,15 +65,10 @@ def segments_for(x: Tensor, options) -> Tensor:
     raise MedlensError(f"segments must be 'grid', 'slic' or a label tensor; got {kind!r}")
 
 
-@register
-class FeatureAblation(InputMethod):
-    """Feature ablation over segments: a(s) = f_t(x) - f_t(x with seg(s) -> baseline).
+class SegmentMethod(InputMethod):
+    """Options shared by the methods that perturb whole segments (grid patches, SLIC
+    superpixels/supervoxels, or a user's label tensor) towards a constant baseline."""
 
-    Options: segments ("grid" | "slic" | tensor), patch (8), n_segments (50), compactness (10),
-    baseline (0.0), batch_size (64). One forward per segment and image.
-    """
-
-    name = "feature-ablation"
     segments: Any = "grid"
     patch: int = 8
     n_segments: int = 50
@@ -81,6 +76,16 @@ class FeatureAblation(InputMethod):
     baseline: float = 0.0
     batch_size: int = 64
 
+
+@register
+class FeatureAblation(SegmentMethod):
+    """Feature ablation over segments: a(s) = f_t(x) - f_t(x with seg(s) -> baseline).
+
+    Options: segments ("grid" | "slic" | tensor), patch (8), n_segments (50), compactness (10),
+    baseline (0.0), batch_size (64). One forward per segment and image.
+    """
+
+    name = "feature-ablation"
 
     def compute(self, ctx: Context) -> Tensor:
         x = ctx.x

@@ -18,14 +18,14 @@ import torch
 from torch import Tensor
 
 from medlens.core.engine import Context, register, score_batches
-from medlens.methods.ablation import segments_for
+from medlens.methods.ablation import SegmentMethod, segments_for
 from medlens.methods.attribution import InputMethod, region_rows
 
 __all__ = ["GradientSHAP", "ShapleySampling"]
 
 
 @register
-class ShapleySampling(InputMethod):
+class ShapleySampling(SegmentMethod):
     """Shapley value sampling over segments.
 
     Options: segments ("grid" | "slic" | tensor), patch (8), n_segments (50), compactness (10),
@@ -33,15 +33,8 @@ class ShapleySampling(InputMethod):
     """
 
     name = "shapley-sampling"
-    segments: Any = "grid"
-    patch: int = 8
-    n_segments: int = 50
-    compactness: float = 10.0
-    baseline: float = 0.0
-    batch_size: int = 64
     samples: int = 25
     seed: int = 0
-
 
     def compute(self, ctx: Context) -> Tensor:
         x = ctx.x
