@@ -55,3 +55,14 @@ def hippocampus() -> Path:
 @pytest.fixture
 def chest_dicom() -> Path:
     return shared_path("chest-xray-dicom")
+
+
+@pytest.fixture(scope="module")
+def grey_resnet() -> torch.nn.Module:
+    """A 1-channel, 3-class torchvision ResNet-18 with seeded random weights (nothing downloaded)."""
+    import torchvision
+
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=3)
+    model.conv1 = torch.nn.Conv2d(1, 64, 7, 2, 3, bias=False)
+    return model.eval()

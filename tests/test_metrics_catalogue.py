@@ -6,7 +6,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-import torchvision
 
 import medlens
 from medlens.metrics import faithfulness_extra as fx
@@ -14,14 +13,6 @@ from medlens.metrics import faithfulness_extra as fx
 from conftest import shared_path
 
 SIZE = 32
-
-
-@pytest.fixture(scope="module")
-def grey_resnet():
-    torch.manual_seed(0)
-    model = torchvision.models.resnet18(num_classes=3)
-    model.conv1 = torch.nn.Conv2d(1, 64, 7, 2, 3, bias=False)
-    return model.eval()
 
 
 @pytest.fixture(scope="module")

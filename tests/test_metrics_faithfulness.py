@@ -14,14 +14,6 @@ from medlens.metrics import confidence_change, noisy_linear_imputation, perturba
 
 
 @pytest.fixture(scope="module")
-def grey_resnet():
-    torch.manual_seed(0)
-    model = torchvision.models.resnet18(num_classes=3)
-    model.conv1 = torch.nn.Conv2d(1, 64, 7, 2, 3, bias=False)
-    return model.eval()
-
-
-@pytest.fixture(scope="module")
 def images():
     gen = torch.Generator().manual_seed(0)
     return torch.rand(3, 1, 28, 28, generator=gen)

@@ -14,7 +14,7 @@ from torch import Tensor
 
 from medlens.core.engine import Context, register
 from medlens.errors import MedlensError
-from medlens.methods.attribution import InputMethod, input_gradients
+from medlens.methods.attribution import SmoothGrad, input_gradients
 
 __all__ = ["SmoothGradSquared", "VarGrad", "noisy_gradients"]
 
@@ -45,7 +45,7 @@ def noisy_gradients(ctx: Context, options) -> Tensor:
 
 
 @register
-class SmoothGradSquared(InputMethod):
+class SmoothGradSquared(SmoothGrad):  # SmoothGrad's options and their checks
     """SmoothGrad-squared: mean_n g_n^2 per input element, the map max over channels.
 
     Options: as ``smoothgrad`` -- samples (25), noise_level (0.15 of the image range) or stdev,
@@ -53,17 +53,11 @@ class SmoothGradSquared(InputMethod):
     """
 
     name = "smoothgrad-sq"
-    samples: int = 25
-    noise_level: float = 0.15
-    stdev: float | None = None
-    absolute: bool = True
-    seed: int = 0
-    batch_size: int = 32
 
     def compute(self, ctx: Context) -> Tensor:
         grads = noisy_gradients(ctx, self.options)
-        self.attributions = (grads * grads).mean(dim=1)
-        return self.attributions.amax(dim=2)
+        ctx.info["attributions"] = (grads * grads).mean(dim=1)  # (B, K, C_in, *S)
+        return ctx.info["attributions"].amax(dim=2)
 
 
 @register
@@ -76,5 +70,5 @@ class VarGrad(SmoothGradSquared):  # the same options
 
     def compute(self, ctx: Context) -> Tensor:
         grads = noisy_gradients(ctx, self.options)
-        self.attributions = (grads * grads).mean(dim=1) - grads.mean(dim=1) ** 2
-        return self.attributions.amax(dim=2)
+        ctx.info["attributions"] = (grads * grads).mean(dim=1) - grads.mean(dim=1) ** 2
+        return ctx.info["attributions"].amax(dim=2)

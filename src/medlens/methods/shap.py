@@ -120,5 +120,5 @@ class GradientSHAP(InputMethod):
         grads = torch.cat([input_gradients(ctx, points[i : i + chunk], targets[i : i + chunk], images[i : i + chunk])
                            for i in range(0, total, chunk)])  # (total, K, C, *S)
         attr = (grads * diff[:, None]).unflatten(0, (b, samples)).mean(dim=1)
-        self.attributions = attr
+        ctx.info["attributions"] = attr  # (B, K, C_in, *S)
         return attr.sum(dim=2)
