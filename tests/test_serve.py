@@ -321,6 +321,13 @@ def test_model_from_a_training_run_folder(tmp_path):
     assert served.name == "run" and served.size == (48, 48) and served.dims == 2
     assert served.classes() == ["glioma", "meningioma", "pituitary"]
     assert torch.equal(served.model.fc.weight, trained.fc.weight)
+    # the run's training normalisation (a per-image z-score here) is what the server applies
+    from medlens.data.prepare import model_tensor
+
+    pre = served.input_preparation()
+    assert pre.normalize == "zscore" and pre.size == (48, 48)
+    x = model_tensor(torch.rand(1, 60, 60), pre)
+    assert x.shape == (1, 48, 48) and abs(float(x.mean())) < 1e-4 and abs(float(x.std()) - 1) < 0.05
     with pytest.raises(Exception, match="only .pt"):
         served_model("medlens.models:phantom_net", weights=str(run / "config.yaml"))
 

@@ -30,7 +30,7 @@ import threading
 import uuid
 import zipfile
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -71,6 +71,18 @@ class ServedModel:
     lock: threading.Lock = field(default_factory=threading.Lock)
     layers: list[str] = field(default_factory=list)
     default_layer: str | None = None
+    #: the full input preparation (a run folder's training steps, an hf:/bundle: model's own);
+    #: None builds one from the fields above
+    preprocessing: Any = None
+
+    def input_preparation(self) -> Any:
+        from medlens.data.prepare import Preprocessing
+
+        if self.preprocessing is not None:
+            return self.preprocessing
+        if callable(self.normalize):
+            return Preprocessing(channels=self.in_channels, size=self.size, model_transform=self.normalize)
+        return Preprocessing(channels=self.in_channels, size=self.size, normalize=self.normalize)
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -417,7 +429,7 @@ class Server:
         if dims != served.dims:
             raise HTTPProblem(400, f"model {model_name!r} takes {served.dims}D inputs; {opened.name} is {dims}D")
         try:
-            prepared = prepare(Path(opened.name), opened.loaded, served.in_channels, served.size, served.normalize)
+            prepared = prepare(Path(opened.name), opened.loaded, None, None, preprocessing=served.input_preparation())
         except MedlensError as error:
             raise HTTPProblem(400, str(error)) from None
         region_value = _parse_box(region, dims, "region") if region else None
@@ -829,52 +841,31 @@ def served_model(
 ) -> ServedModel:
     """Build a :class:`ServedModel` from a model spec or a ``medlens train`` run folder.
 
-    A run folder (``config.yaml`` + ``best.safetensors``) gives the spec, channels, size and
-    class names of the run; options given here win. Weights load safely (``weights_only`` or
-    safetensors) and only from ``.pt/.pth/.ckpt/.safetensors`` files.
+    The model and its preparation come from :func:`medlens.models.run_folder.load_model_source`,
+    the loader ``explain``, ``evaluate`` and ``prototype`` use: a run folder gives the spec, kwargs,
+    channels, size, training normalisation and class names of the run; an ``hf:`` or ``bundle:``
+    model its own. Options given here win. Weights load safely (``weights_only`` or safetensors)
+    and only from ``.pt/.pth/.ckpt/.safetensors/.bin`` files.
     """
-    from medlens.models import build_model, load_weights
+    from medlens.data.prepare import parse_normalize
+    from medlens.models.run_folder import is_run_folder, is_weights_file, load_model_source
 
-    kwargs: dict[str, Any] = {}
-    run = Path(spec)
-    if run.is_dir() and (run / "config.yaml").is_file():
-        import yaml
-
-        config = yaml.safe_load((run / "config.yaml").read_text()) or {}
-        model_cfg, data_cfg = config.get("model", {}) or {}, config.get("data", {}) or {}
-        name = name or run.name
-        spec_text = model_cfg.get("spec")
-        if not spec_text:
-            raise MedlensError(f"{run}/config.yaml names no model.spec")
-        kwargs = dict(model_cfg.get("kwargs") or {})
-        in_channels = int(data_cfg.get("in_channels", in_channels))
-        trained: dict[str, Any] = {}
-        if (run / "metrics.json").is_file():
-            trained = json.loads((run / "metrics.json").read_text()) or {}
-        classes = trained.get("classes") or data_cfg.get("class_names") or config.get("class_names")
-        num_classes = int(model_cfg.get("num_classes") or (len(classes) if classes else num_classes))
-        dims = 3 if config.get("task") == "segmentation" and not data_cfg.get("slices") else 2
-        if size is None and data_cfg.get("image_size"):
-            size = tuple(int(v) for v in data_cfg["image_size"])
-            dims = len(size) if len(size) in (2, 3) else dims
-        class_names = class_names or classes
-        if weights is None and (run / "best.safetensors").is_file():
-            weights = str(run / "best.safetensors")
-        spec = spec_text
-    model = build_model(spec, num_classes=num_classes, in_channels=in_channels, spatial_dims=dims, **kwargs)
-    if weights and weights.lower() not in ("none", "-", "random"):
-        if not weights.lower().endswith((".pt", ".pth", ".ckpt", ".safetensors", ".bin")):
-            raise MedlensError(f"--weights {weights}: only .pt/.pth/.ckpt/.safetensors files are loaded")
-        load_weights(model, weights)
-    own = getattr(model, "preprocessing", None)  # hf: and bundle: models bring their own preparation
-    if own is not None:
-        in_channels = own.in_channels or in_channels
-        size = size or (own.size if own.transform is None else None)
-        class_names = class_names or own.class_names
-        normalize = own if normalize == "none" else normalize
-    if size is not None and len(size) == 1:
-        size = tuple(size) * dims
+    if weights is not None and not is_weights_file(weights):
+        raise MedlensError(f"--weights {weights}: only .pt/.pth/.ckpt/.safetensors files are loaded")
+    source = load_model_source(spec, weights, num_classes=num_classes, in_channels=in_channels, dims=dims,
+                               device=device, class_names=list(class_names) if class_names else None)
+    pre = source.preprocessing
+    run = is_run_folder(spec)
+    changes = parse_normalize(normalize) if (normalize != "none" or not run) else {}
+    if size is not None:
+        dims_now = pre.dims or dims
+        changes["size"] = tuple(size) * dims_now if len(size) == 1 else tuple(size)
+    pre = pre.override(channels=pre.channels or in_channels, dims=pre.dims or dims,
+                       class_names=list(class_names) if class_names else None, **changes)
+    if pre.model_transform is not None and normalize != "none":
+        pre = replace(pre, model_transform=None)
     return ServedModel(
-        name=name or spec, model=model.to(device).eval(), dims=dims, in_channels=in_channels,
-        size=tuple(size) if size else None, normalize=normalize, class_names=list(class_names) if class_names else None,
+        name=name or (Path(spec).name if run else spec), model=source.model.eval(), dims=pre.dims or dims,
+        in_channels=pre.channels or in_channels, size=pre.size, normalize=pre.normalize,
+        class_names=list(pre.class_names) if pre.class_names else None, preprocessing=pre,
     )
