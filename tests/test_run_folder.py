@@ -132,6 +132,40 @@ def test_segmentation_run_folder_explained_with_predicted_regions(hippo_run: Pat
     assert nib.load(str(out / record["prediction_nifti"])).shape[:3] == source.shape[:3]
 
 
+def test_slice_trained_unet_explains_a_volume_slice_by_slice(tmp_path: Path) -> None:
+    """A 2D U-Net trained on axial slices explains a whole volume from its run folder: each slice is
+    prepared as in training, explained, and the maps are stacked back into the source geometry."""
+    root = DATA / "hippocampus"
+    if not (root / "imagesTr").is_dir():
+        pytest.skip(f"hippocampus data not found at {root}")
+    run = tmp_path / "run"
+    overrides = [f"data.root={root}", "data.slices=true", "data.image_size=[32,48]", "data.limit=5", "data.batch_size=32",
+                 "trainer.max_epochs=1", "trainer.progress=none", "trainer.precision=32-true",
+                 "model.kwargs={channels: [4, 8], strides: [2], num_res_units: 0}"]
+    train(load_config(CONFIGS / "hippocampus_unet3d.yaml", overrides), out_dir=run, enable_model_summary=False)
+    volume = Path(_rows(run / "validation_samples.csv")[0]["path"])
+    out = tmp_path / "out"
+    result = _run("explain", run, volume, "--target", "1,2", "--region", "pred", "--out", out, "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    record = json.loads(next(out.glob("*_gradcam.json")).read_text())
+    source = nib.load(str(volume))
+    assert record["sliced"] == {"axis": "Z", "slices": source.shape[2]}
+    assert record["task"] == "segmentation" and [t["name"] for t in record["targets"]] == ["Anterior", "Posterior"]
+    written = nib.load(str(out / record["targets"][0]["nifti"]))
+    assert written.shape[:3] == source.shape[:3] and np.allclose(written.affine, source.affine)
+    prediction = nib.load(str(out / record["prediction_nifti"]))
+    assert prediction.shape[:3] == source.shape[:3]
+    # the stacked prediction is the model's own per-slice prediction, slice by slice
+    pre = load_model_source(str(run), device="cpu")
+    ready = prepare_loaded(read_image(volume), pre.preprocessing)
+    assert ready.slice_axis == 2 and ready.tensor.shape == (source.shape[2], 1, 32, 48)
+    with torch.no_grad():
+        logits = pre.model(ready.tensor)  # (Z, N, 32, 48)
+    upsampled = torch.nn.functional.interpolate(logits.movedim(0, 3)[None], size=source.shape[:3], mode="trilinear")
+    agree = (upsampled[0].argmax(0).numpy() == np.asarray(prediction.dataobj)).mean()
+    assert agree > 0.98, agree
+
+
 # ---------------------------------------------------------------------------- the bugs of issue 9
 
 

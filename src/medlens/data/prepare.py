@@ -119,6 +119,9 @@ class PreparedInput:
     display: Tensor
     meta: dict[str, Any] = field(default_factory=dict)
     path: Path | None = None
+    #: set for a volume prepared for a 2D model trained on its slices: ``tensor`` is then
+    #: (n_slices, C_model, *size), the slices along this axis (X, Y, Z order)
+    slice_axis: int | None = None
 
 
 def model_tensor(display: Tensor, pre: Preprocessing, where: str = "input") -> Tensor:
@@ -149,7 +152,20 @@ def prepare_loaded(loaded: Loaded, pre: Preprocessing, path: str | Path | None =
     """A read input to (model tensor, display image in [0, 1] at its own size, its geometry)."""
     where = str(path or loaded.meta.get("source", "input"))
     display = loaded.display().float()
+    if pre.slice_axis is not None and display.dim() == 4:
+        return PreparedInput(slice_tensors(display, pre, where), display, dict(loaded.meta), Path(where), pre.slice_axis)
     return PreparedInput(model_tensor(display, pre, where), display, dict(loaded.meta), Path(where))
+
+
+def slice_tensors(volume: Tensor, pre: Preprocessing, where: str = "input") -> Tensor:
+    """(C, X, Y, Z) volume in [0, 1] to (n, C_model, *size) model slices along ``pre.slice_axis``,
+    each prepared as training prepared it (:class:`medlens.data.datasets.VolumeSlices`: the slice
+    resized, then normalised on its own)."""
+    axis = int(pre.slice_axis or 0)
+    if not 0 <= axis < volume.dim() - 1:
+        raise MedlensError(f"{where}: slice axis {axis} does not exist in a {volume.dim() - 1}D volume")
+    slices = volume.movedim(1 + axis, 0)  # (n, C, *plane)
+    return torch.stack([model_tensor(plane, pre, f"{where} slice {i}") for i, plane in enumerate(slices)])
 
 
 def prepare_batch(images: Sequence[Tensor] | Tensor, pre: Preprocessing) -> Tensor:

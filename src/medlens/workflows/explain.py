@@ -43,6 +43,8 @@ class Prepared:
     tensor: Tensor
     display: Tensor  # (C, *S_original) in [0, 1], for drawing
     stem: str = ""  # output file-name stem, unique within the run
+    #: a volume for a 2D model trained on its slices: tensor is (n_slices, C, *size) along this axis
+    slice_axis: int | None = None
 
 
 @dataclass
@@ -80,16 +82,23 @@ def prepare(
     if preprocessing is None and callable(normalize):  # a model's own preparation (medlens.models.preprocessing)
         preprocessing = Preprocessing(channels=channels, size=tuple(size) if size else None, model_transform=normalize)
     pre = preprocessing or Preprocessing(channels=channels, size=tuple(size) if size else None, normalize=normalize)
-    if pre.size is not None and len(pre.size) != loaded.image.dim() - 1:
+    sliced = pre.slice_axis is not None and loaded.image.dim() == 4
+    if pre.size is not None and len(pre.size) != loaded.image.dim() - 1 - sliced:
         raise MedlensError(f"{path}: --size has {len(pre.size)} numbers for a {loaded.image.dim() - 1}D image")
     ready = prepare_loaded(loaded, pre, path)
-    return Prepared(path, loaded, ready.tensor, ready.display)
+    return Prepared(path, loaded, ready.tensor, ready.display, slice_axis=ready.slice_axis)
 
 
 def batches_by_shape(items: Iterable[Prepared], batch_size: int) -> Iterable[list[Prepared]]:
     """Group consecutive inputs of the same shape into batches of at most ``batch_size``."""
     batch: list[Prepared] = []
     for item in items:
+        if item.slice_axis is not None:  # a sliced volume is a batch of its own slices
+            if batch:
+                yield batch
+                batch = []
+            yield [item]
+            continue
         if batch and (len(batch) == batch_size or batch[0].tensor.shape != item.tensor.shape):
             yield batch
             batch = []
@@ -355,6 +364,14 @@ def _explained(model, batch, device, method, target, layer, options, summary, re
     groups = [batch]
     while groups:
         group = groups.pop(0)
+        if group[0].slice_axis is not None:
+            try:
+                result, extra, output = _explain_slices(model, group[0], device, method, target, layer, options, region)
+            except (MedlensError, RuntimeError) as error:
+                summary.bad.append((group[0].path, f"{method}: {one_line(error)}"))
+                continue
+            yield group, result, extra, output
+            continue
         x = torch.stack([p.tensor for p in group]).to(device)
         try:
             if region is not None:
@@ -376,6 +393,62 @@ def _explained(model, batch, device, method, target, layer, options, summary, re
                                     "check the model's weights"))
             continue
         yield group, result, extra, output
+
+
+SLICE_CHUNK = 16
+
+
+def _explain_slices(model, item, device, method, target, layer, options, region, chunk: int = SLICE_CHUNK):
+    """Explain a volume with a 2D model trained on its slices (:attr:`Preprocessing.slice_axis`).
+
+    The targets are chosen once for the volume (its slices' pooled scores, averaged), every slice is
+    explained for them in batches of ``chunk``, and the raw maps are stacked back into a volume and
+    normalised over the whole volume, so slices keep their relative strength.
+
+    Returns:
+        (Explanation with (1, K, *S) maps, extra JSON fields, (1, N, *S) segmentation output or None).
+    """
+    from medlens.core.resample import normalise, upsample
+    from medlens.core.targets import pool_scores, resolve_targets
+
+    if region is not None and str(region) != "pred":
+        raise MedlensError("a model trained on slices takes --region pred or no region, not a mask or a box")
+    axis, slices = item.slice_axis, item.tensor
+    with torch.no_grad():
+        outputs = torch.cat([_segmentation_output(model, slices[s : s + chunk].to(device)) for s in range(0, len(slices), chunk)])
+    segmentation = outputs.dim() == slices.dim()
+    pooled = pool_scores(outputs, slices) if segmentation else outputs
+    classes = resolve_targets(target, pooled.mean(0, keepdim=True))[0]
+    predicted = outputs.argmax(1) if segmentation else None
+    used: dict[int, str] = {}
+    columns = []  # per target class: (Z, 1, *plane) raw maps upsampled to the slice size, and the Explanation parts
+    for cls in classes.tolist() if region is not None else [classes.tolist()]:
+        parts = []
+        for s in range(0, len(slices), chunk):
+            x = slices[s : s + chunk].to(device)
+            mask = None
+            if region is not None:
+                mask = predicted[s : s + chunk] == cls
+                mask[~mask.flatten(1).any(1)] = True  # slices without the class pool over the whole slice
+            targets = torch.tensor([cls] if region is not None else cls, device=device).expand(len(x), -1)
+            parts.append(explain(model, x, method, target=targets, layer=layer, region=mask, **options))
+        if region is not None:
+            count = int((predicted == cls).sum())
+            used[int(cls)] = f"predicted mask ({count} voxels)" if count else "whole slices (class not predicted)"
+        columns.append(parts)
+    first = columns[0][0]
+    plane = tuple(slices.shape[2:])
+    raw = torch.cat([torch.cat([upsample(p.raw, plane) for p in parts]) for parts in columns], 1)  # (Z, K, *plane)
+    raw_volume = raw.movedim(0, 1 + axis).unsqueeze(0)  # (1, K, *S)
+    scores = torch.cat([torch.cat([p.scores for p in parts]) for parts in columns], 1).mean(0, keepdim=True)
+    result = Explanation(normalise(raw_volume), raw_volume, classes[None].to(device), scores, pooled.mean(0, keepdim=True),
+                         first.method, first.layers, "segmentation" if segmentation else first.task,
+                         {**first.info, "slice_axis": axis, "slices": len(slices)})
+    extra: dict[str, Any] = {"sliced": {"axis": "XYZ"[axis], "slices": len(slices)}}
+    if region is not None:
+        extra |= {"region": "pred", "region_per_class": used}
+    output = outputs.movedim(0, 1 + axis).unsqueeze(0) if segmentation else None
+    return result, extra, output
 
 
 def _inside(path: Path, folder: Path) -> bool:
