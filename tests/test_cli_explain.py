@@ -194,3 +194,39 @@ def test_a_model_that_fails_on_the_inputs_is_reported_per_file_not_as_a_tracebac
     assert result.exit_code == 1 and result.exception is None or isinstance(result.exception, SystemExit), result.output
     skipped = [line for line in result.output.splitlines() if line.startswith("skipped")]
     assert len(skipped) == 6 and all("RuntimeError" in line for line in skipped), result.output
+
+
+def test_two_layers_side_by_side_with_fusion_none(brain_mri, tmp_path):
+    """`-l layer3 -l layer4 --fusion none`: a map per layer (each the API's map for that layer) and
+    one figure per input with the layers side by side."""
+    from medlens import explain
+    from medlens.data.prepare import Preprocessing, prepare_loaded
+    from medlens.io.loading import read_image
+    from medlens.models import build_model
+
+    images = tmp_path / "in"
+    images.mkdir()
+    for name in sorted(p.name for p in (brain_mri / "glioma").glob("*.jpg"))[:2]:
+        shutil.copy(brain_mri / "glioma" / name, images / name)
+    torch.manual_seed(0)
+    net = build_model("torchvision:resnet18", num_classes=3, in_channels=3)
+    save_weights(net, tmp_path / "w.safetensors")
+    out = tmp_path / "out"
+    args = ("explain", "torchvision:resnet18", tmp_path / "w.safetensors", images, "-n", "3", "--size", "64",
+            "-l", "layer3", "-l", "layer4", "--target", "0", "--out", out)
+    assert run(*args[:-2], "--fusion", "none", "--layer", "layer2", "--out", out).exit_code == 0
+    records = [json.loads(p.read_text()) for p in sorted(out.glob("*.json")) if p.name != "index.json"]
+    assert sorted({tuple(r["layers"]) for r in records}) == [("layer2",), ("layer3",), ("layer4",)]
+    first = sorted(images.iterdir())[0]
+    sheet = Image.open(out / f"{first.stem}_gradcam_layers.png")
+    tiles = [Image.open(out / r["targets"][0]["figure"]) for r in records if r["source"].endswith(first.name)]
+    assert len(tiles) == 3 and sheet.width == sum(t.width for t in tiles)
+    x = prepare_loaded(read_image(first), Preprocessing(channels=3, size=(64, 64))).tensor[None]
+    for r in records:
+        if r["source"].endswith(first.name) and r["layers"] == ["layer3"]:
+            want = explain(net.eval(), x, "gradcam", target=0, layer="layer3").maps[0, 0]
+            got = torch.from_numpy(np.load(out / r["npy"]))[0]  # at the input's own size
+            want = torch.nn.functional.interpolate(want[None, None], size=got.shape, mode="bilinear")[0, 0]
+            assert torch.corrcoef(torch.stack([want.flatten(), got.flatten()]))[0, 1] > 0.99
+    assert run(*args[:-8], "-l", "layer4", "--fusion", "none", "--out", tmp_path / "o2").exit_code == 2
+    assert run(*args[:-2], "--fusion", "avg", "--out", tmp_path / "o3").exit_code == 2

@@ -229,6 +229,7 @@ def explain_command(
     inputs: Optional[list[Path]] = typer.Argument(None, help="PNG/JPG/TIFF files, DICOM files or series folders, NIfTI volumes, folders"),
     method: list[str] = typer.Option(["gradcam"], "--method", "-m", help="method name; repeat for several"),
     layer: list[str] = typer.Option([], "--layer", "-l", help="layer path (repeat to fuse layers); default: automatic"),
+    fusion: Optional[str] = typer.Option(None, "--fusion", help="several --layer: mean, max, product (one fused map) or none (a map per layer, side by side)"),
     target: str = typer.Option("pred", "--target", "-t", help="pred, all, topK, class numbers like 2 or 0,2, or class names"),
     out: Path = typer.Option(Path("medlens-out"), "--out", "-o", help="output folder"),
     num_classes: int = typer.Option(2, "--num-classes", "-n", help="classes of the model (a run folder knows its own)"),
@@ -273,6 +274,13 @@ def explain_command(
     check_explain_args(target, normalize, None if run else num_classes, in_channels, None if run else class_names,
                        alpha, box_fraction, cmap)
     options = parse_options(option)
+    if fusion is not None:
+        if fusion not in ("mean", "max", "product", "none"):
+            fail(f"--fusion {fusion!r}: use mean, max, product or none")
+        if fusion == "none" and len(layer) < 2:
+            fail("--fusion none shows several layers side by side: give two or more --layer")
+        if fusion != "none":
+            options["fusion"] = fusion
     for key, value in (("block", block), ("head_fusion", head_fusion), ("discard_ratio", discard_ratio)):
         if value is not None:
             options[key] = value
@@ -302,7 +310,7 @@ def explain_command(
             layer=(layer if len(layer) > 1 else (layer[0] if layer else None)),
             batch_size=batch_size, class_names=pre.class_names, cmap=cmap, alpha=alpha,
             box_fraction=box_fraction, overwrite=overwrite, policy=header_policy, method_options=options,
-            preprocessing=pre, region=region_spec, boxes=boxes, titles=figures,
+            preprocessing=pre, region=region_spec, boxes=boxes, titles=figures, layers_apart=fusion == "none",
             dicom_out=[dicom_out] if dicom_out else (), threshold=threshold, max_pixels=max_pixels,
         )
     except (MedlensError, RuntimeError) as error:  # RuntimeError: the model itself failed on the input

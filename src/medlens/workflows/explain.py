@@ -263,6 +263,7 @@ def explain_inputs(
     region: Any = None,
     boxes: str = "components",
     titles: bool = True,
+    layers_apart: bool = False,
 ) -> RunSummary:
     """Explain every input and write overlays, maps, boxes and ``index.html`` to ``out_dir``.
 
@@ -273,6 +274,8 @@ def explain_inputs(
             mask file, a box ``((lo...), (hi...))`` in input pixels, or a (*S) mask tensor.
         boxes: ``components`` (boxes around the top ``box_fraction`` of each map) or ``none``.
         titles: overlays as titled pictures with a colourbar (False: the bare overlay pixels).
+        layers_apart: with several ``layer`` s, one map per layer instead of one fused map, and a
+            figure per input and method with the layers side by side (``--fusion none``).
 
     Returns:
         A :class:`RunSummary` listing what was written and the bad inputs (path, reason).
@@ -333,15 +336,21 @@ def explain_inputs(
         for batch in batches_by_shape(prepared(), 1 if per_item else batch_size):
             for method in methods:
                 opts = options_for(method, method_options or {}, methods)
-                for group, result, extra, output in _explained(model, batch, device, method, target, layer, opts, summary, region):
-                    for i, item in enumerate(group):
-                        seg = None if output is None else output[i : i + 1]
-                        try:
-                            record = _write_one(out, item, result, i, method, class_names, settings, seg, extra, dicom)
-                        except MedlensError as error:  # drawing or writing this input failed: none of its files stay
-                            summary.bad.append((item.path, f"{method}: {error}"))
-                            continue
-                        summary.written.append(record)
+                apart: dict[str, list[dict[str, Any]]] = {}
+                for unit_layer, label in _layer_units(method, layer, layers_apart):
+                    for group, result, extra, output in _explained(model, batch, device, method, target, unit_layer, opts, summary, region):
+                        for i, item in enumerate(group):
+                            seg = None if output is None else output[i : i + 1]
+                            try:
+                                record = _write_one(out, item, result, i, label, class_names, settings, seg, extra, dicom)
+                            except MedlensError as error:  # drawing or writing this input failed: none of its files stay
+                                summary.bad.append((item.path, f"{label}: {error}"))
+                                continue
+                            summary.written.append(record)
+                            apart.setdefault(item.stem, []).append(record)
+                if layers_apart and titles:
+                    for stem, records in apart.items():
+                        _side_by_side(out, f"{stem}_{method.replace('+', 'p')}_layers.png", records)
             bar.update(len(batch))
         bar.close()
         _write_index(out, summary)
@@ -393,6 +402,37 @@ def _explained(model, batch, device, method, target, layer, options, summary, re
                                     "check the model's weights"))
             continue
         yield group, result, extra, output
+
+
+def _layer_units(method: str, layer: Any, apart: bool) -> list[tuple[Any, str]]:
+    """(layer argument, output label) per explanation to run: one fused unit, or one per layer."""
+    if not apart or isinstance(layer, str) or not layer or len(layer) < 2:
+        return [(layer, method)]
+    return [(name, f"{method}@{name}") for name in layer]
+
+
+def _side_by_side(out: Path, name: str, records: Sequence[dict[str, Any]]) -> None:
+    """One picture of an input's per-layer figures: a column per layer, a row per target."""
+    from PIL import Image
+
+    rows = []
+    for k in range(len(records[0]["targets"])):
+        tiles = [Image.open(out / (r["targets"][k].get("figure") or r["targets"][k]["png"])).convert("RGB") for r in records]
+        height = max(t.height for t in tiles)
+        row = Image.new("RGB", (sum(t.width for t in tiles), height), "white")
+        x = 0
+        for tile in tiles:
+            row.paste(tile, (x, 0))
+            x += tile.width
+        rows.append(row)
+    sheet = Image.new("RGB", (max(r.width for r in rows), sum(r.height for r in rows)), "white")
+    y = 0
+    for row in rows:
+        sheet.paste(row, (0, y))
+        y += row.height
+    with atomic_path(out / name) as tmp:
+        sheet.save(tmp, format="PNG")
+    _note_outputs(out, [name])
 
 
 SLICE_CHUNK = 16
@@ -649,7 +689,7 @@ def _write_one(
     class_names: Sequence[str] | None, settings: dict[str, Any], seg: Tensor | None = None, extra: dict[str, Any] | None = None,
     dicom: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    stem = f"{item.stem}_{method.replace('+', 'p')}"
+    stem = f"{item.stem}_{re.sub(r'[^A-Za-z0-9_-]+', '-', method.replace('+', 'p'))}"
     staging = Path(tempfile.mkdtemp(prefix=f".staging-{stem[:40]}.", dir=out))
     try:
         record = _write_unit(staging, stem, item, result, i, method, class_names, settings, seg, extra, dicom)
