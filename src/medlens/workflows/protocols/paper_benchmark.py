@@ -15,6 +15,13 @@ paper's attention / Grad-CAM / Chefer conventions) for ViTs; any other registere
 non-ViT model, is explained with :func:`medlens.explain` under the same target rule, resized to
 224x224 and min-max normalised. The IoU box is ONE box around all top-k% pixels (ties included)
 against the box of the mask (:func:`medlens.metrics.topk_box_iou`).
+
+One dataset and several models or initialisations, as ``medlens paper-benchmark`` runs it:
+:func:`index_benchmark` (class folders with YOLO boxes, or images + mask files of any size),
+:func:`load_benchmark` (the one input preparation, :func:`medlens.data.prepare.prepare_loaded`;
+boxes rasterised with :func:`medlens.metrics.boxes_to_masks`, masks resampled nearest, both at the
+model size), :func:`benchmark_models` (per-image pointing game and IoU@k, bootstrap 95% CIs), and
+:func:`medlens.workflows.protocols.paper_report.write_benchmark` (tables, figure, report.html).
 """
 
 from __future__ import annotations
