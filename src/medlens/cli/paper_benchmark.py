@@ -25,8 +25,12 @@ def parse_model(text: str, init: str) -> tuple[str, Optional[str]]:
     from medlens.models.run_folder import is_run_folder
 
     spec, sep, weights = text.partition("=")
-    if is_run_folder(text) or (not sep and is_run_folder(spec)):
+    if is_run_folder(text):
         return text, None
+    if is_run_folder(spec):  # RUN=WEIGHTS: the run's network with other weights
+        if weights.lower() not in RANDOM_WEIGHTS and not Path(weights).is_file():
+            fail(f"--model {text!r}: no weights file {weights}")
+        return spec, weights
     if not spec:
         fail(f"--model {text!r}: give SPEC=WEIGHTS (e.g. torchvision:resnet18=best.pth), a run folder, or SPEC with --init random")
     if Path(spec).is_dir():
@@ -45,7 +49,7 @@ def model_name(spec: str, weights: Optional[str], seed: int, taken: set[str]) ->
     from medlens.models.run_folder import is_run_folder
 
     if is_run_folder(spec):
-        name = Path(spec).name
+        name = Path(spec).name + (f" ({Path(weights).stem})" if weights is not None else "")
     elif weights is not None:
         name = Path(weights).stem
     else:
@@ -178,8 +182,9 @@ def _run(data, masks, parsed, methods, shape, normalize, num_classes, in_channel
     models, pres, taken = {}, {}, set()
     for spec, weights in parsed:
         torch.manual_seed(seed)  # a SPEC without weights: the same seed gives the same network
-        source = load_source(spec, weights or "none", num_classes, in_channels, 2, device, kwargs)
-        if not is_run_folder(spec):
+        run = is_run_folder(spec)
+        source = load_source(spec, weights if run else (weights or "none"), num_classes, in_channels, 2, device, kwargs)
+        if not run:
             check_model_fits(source.model, 2, in_channels)
         name = model_name(spec, weights, seed, taken)
         models[name], pres[name] = source.model, _preprocessing(source, shape, normalize, in_channels)
