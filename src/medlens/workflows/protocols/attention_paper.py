@@ -49,8 +49,9 @@ def _smoothing_options() -> dict[str, bool]:
     return {"eigen_smooth": True, "aug_smooth": True} if available else {}
 
 
-def paper_maps(model: nn.Module, x: Tensor, method: str) -> Tensor:
-    """(B, 224, 224) min-max normalised maps of ``method`` under the paper's conventions."""
+def paper_maps(model: nn.Module, x: Tensor, method: str, size: Sequence[int] = MAP_SIZE) -> Tensor:
+    """(B, *size) min-max normalised maps of ``method`` under the paper's conventions (224x224 by default)."""
+    size = tuple(int(v) for v in size)
     n_classes = getattr(model, "num_classes", None)
     if not isinstance(n_classes, int):
         with torch.no_grad():
@@ -58,16 +59,16 @@ def paper_maps(model: nn.Module, x: Tensor, method: str) -> Tensor:
     target = paper_target(n_classes)
     if method == "attention":
         raw = vit_relevance(model, x, "attention", targets=target, block=-1, head_fusion="mean")[:, :1]
-        maps = F.interpolate(raw, size=MAP_SIZE, mode="nearest")  # each patch value repeated
+        maps = F.interpolate(raw, size=size, mode="nearest")  # each patch value repeated
     elif method == "gradcam":
         layer = default_token_layer(model)
         if layer is None:
             raise MedlensError(f"the attention-paper protocol needs a ViT; {type(model).__name__} has no transformer blocks")
         maps = explain(model, x, "gradcam", target=target, layer=layer, **_smoothing_options()).maps[:, :1]
-        maps = F.interpolate(maps, size=MAP_SIZE, mode="bilinear", align_corners=False)
+        maps = F.interpolate(maps, size=size, mode="bilinear", align_corners=False)
     elif method == "chefer":
         raw = vit_relevance(model, x, "chefer", targets=target)[:, :1]
-        maps = F.interpolate(raw, size=MAP_SIZE, mode="bilinear", align_corners=False)
+        maps = F.interpolate(raw, size=size, mode="bilinear", align_corners=False)
     else:
         raise MedlensError(f"unknown attention-paper method {method!r}: use {', '.join(PAPER_METHODS)}")
     return normalise(maps)[:, 0]

@@ -15,10 +15,18 @@ paper's attention / Grad-CAM / Chefer conventions) for ViTs; any other registere
 non-ViT model, is explained with :func:`medlens.explain` under the same target rule, resized to
 224x224 and min-max normalised. The IoU box is ONE box around all top-k% pixels (ties included)
 against the box of the mask (:func:`medlens.metrics.topk_box_iou`).
+
+One dataset and several models or initialisations, as ``medlens paper-benchmark`` runs it:
+:func:`index_benchmark` (class folders with YOLO boxes, or images + mask files of any size),
+:func:`load_benchmark` (the one input preparation, :func:`medlens.data.prepare.prepare_loaded`;
+boxes rasterised with :func:`medlens.metrics.boxes_to_masks`, masks resampled nearest, both at the
+model size), :func:`benchmark_models` (per-image pointing game and IoU@k, bootstrap 95% CIs), and
+:func:`medlens.workflows.protocols.paper_report.write_benchmark` (tables, figure, report.html).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -30,11 +38,16 @@ from torch import Tensor, nn
 from medlens.core.boxes import box_around
 from medlens.core.engine import explain
 from medlens.core.resample import normalise
+from medlens.core.targets import model_output
 from medlens.errors import MedlensError
 from medlens.io.atomic import atomic_path
-from medlens.metrics.localisation import PAPER_PERCENTAGES, pointing_game, topk_box_iou
+from medlens.data.datasets import Item
+from medlens.metrics.localisation import PAPER_PERCENTAGES, boxes_to_masks, pointing_game, topk_box_iou
 
-__all__ = ["BENCHMARK_SIZE", "load_pairs", "paper_benchmark_maps", "run_paper_benchmark"]
+__all__ = [
+    "BENCHMARK_SIZE", "BenchmarkData", "BenchmarkResult", "benchmark_models", "example_positions", "index_benchmark", "load_benchmark",
+    "load_pairs", "paper_benchmark_maps", "run_paper_benchmark", "score_maps", "yolo_masks",
+]
 
 BENCHMARK_SIZE = (224, 224)
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -74,8 +87,19 @@ def load_pairs(images: str | Path, masks: str | Path, channels: int = 3,
     return stems, torch.stack(xs), torch.stack(ms)
 
 
-def paper_benchmark_maps(model: nn.Module, x: Tensor, method: str) -> Tensor:
-    """(B, 224, 224) maps under the paper's conventions (see the module docstring)."""
+def paper_benchmark_maps(model: nn.Module, x: Tensor, method: str, size: Sequence[int] = BENCHMARK_SIZE,
+                         target: str = "paper") -> Tensor:
+    """(B, *size) min-max normalised maps under the paper's conventions (see the module docstring).
+
+    Args:
+        model: a classifier on the device of ``x``.
+        x: (B, C, H, W) model inputs.
+        method: ``attention``/``gradcam``/``chefer`` on a ViT follow :func:`paper_maps`; any other
+            registered method (or a non-ViT model) goes through :func:`medlens.explain`.
+        size: the maps' size (224x224, the paper's, by default).
+        target: ``paper`` (class 1 of a binary model, else the prediction) or ``pred``.
+    """
+    size = tuple(int(v) for v in size)
     try:
         from medlens.workflows.protocols.attention_paper import PAPER_METHODS, paper_maps
         from medlens.core.tokens import default_token_layer
@@ -83,13 +107,17 @@ def paper_benchmark_maps(model: nn.Module, x: Tensor, method: str) -> Tensor:
         is_vit = default_token_layer(model) is not None
     except ImportError:  # the protocol module is optional
         PAPER_METHODS, is_vit = (), False
-    if is_vit and method in PAPER_METHODS:
-        return paper_maps(model, x, method)
-    with torch.no_grad():
-        n_classes = model(x[:1]).shape[1]
-    target: Any = 1 if n_classes == 2 else "pred"  # the paper's rule: class 1 of a binary model
-    maps = explain(model, x, method, target=target).maps[:, :1]
-    return normalise(F.interpolate(maps.float(), size=BENCHMARK_SIZE, mode="bilinear", align_corners=False))[:, 0]
+    if is_vit and method in PAPER_METHODS and target == "paper":
+        return paper_maps(model, x, method, size)
+    chosen: Any = "pred"
+    if target == "paper":
+        with torch.no_grad():
+            n_classes = model_output(model(x[:1])).shape[1]
+        chosen = 1 if n_classes == 2 else "pred"  # the paper's rule: class 1 of a binary model
+    maps = explain(model, x, method, target=chosen).maps[:, :1]
+    if tuple(maps.shape[2:]) != size:
+        maps = F.interpolate(maps.float(), size=size, mode="bilinear", align_corners=False)
+    return normalise(maps.float())[:, 0]
 
 
 def _model(checkpoint: Any, build: Callable[[], nn.Module]) -> nn.Module:
@@ -172,3 +200,217 @@ def run_paper_benchmark(
                 table.to_csv(tmp, float_format="%.4f")
             tables[(dataset, metric)] = table
     return tables
+
+
+# ---------------------------------------------------------------- one dataset, several models (``medlens paper-benchmark``)
+
+METRICS = ("pointing_game", *(f"iou@{p:g}" for p in PAPER_PERCENTAGES))
+
+
+@dataclass
+class BenchmarkData:
+    """Prepared images and their annotation masks at the model size.
+
+    Attributes:
+        names: one name per image (``class/stem`` for class folders, the stem otherwise).
+        labels: class index per image, None without class folders.
+        x: (N, C, H, W) model inputs (:func:`medlens.data.prepare.prepare_loaded`).
+        masks: (N, H, W) bool annotations at the model size (YOLO boxes rasterised, or mask files
+            resampled nearest); an image without annotation has an empty mask (metrics NaN).
+        displays: {image index: (C, Hd, Wd) display image in [0, 1]} for the figure's examples.
+        classes: class names, when known.
+    """
+
+    names: list[str]
+    labels: list[int | None]
+    x: Tensor
+    masks: Tensor
+    displays: dict[int, Tensor] = field(default_factory=dict)
+    classes: list[str] | None = None
+
+
+def index_benchmark(data: str | Path, masks: str | Path | None = None,
+                    bad: list[tuple[str, str]] | None = None) -> tuple[list[Item], list[str] | None]:
+    """The items of ``data``: class folders with YOLO ``<stem>.txt`` box files, or (``masks`` given) a
+    folder of images paired by stem with a folder of mask files. An image without its mask, or
+    with a malformed box file, is appended to ``bad`` as (path, reason) and left out."""
+    from medlens.data.datasets import _stem, index_image_folder
+    from medlens.io.loading import is_readable
+
+    if masks is None:
+        return index_image_folder(data, bad=bad)
+    image_dir, mask_dir = Path(data), Path(masks)
+    by_stem = {_stem(p): p for p in sorted(mask_dir.iterdir()) if is_readable(p)}
+    items = []
+    for path in sorted(p for p in image_dir.iterdir() if is_readable(p)):
+        mask = by_stem.get(_stem(path))
+        if mask is None:
+            if bad is None:
+                raise MedlensError(f"{path}: no mask named {_stem(path)}.* in {mask_dir}")
+            bad.append((str(path), f"no mask named {_stem(path)}.* in {mask_dir}"))
+            continue
+        items.append(Item(str(path), mask=str(mask)))
+    if not items and bad is None:
+        raise MedlensError(f"{image_dir}: no image with a mask in {mask_dir}")
+    return items, None
+
+
+def yolo_masks(boxes: Tensor, size: Sequence[int]) -> Tensor:
+    """(H, W) bool union of the normalised YOLO boxes (N, 4) x0, y0, x1, y1 rasterised at ``size``
+    (lower edges floored, upper edges ceiled: a box always covers the pixels it touches)."""
+    h, w = (int(v) for v in size)
+    if boxes.numel() == 0:
+        return torch.zeros(h, w, dtype=torch.bool)
+    b = boxes.float().reshape(-1, 4)
+    pixel = torch.stack([(b[:, 1] * h).floor(), (b[:, 0] * w).floor(), (b[:, 3] * h).ceil(), (b[:, 2] * w).ceil()], 1).long()
+    return boxes_to_masks(pixel, (h, w)).any(dim=0)
+
+
+def _annotation(item: Item, size: tuple[int, int]) -> Tensor:
+    """(H, W) bool annotation of ``item`` at the model size."""
+    from medlens.io.loading import read_image
+
+    if item.mask is None:
+        return yolo_masks(torch.tensor(item.boxes, dtype=torch.float32), size)
+    mask = read_image(item.mask).image.float()
+    if mask.dim() != 3:
+        raise MedlensError(f"{item.mask}: a {mask.dim() - 1}D mask; the paper benchmark takes 2D masks")
+    return F.interpolate(mask.amax(0)[None, None], size=size, mode="nearest")[0, 0] > 0
+
+
+def load_benchmark(items: Sequence[Item], pre: Any, classes: Sequence[str] | None = None,
+                   bad: list[tuple[str, str]] | None = None, examples: Sequence[int] = (), progress: bool = False) -> BenchmarkData:
+    """Read and prepare ``items`` with ``pre`` (a :class:`medlens.data.prepare.Preprocessing` with a
+    2D ``size``), the one input preparation; an unreadable image or mask goes to ``bad`` and is skipped.
+
+    Args:
+        examples: positions in ``items`` whose display images are kept (the figure's rows).
+    """
+    from tqdm.auto import tqdm
+
+    from medlens.data.prepare import prepare_loaded
+    from medlens.errors import one_line
+    from medlens.io.loading import read_image
+
+    if pre.size is None or len(pre.size) != 2:
+        raise MedlensError(f"the paper benchmark needs a 2D model size; got {pre.size}")
+    size = (int(pre.size[0]), int(pre.size[1]))
+    wanted = set(examples)
+    names, labels, xs, ms, displays = [], [], [], [], {}
+    for position, item in enumerate(tqdm(items, desc="reading images", disable=not progress, leave=False)):
+        try:
+            prepared = prepare_loaded(read_image(item.path), pre, item.path)
+            if prepared.tensor.dim() != 3:
+                raise MedlensError(f"{item.path}: not a 2D image (the paper benchmark is 2D)")
+            mask = _annotation(item, size)
+        except (MedlensError, RuntimeError, OSError, ValueError) as error:
+            if bad is None:
+                raise
+            bad.append((str(item.path), one_line(error)))
+            continue
+        if position in wanted:
+            displays[len(names)] = prepared.display
+        path = Path(item.path)
+        names.append(f"{path.parent.name}/{path.stem}" if item.label is not None else path.stem)
+        labels.append(item.label)
+        xs.append(prepared.tensor)
+        ms.append(mask)
+    if not names:
+        raise MedlensError("no readable image with an annotation (see bad_files.csv)")
+    return BenchmarkData(names, labels, torch.stack(xs), torch.stack(ms), displays, list(classes) if classes else None)
+
+
+def example_positions(items: Sequence[Item], count: int) -> list[int]:
+    """``count`` positions for the figure: the first image of each class, then the second, ...
+    (index order without classes)."""
+    by_label: dict[Any, list[int]] = {}
+    for position, item in enumerate(items):
+        by_label.setdefault(item.label, []).append(position)
+    pools = [list(v) for _, v in sorted(by_label.items(), key=lambda kv: str(kv[0]))]
+    chosen: list[int] = []
+    while len(chosen) < min(count, len(items)):
+        for pool in pools:
+            if pool and len(chosen) < count:
+                chosen.append(pool.pop(0))
+    return sorted(chosen)
+
+
+def score_maps(maps: Tensor, masks: Tensor, percentages: Sequence[float] = PAPER_PERCENTAGES) -> dict[str, Tensor]:
+    """The paper's per-image metrics of (B, H, W) maps against (B, H, W) masks: ``pointing_game``
+    (B,) and ``iou@k`` (B,) for each k (one box around the top-k% pixels vs the mask's box)."""
+    columns = {"pointing_game": pointing_game(maps, masks)}
+    ious = topk_box_iou(maps, box_around(masks), percentages)
+    columns.update({f"iou@{p:g}": ious[:, i] for i, p in enumerate(percentages)})
+    return columns
+
+
+@dataclass
+class BenchmarkResult:
+    """Per-image rows, the bootstrap summary and the figure's maps of one benchmark run."""
+
+    rows: Any  # DataFrame: model, method, image, label, pointing_game, iou@5 ... iou@40
+    summary: Any  # DataFrame: model, method, metric, mean, ci_low, ci_high, n, n_nan
+    models: list[str]
+    methods: list[str]
+    example_maps: dict[str, dict[str, Tensor]] = field(default_factory=dict)  # model -> method -> (E, H, W)
+    data: dict[str, BenchmarkData] = field(default_factory=dict)  # model -> its prepared data
+    n_boot: int = 1000
+    seed: int = 0
+
+
+def benchmark_models(models: Mapping[str, nn.Module], data: BenchmarkData | Mapping[str, BenchmarkData],
+                     methods: Sequence[str], batch_size: int = 8, target: str = "paper", n_boot: int = 1000,
+                     seed: int = 0, percentages: Sequence[float] = PAPER_PERCENTAGES, progress: bool = False) -> BenchmarkResult:
+    """Pointing game and IoU@k of every (model, method) on one dataset, with bootstrap 95% CIs.
+
+    Args:
+        models: {name: classifier (eval mode, on its device)}.
+        data: one :class:`BenchmarkData` for all models, or one per model name (models whose
+            preprocessing differs).
+        methods: registered method names (the paper's ``attention``, ``gradcam``, ``chefer`` on ViTs).
+        target: ``paper`` or ``pred`` (see :func:`paper_benchmark_maps`).
+        n_boot, seed: bootstrap resamples and seed (:func:`medlens.metrics.bootstrap.summarise_table`);
+            ``seed`` also seeds torch before each (model, method), so stochastic methods repeat.
+    """
+    import pandas as pd
+    from tqdm.auto import tqdm
+
+    from medlens.metrics.bootstrap import summarise_table
+
+    per_model = {name: data if isinstance(data, BenchmarkData) else data[name] for name in models}
+    total = sum(-(-len(d.names) // batch_size) for d in per_model.values()) * len(methods)
+    bar = tqdm(total=total, desc="explaining", disable=not progress, leave=False)
+    frames, example_maps = [], {}
+    for name, model in models.items():
+        d = per_model[name]
+        device = next(model.parameters()).device
+        shown = sorted(d.displays)
+        for method in methods:
+            bar.set_description(f"{name} / {method}")
+            torch.manual_seed(seed)
+            columns: dict[str, list[Tensor]] = {}
+            kept = []
+            for start in range(0, len(d.names), batch_size):
+                x = d.x[start : start + batch_size].to(device)
+                maps = paper_benchmark_maps(model, x, method, d.x.shape[2:], target).float()
+                for metric, values in score_maps(maps, d.masks[start : start + batch_size].to(device), percentages).items():
+                    columns.setdefault(metric, []).append(values.cpu())
+                kept += [maps[i - start].cpu() for i in shown if start <= i < start + len(x)]
+                bar.update(1)
+            if kept:
+                example_maps.setdefault(name, {})[method] = torch.stack(kept)
+            frame = pd.DataFrame({metric: torch.cat(v).double().numpy() for metric, v in columns.items()})
+            label = [d.classes[k] if d.classes and k is not None else "" for k in d.labels]
+            frame.insert(0, "label", label)
+            frame.insert(0, "image", d.names)
+            frame.insert(0, "method", method)
+            frame.insert(0, "model", name)
+            frames.append(frame)
+    bar.close()
+    rows = pd.concat(frames, ignore_index=True)
+    metrics = [c for c in rows.columns if c == "pointing_game" or c.startswith("iou@")]
+    summary = summarise_table(rows, ("model", "method"), metrics, n_boot=n_boot, seed=seed)
+    order = {(m, k): i for i, (m, k) in enumerate((m, k) for m in models for k in methods)}
+    summary["_order"] = [order[(m, k)] * len(metrics) + metrics.index(t) for m, k, t in zip(summary["model"], summary["method"], summary["metric"])]
+    summary = summary.sort_values("_order").drop(columns="_order").reset_index(drop=True)
+    return BenchmarkResult(rows, summary, list(models), list(methods), example_maps, per_model, n_boot, seed)
