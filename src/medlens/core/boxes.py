@@ -307,3 +307,12 @@ def boxes_to_json(
     }
     doc.update(extra)
     return json.dumps(doc, indent=2)
+
+
+def pixel_boxes(boxes: Tensor, size: Sequence[int]) -> Tensor:
+    """Normalised 2D boxes (N, 4) x0, y0, x1, y1 in [0, 1] to pixel boxes (N, 4) row0, col0, row1,
+    col1 (exclusive) at ``size`` (H, W): lower edges floored, upper edges ceiled, so a box always
+    covers the pixels it touches (the convention of the attention-maps paper's masks)."""
+    h, w = (int(v) for v in size)
+    b = boxes.float().reshape(-1, 4)
+    return torch.stack([(b[:, 1] * h).floor(), (b[:, 0] * w).floor(), (b[:, 3] * h).ceil(), (b[:, 2] * w).ceil()], 1).long()

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from medlens.core.boxes import pixel_boxes
 from medlens.core.engine import explain, options_for
 from medlens.errors import MedlensError, one_line
 from medlens.io.atomic import atomic_path, write_text
@@ -144,9 +145,7 @@ def folder_items(source: str | Path, size: int | Sequence[int] | None = None, ch
         mask = (sample["mask"] > 0) if "mask" in sample else None
         box = None
         if len(sample["boxes"]) and ndim == 2:
-            h, w = spatial
-            b = sample["boxes"]  # (N, 4) x0, y0, x1, y1 normalised
-            pix = torch.stack([(b[:, 1] * h).floor(), (b[:, 0] * w).floor(), (b[:, 3] * h).ceil(), (b[:, 2] * w).ceil()], 1).long()
+            pix = pixel_boxes(sample["boxes"], spatial)  # (N, 4) x0, y0, x1, y1 normalised -> pixels
             union = boxes_to_masks(pix, spatial).any(dim=0)
             mask = union[None] if mask is None else mask
             box = torch.cat([pix[:, :2].amin(0), pix[:, 2:].amax(0)])

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from medlens.core.boxes import box_around
+from medlens.core.boxes import box_around, pixel_boxes
 from medlens.core.engine import explain
 from medlens.core.resample import normalise
 from medlens.core.targets import model_output
@@ -261,9 +261,7 @@ def yolo_masks(boxes: Tensor, size: Sequence[int]) -> Tensor:
     h, w = (int(v) for v in size)
     if boxes.numel() == 0:
         return torch.zeros(h, w, dtype=torch.bool)
-    b = boxes.float().reshape(-1, 4)
-    pixel = torch.stack([(b[:, 1] * h).floor(), (b[:, 0] * w).floor(), (b[:, 3] * h).ceil(), (b[:, 2] * w).ceil()], 1).long()
-    return boxes_to_masks(pixel, (h, w)).any(dim=0)
+    return boxes_to_masks(pixel_boxes(boxes, (h, w)), (h, w)).any(dim=0)
 
 
 def _annotation(item: Item, size: tuple[int, int]) -> Tensor:
