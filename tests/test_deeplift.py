@@ -128,8 +128,6 @@ def test_deeplift_sums_to_delta_on_a_resnet18_with_reused_relus(mri: torch.Tenso
     # ReLU -> MaxPool in a row and each block's relu called twice: Captum cannot run this model
     torch.testing.assert_close(out.raw.flatten(2).sum(2), gap, rtol=1e-4, atol=1e-5)
     assert out.info["rescaled_calls"] == 1 + 1 + 2 * 8  # stem relu, max pool, 2 calls per block
-    one = explain(resnet, x, "deeplift", target=2)
-    torch.testing.assert_close(one.raw[:, 0], out.raw[:, 2], rtol=1e-4, atol=1e-7)
 
 
 def test_deeplift_in_3d_equals_captum_on_a_hippocampus_volume(hippocampus: Path) -> None:
@@ -154,16 +152,18 @@ def test_deeplift_shap_default_references_are_seeded_and_in_range(mri: torch.Ten
     model(mri[:1])
     model = model.eval()
     x = mri[:2]
-    method = DeepLiftShap(samples=4, seed=3)
+    method = DeepLiftShap(samples=3, seed=3)
     refs = method.references(x)
-    assert refs.shape == (2, 4, 1, 64, 64)
+    assert refs.shape == (2, 3, 1, 64, 64)
     assert bool((refs >= x.flatten(1).amin(1).view(2, 1, 1, 1, 1)).all() and (refs <= x.flatten(1).amax(1).view(2, 1, 1, 1, 1)).all())
-    a = explain(model, x, method, target=0)
-    assert torch.equal(a.raw, explain(model, x, DeepLiftShap(samples=4, seed=3), target=0).raw)
-    assert not torch.equal(a.raw, explain(model, x, DeepLiftShap(samples=4, seed=4), target=0).raw)
+    assert torch.equal(refs, DeepLiftShap(samples=3, seed=3).references(x))
+    assert not torch.equal(refs, DeepLiftShap(samples=3, seed=4).references(x))
+    both = explain(model, x, method, target="all")
     with torch.no_grad():
-        gap = model(x)[:, 0] - model(refs.flatten(0, 1))[:, 0].view(2, 4).mean(1)
-    torch.testing.assert_close(a.raw.flatten(1).sum(1), gap, rtol=1e-4, atol=1e-6)
+        gap = model(x) - model(refs.flatten(0, 1)).view(2, 3, -1).mean(1)
+    torch.testing.assert_close(both.raw.flatten(2).sum(2), gap, rtol=1e-4, atol=1e-6)
+    one = explain(model, x, method, target=2)  # all targets at once (batched backward) = one by one
+    torch.testing.assert_close(one.raw[:, 0], both.raw[:, 2], rtol=1e-4, atol=1e-8)
 
 
 class FailsOnLargeBatches(nn.Sequential):
@@ -209,3 +209,18 @@ def test_references_that_do_not_fit_the_input_say_so() -> None:
         explain(model, x, "deeplift", baseline=torch.zeros(3, 1, 8, 8))
     with pytest.raises(MedlensError, match="do not match the input"):
         explain(model, x, "deeplift-shap", baselines=torch.zeros(3, 1, 6, 6))
+
+
+def test_deeplift_explains_a_3d_unet_region_and_sums_to_delta(hippocampus: Path) -> None:
+    from monai.networks.nets import UNet
+
+    torch.manual_seed(0)
+    # PReLU activations (rescaled), concatenated skips; batch norm, as instance norm is not linear
+    unet = UNet(spatial_dims=3, in_channels=1, out_channels=2, channels=(4, 8), strides=(2,), num_res_units=0, norm="batch").eval()
+    vol = hippocampus_volume(hippocampus, 1, size=16)
+    box = ((4, 4, 4), (12, 12, 12))
+    out = explain(unet, vol, "deeplift", target=1, region=box)
+    assert out.task == "segmentation" and out.maps.shape == (1, 1, 16, 16, 16) and out.info["rescaled_calls"] >= 2
+    with torch.no_grad():
+        gap = (unet(vol) - unet(torch.zeros_like(vol)))[0, 1, 4:12, 4:12, 4:12].mean()
+    torch.testing.assert_close(out.raw.sum(), gap, rtol=1e-4, atol=1e-6)
