@@ -197,3 +197,24 @@ def test_bad_options_are_refused_when_built(build):
 def test_coalitions_of_the_wrong_width_are_refused(grey_resnet, mri):
     with pytest.raises(MedlensError, match="coalitions"):
         explain(grey_resnet, mri, "kernel-shap", patch=32, coalitions=torch.ones(5, 3))
+
+
+@pytest.mark.parametrize("method", ["kernel-shap", "lime"])
+def test_per_image_segmentation_regions_follow_their_image_across_chunks(method):
+    """On a U-Net, image b's coalitions pool over region b even when a chunk mixes images: the
+    batch equals each image explained alone with its own region and coalitions."""
+    from monai.networks.nets import UNet
+
+    torch.manual_seed(0)
+    unet = UNet(spatial_dims=2, in_channels=1, out_channels=2, channels=(4, 8), strides=(2,), num_res_units=0).eval()
+    x = torch.randn(2, 1, 12, 12)
+    region = torch.zeros(2, 1, 12, 12)
+    region[0, 0, :4, :4] = 1
+    region[1, 0, 7:, 7:] = 1
+    _, counts = consecutive_regions(grid_segments((12, 12), 4).expand(2, 12, 12))
+    z = (shapley_kernel_coalitions if method == "kernel-shap" else lime_coalitions)(counts, 30, torch.Generator().manual_seed(1))
+    batched = explain(unet, x, method, target="all", region=region, patch=4, coalitions=z, batch_size=7)
+    for b in range(2):
+        alone = explain(unet, x[b : b + 1], method, target="all", region=region[b : b + 1], patch=4, coalitions=z[b : b + 1])
+        torch.testing.assert_close(batched.raw[b], alone.raw[0], rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(batched.raw[0], batched.raw[1])
