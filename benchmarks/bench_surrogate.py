@@ -30,7 +30,8 @@ import torchvision
 from torch import nn
 
 from medlens import explain
-from medlens.methods.ablation import grid_segments
+from medlens.methods.ablation import grid_segments, segments_for
+from medlens.methods.surrogate import consecutive_regions
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "brain-tumor-mri"
 CLOCK: Callable[[], float] = time.process_time
@@ -114,6 +115,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--wall", action="store_true")
     parser.add_argument("--skip-captum", action="store_true")
+    parser.add_argument("--slic", type=int, default=50, help="also kernel-shap over ~N SLIC superpixels (0: skip)")
+    parser.add_argument("--only", nargs="*", default=None, help="row names to run, e.g. kernel-shap lime")
     args = parser.parse_args()
     warnings.filterwarnings("ignore", message="You are providing multiple inputs")
     if args.wall or torch.cuda.is_available():
@@ -130,36 +133,44 @@ def main() -> None:
     seg = grid_segments((args.size, args.size), args.patch, device)
     regions = int(seg.max()) + 1
     bs = args.batch_size
+    grid = dict(patch=args.patch)
     runs = {
-        "kernel-shap": (dict(samples=args.samples), f"{args.samples} coalitions"),
-        "lime": (dict(samples=args.samples), f"{args.samples} coalitions"),
-        "feature-ablation": ({}, f"{regions} regions"),
-        "shapley-sampling": (dict(samples=args.shapley_samples), f"{args.shapley_samples} orders x {regions}"),
+        "kernel-shap": ("kernel-shap", dict(grid, samples=args.samples), f"{args.samples} coalitions", seg),
+        "lime": ("lime", dict(grid, samples=args.samples), f"{args.samples} coalitions", seg),
+        "feature-ablation": ("feature-ablation", grid, f"{regions} regions", seg),
+        "shapley-sampling": ("shapley-sampling", dict(grid, samples=args.shapley_samples), f"{args.shapley_samples} orders x {regions}", seg),
     }
+    if args.slic:
+        slic = dict(segments="slic", n_segments=args.slic)
+        labels = consecutive_regions(segments_for(x, slic))[0].view(x.shape[0], *x.shape[2:])
+        runs["kernel-shap (SLIC, segmentation timed)"] = ("kernel-shap", dict(slic, samples=args.samples),
+                                                          f"{args.samples} coalitions, ~{args.slic} superpixels", labels)
+    if args.only:
+        runs = {k: v for k, v in runs.items() if k in args.only}
     clock = "wall" if CLOCK is time.perf_counter else "CPU"
     print(f"\n### Region perturbation methods vs forward floor and Captum ({what}, ResNet-18, {args.images} images "
           f"{args.size}x{args.size}, {regions} grid regions of {args.patch} px, chunks of {bs}, {device.type}, "
           f"{args.threads} thread(s), {clock} seconds)\n")
     print("| method | perturbed inputs / image | forward calls | floor (s) | medlens (s) | x floor | Captum (s) | Captum / medlens |")
     print("|---|---|---:|---:|---:|---:|---:|---:|", flush=True)
-    for name, (opts, what_n) in runs.items():
-        run = lambda: explain(model, x, name, target=y.view(-1, 1), patch=args.patch, batch_size=bs, **opts)
+    for row, (name, opts, what_n, mask) in runs.items():
+        run = lambda: explain(model, x, name, target=y.view(-1, 1), batch_size=bs, **opts)
         run()
         calls = CallSizes(model)
         run()
         calls.close()
         t_ours, t_floor = interleaved(run, floor_run(model, x, calls.sizes), args.repeats)
-        t_c = float("nan") if args.skip_captum else timed(lambda: captum_run(name, model, x, y, seg, opts, bs), 1)[0]
-        print(f"| {name} | {what_n} | {sum(calls.sizes.values())} | {t_floor:.3f} | {t_ours:.3f} | {t_ours / t_floor:.2f} | "
+        t_c = float("nan") if args.skip_captum else timed(lambda: captum_run(name, model, x, y, mask, opts, bs), 1)[0]
+        print(f"| {row} | {what_n} | {sum(calls.sizes.values())} | {t_floor:.3f} | {t_ours:.3f} | {t_ours / t_floor:.2f} | "
               f"{t_c:.3f} | {t_c / t_ours:.2f} |", flush=True)
 
 
 def captum_run(name: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor, seg: torch.Tensor, opts: dict, bs: int):
-    """The Captum counterpart with the same feature mask, sample count and chunk size."""
+    """The Captum counterpart with the same feature mask ((*S) shared or (B, *S)), sample count and chunk size."""
     from captum._utils.models.linear_model import SkLearnRidge
     from captum.attr import FeatureAblation, KernelShap, Lime, ShapleyValueSampling
 
-    mask = seg[None, None].expand(x.shape[0], 1, *seg.shape).contiguous()
+    mask = (seg if seg.dim() == x.dim() - 1 else seg[None].expand(x.shape[0], *seg.shape))[:, None].contiguous()
     if name == "kernel-shap":
         return KernelShap(model).attribute(x, target=y, feature_mask=mask, n_samples=opts["samples"], perturbations_per_eval=bs)
     if name == "lime":
