@@ -18,7 +18,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 #: smaller settings for a smoke run (``--quick``): the same code paths, fewer repeats
 QUICK_ARGS = {"bench_gradcam.py": ["--repeats", "2"], "bench_vit.py": ["--repeats", "1", "--batch", "2"],
-              "bench_perturbation.py": ["--size", "112", "--skip-3d"], "bench_metrics.py": ["--repeats", "1"]}
+              "bench_perturbation.py": ["--size", "112", "--skip-3d"], "bench_metrics.py": ["--repeats", "1"],
+              "bench_surrogate.py": ["--repeats", "1", "--images", "2", "--samples", "64"]}
 
 
 def main() -> int:

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from medlens.core.engine import Context, register, score_batches
+from medlens.core.options import check_choice, require
 from medlens.errors import MedlensError
 from medlens.methods.attribution import InputMethod, region_rows
 
@@ -75,6 +76,19 @@ class SegmentMethod(InputMethod):
     compactness: float = 10.0
     baseline: float = 0.0
     batch_size: int = 64
+
+    def validate(self) -> None:
+        super().validate()
+        name = self.name or type(self).__name__
+        if isinstance(self.segments, Tensor):
+            require(self.segments.dim() >= 1 and not self.segments.is_floating_point(), name, "segments",
+                    f"<{self.segments.dtype} tensor>", "must be an integer label tensor (B or 1, *S) or (*S)")
+        else:
+            check_choice(name, "segments", self.segments, ("grid", "slic"))
+        require(self.patch >= 1, name, "patch", self.patch, "must be >= 1")
+        require(self.n_segments >= 1, name, "n_segments", self.n_segments, "must be >= 1")
+        require(self.compactness > 0, name, "compactness", self.compactness, "must be > 0")
+        require(self.batch_size >= 1, name, "batch_size", self.batch_size, "must be >= 1")
 
 
 @register
