@@ -15,8 +15,6 @@ Options (also ``medlens explain --block/--head-fusion/--discard-ratio``):
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import weakref
 from typing import Any, ClassVar
 
