@@ -17,7 +17,6 @@ distillation tokens or no class token), torchvision ``nn.MultiheadAttention`` se
 
 from __future__ import annotations
 
-from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -25,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from medlens.core.hooks import Hooks
 from medlens.core.tokens import merge_heads, split_heads  # noqa: F401  (re-exported)
 from medlens.errors import MedlensError
 
@@ -243,7 +243,7 @@ class AttentionCapture:
         self.record = record
         self.transform = None if (grad or record) else transform
         self.records: dict[int, BlockRecord] = {}
-        self._hooks = ExitStack()  # removes every registered hook on close
+        self._hooks = Hooks()  # every registered hook, removed on exit
 
     # -- hooks --------------------------------------------------------------------------------
     def _attend(self, index: int, site: AttentionSite, q: Tensor, k: Tensor, v: Tensor | None) -> None:
@@ -271,8 +271,10 @@ class AttentionCapture:
         self.records.setdefault(index, BlockRecord()).tensors[key] = t.detach()
 
     def _add(self, module: nn.Module, hook: Callable, pre: bool = False) -> None:
-        register = module.register_forward_pre_hook if pre else module.register_forward_hook
-        self._hooks.callback(register(hook).remove)
+        if pre:
+            self._hooks.forward_pre(module, hook)
+        else:
+            self._hooks.forward(module, hook)
 
     def _hook_qkv_module(self, index: int, site: AttentionSite) -> None:
         """timm / MONAI: the fused qkv Linear's output holds q, k, v."""
@@ -374,12 +376,12 @@ class AttentionCapture:
                 if self.record:
                     self._hook_block(index, site)
         except BaseException:
-            self._hooks.close()
+            self._hooks.remove()
             raise
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._hooks.close()
+        self._hooks.remove()
 
     # -- results ------------------------------------------------------------------------------
     def probs(self) -> list[Tensor]:

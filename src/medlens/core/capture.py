@@ -14,6 +14,7 @@ from typing import Iterator, Sequence
 import torch
 from torch import Tensor, nn
 
+from medlens.core.hooks import Hooks, hook_count  # noqa: F401  (hook_count re-exported)
 from medlens.errors import MedlensError
 
 
@@ -76,13 +77,11 @@ def trace_layers(model: nn.Module, x: Tensor) -> list[LayerInfo]:
         params = sum(p.numel() for p in module.parameters(recurse=False))
         seen[name] = LayerInfo(name, type(module).__name__, tuple(t.shape), params, is_spatial)
 
-    handles = [m.register_forward_hook(hook) for m in names]
-    try:
+    with Hooks() as hooks:
+        for module in names:
+            hooks.forward(module, hook)
         with preserved_modes(model), torch.no_grad():
             model(x)
-    finally:
-        for h in handles:
-            h.remove()
     return list(seen.values())
 
 
@@ -133,7 +132,7 @@ class LayerCapture:
         self.modules = [resolve_layer(model, name) for name in self.layers]
         self.grad_from_first = grad_from_first
         self.activations: dict[str, Tensor] = {}
-        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._hooks = Hooks()
 
     def _hook(self, name: str):
         def hook(_module: nn.Module, _inp: object, out: object) -> object:
@@ -154,25 +153,15 @@ class LayerCapture:
     def __enter__(self) -> "LayerCapture":
         try:
             for name, module in zip(self.layers, self.modules):
-                self._handles.append(module.register_forward_hook(self._hook(name)))
+                self._hooks.forward(module, self._hook(name))
         except BaseException:
             self.close()
             raise
         return self
 
     def close(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
+        """Remove the hooks now (the activations stay readable)."""
+        self._hooks.remove()
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def hook_count(model: nn.Module) -> int:
-    """Number of forward/backward hooks registered on ``model`` (to check nothing is left)."""
-    total = 0
-    for m in model.modules():
-        total += len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks)
-        total += len(getattr(m, "_backward_pre_hooks", {}))
-    return total

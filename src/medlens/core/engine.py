@@ -8,19 +8,21 @@ and the graph starts at the first captured layer, so nothing is spent on the lay
 from __future__ import annotations
 
 import difflib
-from dataclasses import dataclass, field
+import warnings
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, ClassVar, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from medlens.core.attention import AttentionCapture
 from medlens.core.capture import LayerCapture, auto_layer, preserved_modes
 from medlens.core.heads import pooled_linear_gradients
 from medlens.core.options import check_choice, check_names, check_types, coerce, option_names, typed_options
 from medlens.core.resample import upsample_normalised
 from medlens.errors import MedlensError
-from medlens.core.targets import Region, TargetSpec, is_segmentation_output, model_output, pool_scores, resolve_targets, scored
+from medlens.core.targets import Region, TargetSpec, is_segmentation_output, model_output, pool_scores, region_rows, resolve_targets, scored
 
 
 @dataclass
@@ -75,6 +77,10 @@ class Context:
         task: ``"classification"`` or ``"segmentation"``.
         info: what the method reports besides its maps, e.g. ``attributions`` (B, K, C_in, *S);
             the engine puts it on :attr:`Explanation.info` (per-target tensors joined over chunks).
+        attention: for attention methods, their provider after the forward pass
+            (:class:`medlens.core.attention.AttentionCapture`: ``sites``, ``indices``, ``records``, ``probs()``).
+        attention_gradients: [(B, K, H, N, N)] gradient of each target score w.r.t. each
+            captured attention matrix, in block order (:class:`AttentionGradientMethod`).
     """
 
     model: nn.Module
@@ -89,11 +95,23 @@ class Context:
     region: Region
     task: str
     info: dict[str, Any] = field(default_factory=dict)
+    attention: Any = None
+    attention_gradients: list[Tensor] | None = None
 
     def score(self, x: Tensor, targets: Tensor | None = None, batch_size: int = 64) -> Tensor:
         """Scores (b, K) of ``targets`` (default: the explained ones, repeated to match) for inputs
         ``x`` (b, C_in, *S), in no-grad chunks of ``batch_size``. For perturbation methods."""
         return score_batches(self.model, x, self.targets if targets is None else targets, self.region, batch_size)
+
+    def gradients_at(self, x: Tensor, targets: Tensor, image: Tensor | None = None) -> Tensor:
+        """Gradients (b, K, C_in, *S) of the ``targets`` (b, K) scores w.r.t. inputs ``x``
+        (b, C_in, *S) made from the images ``image`` (b,) of ``ctx.x`` (each keeps its own
+        segmentation region), in one forward/backward pass. For path and noise methods."""
+        region = self.region if image is None else region_rows(self.region, self.x, image)
+        x = x.detach().requires_grad_(True)
+        with torch.enable_grad():
+            logits = pool_scores(self.model(x), x, region)
+            return target_gradients(logits, targets, [x], ["input"])[0].detach()
 
 
 def score_batches(model: nn.Module, x: Tensor, targets: Tensor, region: Region = None, batch_size: int = 64) -> Tensor:
@@ -113,6 +131,84 @@ def score_batches(model: nn.Module, x: Tensor, targets: Tensor, region: Region =
     return torch.cat(out)
 
 
+@dataclass(frozen=True)
+class Needs:
+    """What the engine captures for a method: its contract, declared by the method's base class
+    (:meth:`Method.needs`), never by flags the engine reads.
+
+    Attributes:
+        layers: the activations (B, C, *s) of the chosen layer(s) -> ``ctx.activations``.
+        layer_gradients: each target score's gradient w.r.t. them (B, K, C, *s) -> ``ctx.gradients``.
+        input_gradients: each target score's gradient w.r.t. the input (B, K, C_in, *S)
+            -> ``ctx.input_gradients``.
+        attention: the forward pass runs under the method's attention-capture provider
+            (:meth:`AttentionMethod.provider`) -> ``ctx.attention``.
+        attention_gradients: each target score's gradient w.r.t. every captured attention
+            matrix, [(B, K, H, N, N)] -> ``ctx.attention_gradients``.
+    """
+
+    layers: bool = False
+    layer_gradients: bool = False
+    input_gradients: bool = False
+    attention: bool = False
+    attention_gradients: bool = False
+
+
+#: the capability flags of medlens <= 0.1, translated once per class (see :func:`_translate_flags`)
+DEPRECATED_FLAGS = ("uses_layer", "uses_gradients", "uses_input_gradients", "classification_only", "reads_score")
+
+
+def refuse_non_classifier(method: "Method", task: str) -> None:
+    """MedlensError unless ``task`` is ``"classification"`` (see :class:`ClassifierOnly`)."""
+    if task != "classification":
+        raise MedlensError(f"{method.name} applies to classifiers only, not {task} outputs")
+
+
+def refuse_score(method: "Method", score: str, reason: str = "reads the model's weights") -> None:
+    """MedlensError unless ``score`` is ``"logit"`` (see :class:`ScoreFree`)."""
+    if score != "logit":
+        raise MedlensError(f"{method.name} {reason}, not a score: score={score!r} does not apply (use gradcam)")
+
+
+def _translate_flags(cls: type["Method"]) -> None:
+    """Deprecated: a subclass that still sets the old capability flags (``uses_layer``,
+    ``uses_gradients``, ``uses_input_gradients``, ``classification_only``, ``reads_score``)
+    gets the equivalent contract, once, when the class is created: its :meth:`Method.needs`
+    returns what the flags said (the rest inherited), ``classification_only=True`` adds the
+    :class:`ClassifierOnly` check and ``reads_score=False`` the :class:`ScoreFree` one.
+    Derive from the base classes (:class:`LayerMethod`, :class:`ActivationMethod`,
+    :class:`InputGradientMethod`, :class:`PerturbationMethod`, :class:`AttentionMethod`) and
+    the mixins instead."""
+    given = {flag: bool(cls.__dict__[flag]) for flag in DEPRECATED_FLAGS if flag in cls.__dict__}
+    if not given:
+        return
+    warnings.warn(f"{cls.__qualname__} sets {', '.join(given)}: capability flags are deprecated; derive from "
+                  "LayerMethod / ActivationMethod / InputGradientMethod / PerturbationMethod / AttentionMethod "
+                  "and the ClassifierOnly / ScoreFree mixins", DeprecationWarning, stacklevel=4)
+    if given.keys() & {"uses_layer", "uses_gradients", "uses_input_gradients"}:
+        old = cls.needs()
+        layers = given.get("uses_layer", old.layers)
+        needs = replace(old, layers=layers, layer_gradients=layers and given.get("uses_gradients", old.layer_gradients),
+                        input_gradients=given.get("uses_input_gradients", old.input_gradients))
+        cls.needs = classmethod(lambda _cls: needs)  # type: ignore[method-assign]
+    if given.get("classification_only"):
+        check = cls.check
+
+        def classifier_check(self: "Method", model: nn.Module, x: Tensor, task: str) -> None:
+            refuse_non_classifier(self, task)
+            check(self, model, x, task)
+
+        cls.check = classifier_check  # type: ignore[method-assign]
+    if given.get("reads_score") is False:
+        check_score = cls.check_score
+
+        def score_check(self: "Method", score: str) -> None:
+            refuse_score(self, score)
+            check_score(self, score)
+
+        cls.check_score = score_check  # type: ignore[method-assign]
+
+
 class Method:
     """Base of all methods: a short function of what the engine captured.
 
@@ -120,25 +216,34 @@ class Method:
     dataclass (:func:`medlens.core.options.typed_options`), so ``GradCAM(top_k_channels=32)`` is
     checked when built (unknown names, types, and each method's :meth:`validate`).
 
+    What the engine captures for a method is its contract, given by its base class
+    (:meth:`needs`): :class:`LayerMethod` (layer activations and per-target gradients),
+    :class:`ActivationMethod` (activations only), :class:`InputGradientMethod` (input
+    gradients), :class:`InputMethod` / :class:`PerturbationMethod` (nothing: the method runs
+    the model itself, e.g. through ``ctx.score``), :class:`AttentionMethod` (a transformer's
+    attention). Where a method applies is what its :meth:`check` and :meth:`check_score` do
+    (the :class:`ClassifierOnly` and :class:`ScoreFree` mixins).
+
     Subclasses set ``name`` and implement :meth:`compute` returning (B, K, *s) maps; methods
-    that fuse per-layer maps implement :meth:`layer_map` instead (see :class:`LayerMethod`).
+    that fuse per-layer maps implement :meth:`layer_map` instead. A bare ``Method`` subclass
+    is a layer method (activations and gradients), as in the README's custom-method example.
     """
 
     name: ClassVar[str] = ""
-    uses_layer: ClassVar[bool] = True
-    uses_gradients: ClassVar[bool] = True
-    uses_input_gradients: ClassVar[bool] = False
-    classification_only: ClassVar[bool] = False
-    #: False for a method whose map is not a function of the target score (CAM reads the head's weights)
-    reads_score: ClassVar[bool] = True
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
+        _translate_flags(cls)
         typed_options(cls)
 
     def __post_init__(self) -> None:
         check_types(self)
         self.validate()
+
+    @classmethod
+    def needs(cls) -> Needs:
+        """What the engine captures for this method (see :class:`Needs`)."""
+        return Needs(layers=True, layer_gradients=True)
 
     def validate(self) -> None:
         """Raise MedlensError for option values out of range (called when the method is built)."""
@@ -151,9 +256,12 @@ class Method:
         return {name: getattr(self, name) for name in option_names(type(self))}
 
     def check(self, model: nn.Module, x: Tensor, task: str) -> None:
-        """Raise MedlensError if the method cannot apply to this model and input."""
-        if self.classification_only and task != "classification":
-            raise MedlensError(f"{self.name} applies to classifiers only, not {task} outputs")
+        """Raise MedlensError if the method cannot apply to this model and input (called after
+        the forward pass, with the task read from the model's output)."""
+
+    def check_score(self, score: str) -> None:
+        """Raise MedlensError if the method cannot explain the classifier score ``score``
+        (``"logit"``, ``"probability"`` or ``"log-probability"``; called before anything runs)."""
 
     def layer_map(self, activation: Tensor, gradient: Tensor | None, ctx: Context, layer: str) -> Tensor:
         """(B, K, *s) map of one layer from its activation (B, C, *s) and the targets'
@@ -174,9 +282,36 @@ typed_options(Method)
 LAYER_FUSIONS = ("mean", "max", "product", "prod")
 
 
+class ClassifierOnly:
+    """Mixin (before the method base): the method applies to classifiers only; its
+    :meth:`check` refuses segmentation outputs. E.g. ``class CAM(ClassifierOnly, ActivationMethod)``."""
+
+    name: ClassVar[str]
+
+    def check(self, model: nn.Module, x: Tensor, task: str) -> None:
+        refuse_non_classifier(self, task)  # type: ignore[arg-type]
+        super().check(model, x, task)  # type: ignore[misc]
+
+
+class ScoreFree:
+    """Mixin (before the method base): the map is not a function of the target score (CAM reads
+    the head's weights), so :meth:`check_score` refuses ``score="probability"`` and the like.
+
+    Attributes:
+        score_free_reason: what the method reads instead, for the error message.
+    """
+
+    name: ClassVar[str]
+    score_free_reason: ClassVar[str] = "reads the model's weights"
+
+    def check_score(self, score: str) -> None:
+        refuse_score(self, score, self.score_free_reason)  # type: ignore[arg-type]
+        super().check_score(score)  # type: ignore[misc]
+
+
 class LayerMethod(Method):
-    """A method computed from a layer's activations A (B, C, *s) and, unless
-    ``uses_gradients`` is False, the gradients (B, K, C, *s) of each target score w.r.t. A.
+    """A method computed from a layer's activations A (B, C, *s) and the gradients
+    (B, K, C, *s) of each target score w.r.t. A (Grad-CAM and its family).
 
     Options:
         fusion: how the maps of several layers are fused (mean, max or product).
@@ -185,17 +320,44 @@ class LayerMethod(Method):
     fusion: str = "mean"
 
 
-class InputMethod(Method):
-    """A method whose maps live in input space (B, K, *S): it reads the input gradients
-    (``uses_input_gradients``) or scores perturbed inputs itself; no layer is captured."""
+class ActivationMethod(LayerMethod):
+    """A gradient-free layer method: computed from the layer's activations A (B, C, *s) alone
+    (``gradient`` is None in :meth:`layer_map`), e.g. Eigen-CAM, or Score-CAM and Ablation-CAM,
+    which score perturbed inputs through ``ctx``. The forward pass runs without autograd."""
 
-    uses_layer: ClassVar[bool] = False
-    uses_gradients: ClassVar[bool] = False
+    @classmethod
+    def needs(cls) -> Needs:
+        return Needs(layers=True)
+
+
+class InputMethod(Method):
+    """A method whose maps live in input space (B, K, *S). The engine captures nothing: the
+    method runs the model itself on modified inputs (``ctx.score`` for scores, or the input
+    gradients at points of its own, e.g. Integrated Gradients). See :class:`InputGradientMethod`
+    and :class:`PerturbationMethod` for the two common cases."""
+
+    @classmethod
+    def needs(cls) -> Needs:
+        return Needs()
+
+
+class InputGradientMethod(InputMethod):
+    """An input-space method of the gradients (B, K, C_in, *S) of each target score w.r.t. the
+    input itself (``ctx.input_gradients``), e.g. saliency, Input x Gradient."""
+
+    @classmethod
+    def needs(cls) -> Needs:
+        return Needs(input_gradients=True)
+
+
+class PerturbationMethod(InputMethod):
+    """An input-space method that scores perturbed copies of the input with ``ctx.score``
+    (no gradients, no captured layer), e.g. occlusion, RISE, feature ablation."""
 
 
 @dataclass
 class AttentionRun:
-    """What an attention provider's forward pass gives the engine.
+    """What an attention method's forward pass gives (see :meth:`AttentionMethod.attend`).
 
     Attributes:
         maps: (B, K, *grid) maps over the patch grid.
@@ -211,16 +373,39 @@ class AttentionRun:
 
 
 class AttentionMethod(Method):
-    """A method computed from the attention a transformer really uses: :meth:`attend` runs the
-    model once under its attention-capture provider (its own hooks, removed on exit) and the
-    engine turns the result into an :class:`Explanation` like any other method's, with the task
-    read from the model's output (a segmentation ViT such as UNETR gives "segmentation")."""
+    """A method computed from the attention a transformer really uses. The engine runs the one
+    forward pass under the method's attention-capture :meth:`provider` (a
+    :class:`medlens.core.attention.AttentionCapture`: hooks removed on exit), resolves the
+    targets and the task from the model's output (a segmentation ViT such as UNETR gives
+    "segmentation"), and calls :meth:`compute` with ``ctx.attention`` (the provider) and, for
+    :class:`AttentionGradientMethod`, ``ctx.attention_gradients``."""
 
-    uses_layer: ClassVar[bool] = False
-    uses_gradients: ClassVar[bool] = False
+    @classmethod
+    def needs(cls) -> Needs:
+        return Needs(attention=True)
+
+    def provider(self, model: nn.Module, x: Tensor) -> AttentionCapture:
+        """The attention capture the forward pass runs under (all blocks; with gradients and
+        the spliced backward path when :meth:`needs` asks for attention gradients)."""
+        return AttentionCapture(model, grad=self.needs().attention_gradients)
+
+    def compute(self, ctx: Context) -> Tensor:
+        raise NotImplementedError
 
     def attend(self, model: nn.Module, x: Tensor, target: TargetSpec, region: Region) -> AttentionRun:
-        raise NotImplementedError
+        """The method through the engine, as maps (B, K, *grid) with the logits, targets and task
+        of its forward pass (the pre-0.2 entry point; :func:`explain` is the usual one)."""
+        exp = _explain_attention(model, x, self, target, region)
+        return AttentionRun(exp.raw, exp.logits, exp.targets, exp.task)
+
+
+class AttentionGradientMethod(AttentionMethod):
+    """An attention method that also reads each target score's gradient w.r.t. every captured
+    attention matrix (gradient rollout, Chefer et al.)."""
+
+    @classmethod
+    def needs(cls) -> Needs:
+        return Needs(attention=True, attention_gradients=True)
 
 
 class MethodWrapper(Method):
@@ -237,6 +422,9 @@ class MethodWrapper(Method):
         if self.method is None:
             raise MedlensError(f"{type(self).__name__} needs the method it wraps, e.g. method='gradcam'")
         self.method = get_method(self.method)
+
+    def check_score(self, score: str) -> None:
+        self.method.check_score(score)
 
     def explain(self, model: nn.Module, x: Tensor, target: TargetSpec, layer: str | Sequence[str] | None, region: Region) -> "Explanation":
         raise NotImplementedError
@@ -463,8 +651,7 @@ def explain(
     check_input(model, x)
     algo = _wrapped(method, dict(options))
     with scored(model, score) as kind:
-        if kind != "logit" and not algo.reads_score:
-            raise MedlensError(f"{algo.name} reads the head's weights, not a score: score={score!r} does not apply (use gradcam)")
+        algo.check_score(kind)
         result = algo.explain(model, x, target, layer, region) if isinstance(algo, MethodWrapper) else _explain(model, x, algo, target, layer, region)
     if kind != "logit" and result.task == "classification":
         result.info["score"] = kind
@@ -475,11 +662,11 @@ def explain(
 CLOSED_FORM_FROM = 8
 
 
-def _closed_form(model: nn.Module, algo: Method, layers: list[str], activations: dict[str, Tensor], logits: Tensor,
+def _closed_form(model: nn.Module, needs: Needs, layers: list[str], activations: dict[str, Tensor], logits: Tensor,
                  targets: Tensor, grad_inputs: list[Tensor], grad_names: list[str], task: str) -> Callable[[Tensor], Tensor] | None:
     """Closed-form layer gradients for many targets (see :mod:`medlens.core.heads`) when the one
     layer feeds a provable GAP -> Linear head; None keeps the generic autograd path."""
-    if (task != "classification" or len(layers) != 1 or len(grad_inputs) != 1 or algo.uses_input_gradients
+    if (task != "classification" or len(layers) != 1 or len(grad_inputs) != 1 or needs.input_gradients
             or targets.shape[1] < CLOSED_FORM_FROM):
         return None
     first = target_gradients(logits, targets[:, :1], grad_inputs, grad_names)[0]
@@ -496,28 +683,61 @@ def _joined(reports: Sequence[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def _explain(model: nn.Module, x: Tensor, algo: Method, target: TargetSpec, layer: str | Sequence[str] | None, region: Region) -> Explanation:
-    """:func:`explain` for a built method, inside the score hook."""
-    if isinstance(algo, AttentionMethod):
+def _task(output: Tensor, x: Tensor) -> str:
+    return "segmentation" if is_segmentation_output(output, x) else "classification"
+
+
+def _explain_attention(model: nn.Module, x: Tensor, algo: AttentionMethod, target: TargetSpec, region: Region) -> Explanation:
+    """An attention method: one forward pass under its provider, then (if it needs them) the
+    targets' gradients w.r.t. the captured attention, then its :meth:`compute`."""
+    if type(algo).attend is not AttentionMethod.attend:  # deprecated: a method that runs its own pass
         with preserved_modes(model):
             run = algo.attend(model, x, target, region)
         maps = upsample_normalised(run.maps, x.shape[2:])
         return Explanation(maps, run.maps, run.targets, run.logits.gather(1, run.targets), run.logits, algo.name, [], run.task)
+    needs = algo.needs()
+    with preserved_modes(model):
+        with algo.provider(model, x) as cap, torch.set_grad_enabled(needs.attention_gradients):
+            output = model_output(model(x.detach().requires_grad_(True) if needs.attention_gradients else x))
+            task = _task(output, x)
+            algo.check(model, x, task)
+            logits = pool_scores(output, x, region)
+        targets = resolve_targets(target, logits.detach())
+        grads = None
+        if needs.attention_gradients:
+            probs = cap.probs()
+            grads = target_gradients(logits, targets, probs, [f"attention {i}" for i in range(len(probs))])
+        logits = logits.detach()
+        scores = logits.gather(1, targets)
+        ctx = Context(model=model, x=x.detach(), targets=targets, scores=scores, logits=logits, layers=[], activations={},
+                      gradients={}, input_gradients=None, region=region, task=task, attention=cap, attention_gradients=grads)
+        raw = algo.compute(ctx)
+    maps = upsample_normalised(raw, x.shape[2:])
+    return Explanation(maps, raw, targets, scores, logits, algo.name, [], task, dict(ctx.info))
+
+
+def _explain(model: nn.Module, x: Tensor, algo: Method, target: TargetSpec, layer: str | Sequence[str] | None, region: Region) -> Explanation:
+    """:func:`explain` for a built method, inside the score hook: what is captured is what the
+    method's contract (:meth:`Method.needs`) asks for."""
+    if isinstance(algo, AttentionMethod):
+        return _explain_attention(model, x, algo, target, region)
+    needs = algo.needs()
     info: dict[str, Any] = {}
     layers: list[str] = []
-    if algo.uses_layer:
+    if needs.layers:
         if layer is None:
             layers = [auto_layer(model, x)]
             info["auto_layer"] = layers[0]
         else:
             layers = [layer] if isinstance(layer, str) else list(layer)
-    with preserved_modes(model), LayerCapture(model, layers, grad_from_first=algo.uses_gradients and not algo.uses_input_gradients) as cap:
+    layer_grads = needs.layer_gradients and bool(layers)
+    with preserved_modes(model), LayerCapture(model, layers, grad_from_first=layer_grads and not needs.input_gradients) as cap:
         grad_mode = torch.is_grad_enabled()
         try:
-            x_in = x.detach().requires_grad_(True) if algo.uses_input_gradients else x
-            torch.set_grad_enabled(algo.uses_input_gradients)
+            x_in = x.detach().requires_grad_(True) if needs.input_gradients else x
+            torch.set_grad_enabled(needs.input_gradients)
             output = model_output(model(x_in))
-            task = "segmentation" if is_segmentation_output(output, x) else "classification"
+            task = _task(output, x)
             algo.check(model, x, task)
             logits = pool_scores(output, x, region)
             targets = resolve_targets(target, logits.detach())
@@ -525,19 +745,19 @@ def _explain(model: nn.Module, x: Tensor, algo: Method, target: TargetSpec, laye
             missing = [l for l in layers if l not in cap.activations]
             if missing:
                 raise MedlensError(f"layer {missing[0]!r} was not called during the forward pass")
-            grad_inputs = [cap.activations[l] for l in layers] if algo.uses_gradients and layers else []
+            grad_inputs = [cap.activations[l] for l in layers] if layer_grads else []
             grad_names = list(layers) if grad_inputs else []
-            if algo.uses_input_gradients:
+            if needs.input_gradients:
                 grad_inputs.append(x_in)
                 grad_names.append("input")
             # layer-gradient methods run per chunk of targets: all 1000 classes never hold
             # 1000 full gradient tensors at once (and the chunk's buffers stay in cache)
-            per_chunk = target_chunk(targets.shape[1], grad_inputs) if grad_inputs and not algo.uses_input_gradients else targets.shape[1]
+            per_chunk = target_chunk(targets.shape[1], grad_inputs) if grad_inputs and not needs.input_gradients else targets.shape[1]
         finally:
             torch.set_grad_enabled(grad_mode)
         activations = {l: cap.activations[l].detach() for l in layers}
         cap.close()
-        closed = _closed_form(model, algo, layers, activations, logits, targets, grad_inputs, grad_names, task)
+        closed = _closed_form(model, needs, layers, activations, logits, targets, grad_inputs, grad_names, task)
         if closed is not None:
             info["closed_form_gradients"] = True
         raws: list[Tensor] = []
@@ -556,8 +776,8 @@ def _explain(model: nn.Module, x: Tensor, algo: Method, target: TargetSpec, laye
                 logits=logits.detach(),
                 layers=layers,
                 activations=dict(activations),
-                gradients=dict(zip(layers, grads[: len(layers)])) if algo.uses_gradients else {},
-                input_gradients=grads[-1] if algo.uses_input_gradients else None,
+                gradients=dict(zip(layers, grads[: len(layers)])) if layer_grads else {},
+                input_gradients=grads[-1] if needs.input_gradients else None,
                 region=region,
                 task=task,
             )

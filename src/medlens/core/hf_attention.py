@@ -135,7 +135,7 @@ def hook_hf_site(cap: "AttentionCapture", index: int, site: "AttentionSite") -> 
             cap._keep(index, "qkv_in", x)
             cap._keep(index, "qkv_out", qkv)
 
-    cap._hooks.callback(attn.register_forward_pre_hook(on_input, with_kwargs=True).remove)
+    cap._hooks.forward_pre(attn, on_input, with_kwargs=True)
     if cap.grad:
         cap._add(attn.o_proj, lambda _m, inputs: (cap._spliced(index, site, inputs[0]), *inputs[1:]), pre=True)
     if cap.record:

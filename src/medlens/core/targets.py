@@ -14,6 +14,7 @@ from typing import Iterator, Sequence, Union
 import torch
 from torch import Tensor, nn
 
+from medlens.core.hooks import Hooks
 from medlens.errors import MedlensError
 
 TargetSpec = Union[int, str, Sequence[int], Sequence[Sequence[int]], Tensor, None]
@@ -214,8 +215,6 @@ def scored(model: nn.Module, kind: str = "logit") -> Iterator[str]:
         out = model_output(output)
         return apply_score(out, kind) if out.dim() == 2 else output
 
-    handle = model.register_forward_hook(transform)
-    try:
+    with Hooks() as hooks:
+        hooks.forward(model, transform)
         yield kind
-    finally:
-        handle.remove()

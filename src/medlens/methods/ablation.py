@@ -16,10 +16,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from medlens.core.engine import Context, register, score_batches
+from medlens.core.engine import Context, PerturbationMethod, register, score_batches
 from medlens.core.options import check_choice, require
+from medlens.core.targets import region_rows
 from medlens.errors import MedlensError
-from medlens.methods.attribution import InputMethod, region_rows
 
 __all__ = ["FeatureAblation", "grid_segments", "segments_for", "slic_segments"]
 
@@ -66,7 +66,7 @@ def segments_for(x: Tensor, options) -> Tensor:
     raise MedlensError(f"segments must be 'grid', 'slic' or a label tensor; got {kind!r}")
 
 
-class SegmentMethod(InputMethod):
+class SegmentMethod(PerturbationMethod):
     """Options shared by the methods that perturb whole segments (grid patches, SLIC
     superpixels/supervoxels, or a user's label tensor) towards a constant baseline."""
 

@@ -18,22 +18,19 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from medlens.core.engine import Context, InputMethod, LayerMethod, register, target_gradients
+from medlens.core.engine import Context, InputGradientMethod, InputMethod, LayerMethod, register
+from medlens.core.hooks import Hooks
 from medlens.core.resample import upsample
 from medlens.errors import MedlensError
 from medlens.core.options import check_top_k, require
 from medlens.methods.cam import GradCAM
-from medlens.core.targets import pool_scores, region_rows
+from medlens.core.targets import region_rows  # noqa: F401  (re-exported)
 
 
 def input_gradients(ctx: Context, x: Tensor, targets: Tensor, image: Tensor | None = None) -> Tensor:
     """Gradients (b, K, C_in, *S) of the ``targets`` (b, K) scores w.r.t. inputs ``x`` (b, C_in, *S),
     made from the images ``image`` (b,) of ``ctx.x`` (for per-image segmentation regions)."""
-    region = ctx.region if image is None else region_rows(ctx.region, ctx.x, image)
-    x = x.detach().requires_grad_(True)
-    with torch.enable_grad():
-        logits = pool_scores(ctx.model(x), x, region)
-        return target_gradients(logits, targets, [x], ["input"])[0].detach()
+    return ctx.gradients_at(x, targets, image)
 
 
 def _broadcast(values: Tensor, like: Tensor) -> Tensor:
@@ -57,6 +54,20 @@ def path_gradients(ctx: Context, point: Callable[[Tensor, Tensor], Tensor], n: i
 
 
 # ----------------------------------------------------------------------------- SmoothGrad
+
+
+def gaussian_copies(x: Tensor, samples: int, sigma: Tensor, seed: int) -> Tensor:
+    """(B * samples, C, *S) copies x + N(0, sigma_b^2), image-major, drawn as one
+    ``torch.normal(0, sigma, (B, samples, C, *S))`` from a generator seeded with ``seed`` (for
+    one image, the draw Captum's NoiseTunnel makes after ``torch.manual_seed(seed)``).
+
+    Args:
+        x: (B, C, *S) images; sigma: (B,) standard deviation per image.
+    """
+    generator = torch.Generator(device=x.device).manual_seed(int(seed))
+    b = x.shape[0]
+    spread = sigma.view(b, *(1,) * x.dim()).expand(b, samples, *x.shape[1:])
+    return (x.unsqueeze(1) + torch.normal(0.0, spread, generator=generator)).flatten(0, 1)
 
 
 @register
@@ -88,25 +99,28 @@ class SmoothGrad(InputMethod):
         require(self.stdev is None or self.stdev >= 0, self.name, "stdev", self.stdev, "must be >= 0")
         require(self.batch_size >= 1, self.name, "batch_size", self.batch_size, "must be at least 1")
 
-    def compute(self, ctx: Context) -> Tensor:
-        x = ctx.x
-        samples, absolute = self.samples, self.absolute
-        generator = torch.Generator(device=x.device).manual_seed(self.seed)
+    def sigma(self, x: Tensor) -> Tensor:
+        """(B,) noise standard deviation per image: ``stdev``, or ``noise_level`` x its range."""
         if self.stdev is not None:
-            sigma = torch.full((x.shape[0],), float(self.stdev), device=x.device, dtype=x.dtype)
-        else:
-            flat = x.flatten(1)
-            sigma = float(self.noise_level) * (flat.amax(1) - flat.amin(1))
-        b = x.shape[0]
-        spread = sigma.view(b, *(1,) * x.dim()).expand(b, samples, *x.shape[1:])
-        noisy = (x.unsqueeze(1) + torch.normal(0.0, spread, generator=generator)).flatten(0, 1)  # (B * samples, C, *S)
+            return torch.full((x.shape[0],), float(self.stdev), device=x.device, dtype=x.dtype)
+        flat = x.flatten(1)
+        return float(self.noise_level) * (flat.amax(1) - flat.amin(1))
+
+    def noisy_gradients(self, ctx: Context) -> Tensor:
+        """(B, samples, K, C_in, *S) input gradients at the noisy copies (|.| with ``absolute``):
+        the one noise draw of SmoothGrad, SmoothGrad-squared and VarGrad."""
+        x, samples = ctx.x, self.samples
+        noisy = gaussian_copies(x, samples, self.sigma(x), self.seed)  # (B * samples, C, *S)
         targets = ctx.targets.repeat_interleave(samples, dim=0)
-        images = torch.arange(b, device=x.device).repeat_interleave(samples)
+        images = torch.arange(x.shape[0], device=x.device).repeat_interleave(samples)
         chunk = self.batch_size
-        grads = torch.cat([input_gradients(ctx, part, targets[i : i + chunk], images[i : i + chunk])
+        grads = torch.cat([ctx.gradients_at(part, targets[i : i + chunk], images[i : i + chunk])
                            for i, part in zip(range(0, len(noisy), chunk), noisy.split(chunk))])
-        grads = grads.unflatten(0, (b, samples))  # (B, samples, K, C, *S)
-        ctx.info["attributions"] = (grads.abs() if absolute else grads).mean(dim=1)  # (B, K, C_in, *S)
+        grads = grads.unflatten(0, (x.shape[0], samples))
+        return grads.abs() if self.absolute else grads
+
+    def compute(self, ctx: Context) -> Tensor:
+        ctx.info["attributions"] = self.noisy_gradients(ctx).mean(dim=1)  # (B, K, C_in, *S)
         return ctx.info["attributions"].abs().amax(dim=2)
 
 
@@ -181,11 +195,10 @@ class IntegratedGradients(InputMethod):
 
 
 @register
-class InputXGradient(InputMethod):
+class InputXGradient(InputGradientMethod):
     """Input x Gradient (Shrikumar et al., 2016): x_c(s) * dY/dx_c(s), summed over channels."""
 
     name = "inputxgradient"
-    uses_input_gradients = True
 
     def compute(self, ctx: Context) -> Tensor:
         ctx.info["attributions"] = ctx.x.unsqueeze(1) * ctx.input_gradients
@@ -223,17 +236,13 @@ def guided_relus(model: nn.Module) -> Iterator[int]:
     those keep the plain ReLU gradient. Captum and pytorch-grad-cam have the same coverage.
     Hooks are removed on exit, exceptions included. Yields the number of hooked modules.
     """
-    handles = []
-    try:
+    with Hooks() as hooks:
         for module in model.modules():
             if isinstance(module, nn.ReLU):
-                handles.append(module.register_forward_hook(_guide))
-        if not handles:
+                hooks.forward(module, _guide)
+        if not hooks:
             raise MedlensError(f"guided backprop needs nn.ReLU modules and {type(model).__name__} has none (functional relu and other activations are not guided)")
-        yield len(handles)
-    finally:
-        for handle in handles:
-            handle.remove()
+        yield len(hooks)
 
 
 def guided_gradients(ctx: Context, batch_size: int = 32) -> Tensor:

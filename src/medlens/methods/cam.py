@@ -8,62 +8,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from medlens.core.engine import Context, LayerMethod, register
+from medlens.core.engine import ActivationMethod, ClassifierOnly, Context, LayerMethod, ScoreFree, register
 from medlens.core.options import check_top_k
 from medlens.errors import MedlensError
-from medlens.methods.smoothing import principal_component
-
-
-def _space(t: Tensor, lead: int) -> tuple[int, ...]:
-    """The spatial dims of ``t`` after ``lead`` leading (batch/target/channel) dims."""
-    return tuple(range(lead, t.dim()))
-
-
-def weighted_sum(weights: Tensor, activation: Tensor) -> Tensor:
-    """sum_c w[b, k, c] * A[b, c, *s] -> (B, K, *s)."""
-    return torch.einsum("bkc,bc...->bk...", weights, activation)
-
-
-def top_channels(activation: Tensor, top_k: int | float | None) -> Tensor | None:
-    """(B, C) 0/1 mask of the ``top_k`` channels (a count, or a fraction in (0, 1)) with the
-    largest mean activation, per image; None (all channels) when top_k is None or 0."""
-    if not top_k:
-        return None
-    mean_act = activation.mean(dim=_space(activation, 2))
-    count = int(round(top_k * mean_act.shape[1])) if 0 < float(top_k) < 1 else int(top_k)
-    count = min(max(count, 1), mean_act.shape[1])
-    return torch.zeros_like(mean_act).scatter_(1, mean_act.topk(count, dim=1).indices, 1.0)
-
-
-def keep_top_channels(weights: Tensor, activation: Tensor, top_k: int | float | None) -> Tensor:
-    """Zero the weights (B, K, C) of all but the ``top_k`` most active channels (see
-    :func:`top_channels`), per image; unchanged when top_k is None."""
-    keep = top_channels(activation, top_k)
-    return weights if keep is None else weights * keep.unsqueeze(1).to(weights.dtype)
-
-
-def elementwise_cam(contribution: Tensor, activation: Tensor, options: dict) -> Tensor:
-    """ReLU(sum_c X[b, k, c]) of per-channel maps X (B, K, C, *s) (e.g. g_c A_c), over the
-    ``top_k_channels`` most active channels if set; with ``eigen_smooth`` the first principal
-    component of X replaces the sum (sign agreeing with it), as pytorch-grad-cam does."""
-    keep = top_channels(activation, options.get("top_k_channels"))
-    if keep is not None:
-        contribution = contribution * keep.view(keep.shape[0], 1, keep.shape[1], *([1] * (contribution.dim() - 3))).to(contribution.dtype)
-    if options.get("eigen_smooth"):
-        return F.relu(principal_component(contribution))
-    return F.relu(contribution.sum(dim=2))
-
-
-def weighted_cam(weights: Tensor, activation: Tensor, options: dict) -> Tensor:
-    """ReLU(sum_c w[b, k, c] A[b, c]) -> (B, K, *s) over the ``top_k_channels`` most active
-    channels if that option is set (all by default); with ``options["eigen_smooth"]`` the
-    sum is replaced by the first principal component of the weighted activations w_c A_c
-    (pytorch-grad-cam's eigen_smooth), its sign fixed to agree with the plain sum."""
-    weights = keep_top_channels(weights, activation, options.get("top_k_channels"))
-    if options.get("eigen_smooth"):
-        shape = (*weights.shape, *([1] * (activation.dim() - 2)))
-        return F.relu(principal_component(weights.view(shape) * activation.unsqueeze(1)))
-    return F.relu(weighted_sum(weights, activation))
+from medlens.core.maps import (  # noqa: F401  (re-exported: the CAM arithmetic lives in core)
+    elementwise_cam, keep_top_channels, principal_component, spatial_dims as _space, top_channels, weighted_cam, weighted_sum,
+)
 
 
 class ChannelOptions(LayerMethod):
@@ -187,7 +137,7 @@ def linear_head(model: nn.Module, channels: int) -> nn.Linear:
 
 
 @register
-class CAM(ChannelOptions):
+class CAM(ClassifierOnly, ScoreFree, ChannelOptions, ActivationMethod):
     """CAM (Zhou et al., CVPR 2016): M_k(s) = sum_c W[k, c] A_c(s), with W the linear head's
     weights after global average pooling. No gradients are needed. With ``top_k_channels=n``
     only the n channels with the largest mean activation contribute (per image); with
@@ -195,9 +145,7 @@ class CAM(ChannelOptions):
     with the sum; not rectified, like the plain CAM)."""
 
     name = "cam"
-    uses_gradients = False
-    reads_score = False
-    classification_only = True
+    score_free_reason = "reads the head's weights"
 
     def layer_map(self, activation: Tensor, gradient: Tensor | None, ctx: Context, layer: str) -> Tensor:
         head = linear_head(ctx.model, activation.shape[1])

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from medlens.core.capture import LayerCapture
-from medlens.core.engine import Context, InputMethod, LayerMethod, method_class, register, target_gradients
+from medlens.core.engine import ActivationMethod, Context, InputMethod, LayerMethod, method_class, register, target_gradients
 from medlens.core.options import check_choice, require
 from medlens.core.resample import upsample
 from medlens.core.targets import model_output, pool_scores
@@ -186,7 +186,7 @@ def kernel_pca_projection(activation: Tensor, kernel: str = "sigmoid", gamma: fl
 
 
 @register
-class KPCACAM(LayerMethod):
+class KPCACAM(ActivationMethod):
     """KPCA-CAM (Karmani et al., 2024, arXiv:2410.00267): Eigen-CAM with kernel PCA, the first
     kernel principal component of the activations' channel vectors, rectified. Class-agnostic.
 
@@ -196,7 +196,6 @@ class KPCACAM(LayerMethod):
     """
 
     name = "kpcacam"
-    uses_gradients = False
     kernel: str = "sigmoid"
     gamma: float | None = None
     degree: int = 3
@@ -217,7 +216,7 @@ class KPCACAM(LayerMethod):
 
 
 @register
-class FEM(LayerMethod):
+class FEM(ActivationMethod):
     """FEM, the Feature Explanation Method (Fuad et al., IPTA 2020): channel weights
     w_c = fraction of positions where A_c > mean(A_c) + k std(A_c) (the k-sigma rule),
     map ReLU(sum_c w_c A_c). Gradient-free and class-agnostic.
@@ -227,7 +226,6 @@ class FEM(LayerMethod):
     """
 
     name = "fem"
-    uses_gradients = False
     k: float = 2.0
 
     def validate(self) -> None:
@@ -245,7 +243,7 @@ class FEM(LayerMethod):
 
 
 @register
-class RandomCAM(ChannelOptions):
+class RandomCAM(ChannelOptions, ActivationMethod):
     """Random-CAM (pytorch-grad-cam's RandomCAM), a sanity-check baseline: channel weights drawn
     uniformly from [-1, 1], map ReLU(sum_c w_c A_c). A method that does not beat it on a metric
     is not explaining anything. The draws (one per target and channel, shared by the images of
@@ -253,7 +251,6 @@ class RandomCAM(ChannelOptions):
     """
 
     name = "randomcam"
-    uses_gradients = False
     seed: int = 0
 
     def layer_map(self, activation: Tensor, gradient: Tensor | None, ctx: Context, layer: str) -> Tensor:
@@ -267,7 +264,7 @@ class RandomCAM(ChannelOptions):
 
 
 @register
-class ShapleyCAM(ChannelOptions):
+class ShapleyCAM(ChannelOptions, ActivationMethod):
     """Shapley-CAM (Cai, 2025, arXiv:2501.06261): channel weights from a second-order Taylor
     expansion of the score, w_c = mean_s (g - H A / 2)_c(s), with g the gradient and H A the
     Hessian-vector product of the target score with respect to the activation A, map
@@ -279,7 +276,6 @@ class ShapleyCAM(ChannelOptions):
     """
 
     name = "shapleycam"
-    uses_gradients = False
 
     def layer_map(self, activation: Tensor, gradient: Tensor | None, ctx: Context, layer: str) -> Tensor:
         act, logits = layer_pass(ctx, layer, ctx.x, self.name)
@@ -319,7 +315,7 @@ def finer_cotangents(logits: Tensor, targets: Tensor, ranks: tuple[int, ...], al
 
 
 @register
-class FinerCAM(ChannelOptions):
+class FinerCAM(ChannelOptions, ActivationMethod):
     """Finer-CAM (Zhang et al., CVPR 2025, arXiv:2501.11309): a base CAM (Grad-CAM by default)
     of the target's score against its most similar classes, S = sum_j p_j (y_t - alpha y_j) /
     sum_j p_j, with j the classes whose logits are closest to the target's (``comparisons``:
@@ -336,7 +332,6 @@ class FinerCAM(ChannelOptions):
     """
 
     name = "finercam"
-    uses_gradients = False
     base: str = "gradcam"
     alpha: float = 1.0
     comparisons: tuple[int, ...] = (1, 2, 3)
@@ -476,7 +471,7 @@ class ISCAM(_NoisyScoreOptions):
 
 
 @register
-class SmoothGradCAMpp(LayerMethod):
+class SmoothGradCAMpp(ActivationMethod):
     """Smooth Grad-CAM++ (Omeiza et al., 2019, arXiv:1908.01224), as TorchCAM computes it: the
     gradients g_i of ``num_samples`` noisy copies X + N(0, std^2) give the averages
     D2 = mean_i g_i^2 and D3 = mean_i g_i^3, alpha = D2 / (2 D2 + sum_s A(s) D3(s) + 1e-8) with
@@ -492,7 +487,6 @@ class SmoothGradCAMpp(LayerMethod):
     """
 
     name = "smoothgradcampp"
-    uses_gradients = False
     num_samples: int = 4
     std: float = 0.3
     seed: int = 0

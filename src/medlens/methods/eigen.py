@@ -7,19 +7,18 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor
 
-from medlens.core.engine import Context, LayerMethod, register
-from medlens.methods.smoothing import principal_component
+from medlens.core.engine import ActivationMethod, Context, LayerMethod, register
+from medlens.core.maps import principal_component
 
 
 @register
-class EigenCAM(LayerMethod):
+class EigenCAM(ActivationMethod):
     """Eigen-CAM (Muhammad & Yeasin, IJCNN 2020): the projection of the activations A (centred
     over positions) on their first principal component, rectified. Gradient-free and
     class-agnostic: every target of an image gets the same map. The sign is chosen so that the
     map correlates positively with the channel sum sum_c A_c (where the layer is active)."""
 
     name = "eigencam"
-    uses_gradients = False
 
     def layer_map(self, activation: Tensor, gradient: Tensor | None, ctx: Context, layer: str) -> Tensor:
         projection = F.relu(principal_component(activation.unsqueeze(1)))  # (B, 1, *s)

@@ -4,15 +4,14 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from medlens.core.engine import Context, InputMethod, register
+from medlens.core.engine import Context, InputGradientMethod, register
 
 
 @register
-class Saliency(InputMethod):
+class Saliency(InputGradientMethod):
     """Vanilla gradient saliency (Simonyan et al., ICLR workshop 2014): M(s) = max_c |dY/dx_c(s)|."""
 
     name = "saliency"
-    uses_input_gradients = True
 
     def compute(self, ctx: Context) -> Tensor:
         return ctx.input_gradients.abs().amax(dim=2)

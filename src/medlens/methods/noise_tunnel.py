@@ -9,39 +9,21 @@ image, Captum's draw after ``torch.manual_seed(seed)``); 2D and 3D alike.
 
 from __future__ import annotations
 
-import torch
+from typing import Any, Mapping
+
 from torch import Tensor
 
 from medlens.core.engine import Context, register
-from medlens.errors import MedlensError
-from medlens.methods.attribution import SmoothGrad, input_gradients
+from medlens.core.options import option_names
+from medlens.methods.attribution import SmoothGrad
 
 __all__ = ["SmoothGradSquared", "VarGrad", "noisy_gradients"]
 
 
-def noisy_gradients(ctx: Context, options) -> Tensor:
-    """(B, samples, K, C, *S) gradients at x + N(0, sigma^2) (|.| with ``absolute``, Saliency's default)."""
-    x = ctx.x
-    samples = int(options.get("samples", 25))
-    if samples < 1:
-        raise MedlensError(f"option samples={samples} must be at least 1")
-    absolute = bool(options.get("absolute", True))
-    generator = torch.Generator(device=x.device).manual_seed(int(options.get("seed", 0)))
-    if options.get("stdev") is not None:
-        sigma = torch.full((x.shape[0],), float(options["stdev"]), device=x.device, dtype=x.dtype)
-    else:
-        flat = x.flatten(1)
-        sigma = float(options.get("noise_level", 0.15)) * (flat.amax(1) - flat.amin(1))
-    b = x.shape[0]
-    spread = sigma.view(b, *(1,) * x.dim()).expand(b, samples, *x.shape[1:])
-    noisy = (x.unsqueeze(1) + torch.normal(0.0, spread, generator=generator)).flatten(0, 1)
-    targets = ctx.targets.repeat_interleave(samples, dim=0)
-    images = torch.arange(b, device=x.device).repeat_interleave(samples)
-    chunk = int(options.get("batch_size", 32))
-    grads = torch.cat([input_gradients(ctx, part, targets[i : i + chunk], images[i : i + chunk])
-                       for i, part in zip(range(0, len(noisy), chunk), noisy.split(chunk))])
-    grads = grads.unflatten(0, (b, samples))
-    return grads.abs() if absolute else grads
+def noisy_gradients(ctx: Context, options: Mapping[str, Any]) -> Tensor:
+    """(B, samples, K, C, *S) gradients at x + N(0, sigma^2) (|.| with ``absolute``, Saliency's
+    default): :meth:`SmoothGrad.noisy_gradients` of a SmoothGrad built from ``options``."""
+    return SmoothGrad(**{k: v for k, v in options.items() if k in option_names(SmoothGrad)}).noisy_gradients(ctx)
 
 
 @register
@@ -55,7 +37,7 @@ class SmoothGradSquared(SmoothGrad):  # SmoothGrad's options and their checks
     name = "smoothgrad-sq"
 
     def compute(self, ctx: Context) -> Tensor:
-        grads = noisy_gradients(ctx, self.options)
+        grads = self.noisy_gradients(ctx)
         ctx.info["attributions"] = (grads * grads).mean(dim=1)  # (B, K, C_in, *S)
         return ctx.info["attributions"].amax(dim=2)
 
@@ -69,6 +51,6 @@ class VarGrad(SmoothGradSquared):  # the same options
 
 
     def compute(self, ctx: Context) -> Tensor:
-        grads = noisy_gradients(ctx, self.options)
+        grads = self.noisy_gradients(ctx)
         ctx.info["attributions"] = (grads * grads).mean(dim=1) - grads.mean(dim=1) ** 2
         return ctx.info["attributions"].amax(dim=2)

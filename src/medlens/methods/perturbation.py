@@ -11,17 +11,18 @@ All methods take 2D (B, C, H, W) and 3D (B, C, D, H, W) inputs, classifier and s
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import Tensor
 
 from medlens.core.capture import resolve_layer
-from medlens.core.engine import Context, InputMethod, LayerMethod, register, score_batches
+from medlens.core.engine import ActivationMethod, Context, PerturbationMethod, register, score_batches
+from medlens.core.hooks import Hooks
+from medlens.core.maps import weighted_cam
 from medlens.core.resample import upsample, upsample_normalised
 from medlens.core.options import check_top_k, require
 from medlens.errors import MedlensError
-from medlens.methods.cam import weighted_cam
 from medlens.core.targets import pool_scores, region_rows
 
 
@@ -46,6 +47,29 @@ def _copy_scores(ctx: Context, stack: Tensor) -> Tensor:
 def _chunk(batch_size: int, images: int) -> int:
     """How many perturbations per image fit in one forward pass of ``batch_size`` inputs."""
     return max(1, int(batch_size) // images)
+
+
+def masked_sum(ctx: Context, masks_of: Callable[[int, int], Tensor], n_masks: int, batch_size: int,
+               baseline: Tensor | float, occlude: bool) -> Tensor:
+    """sum_i v_i M_i(s), (B, K, *S): the one masked-batch loop of Occlusion and RISE.
+
+    The masks M_i (c, *S) are built ``masks_of(start, stop)`` a chunk at a time (as many per
+    image as fit in ``batch_size`` inputs); every image gets every mask in one forward pass.
+    With ``occlude`` the masked region is set to ``baseline``, x (1 - M) + b M, and v_i is the
+    drop of the target score Y(x) - Y(x_i) (Occlusion); otherwise the mask keeps the input,
+    x M + b (1 - M), and v_i = Y(x_i) (RISE).
+    """
+    x = ctx.x
+    per_pass = _chunk(batch_size, x.shape[0])
+    total = x.new_zeros(x.shape[0], ctx.targets.shape[1], *x.shape[2:])
+    for start in range(0, n_masks, per_pass):
+        masks = masks_of(start, min(start + per_pass, n_masks))  # (c, *S)
+        m = masks.unsqueeze(1).unsqueeze(0)  # (1, c, 1, *S)
+        keep = 1 - m if occlude else m
+        scores = _copy_scores(ctx, (x.unsqueeze(1) * keep + baseline * (1 - keep)).flatten(0, 1))  # (B, c, K)
+        value = ctx.scores.unsqueeze(1) - scores if occlude else scores
+        total += torch.einsum("bck,c...->bk...", value, masks)
+    return total
 
 
 # ----------------------------------------------------------------------------- channel choice
@@ -89,7 +113,7 @@ def _scatter_weights(weights: Tensor, channels: Tensor, live: Tensor, n_channels
 
 
 @register
-class ScoreCAM(LayerMethod):
+class ScoreCAM(ActivationMethod):
     """Score-CAM (Wang et al., CVPR-W 2020).
 
     Each channel map A_c, upsampled to the input and min-max normalised to H_c in [0, 1],
@@ -107,7 +131,6 @@ class ScoreCAM(LayerMethod):
     """
 
     name = "scorecam"
-    uses_gradients = False
     batch_size: int = 32
     top_k_channels: int | float | None = None
     eigen_smooth: bool = False
@@ -173,7 +196,7 @@ class _Ablate:
 
 
 @register
-class AblationCAM(LayerMethod):
+class AblationCAM(ActivationMethod):
     """Ablation-CAM (Desai & Ramaswamy, WACV 2020): w_c = (Y - Y_c) / Y, with Y_c the target score
     when channel c of the layer is set to zero, and the map ReLU(sum_c w_c A_c).
 
@@ -190,7 +213,6 @@ class AblationCAM(LayerMethod):
     """
 
     name = "ablationcam"
-    uses_gradients = False
     batch_size: int = 32
     top_k_channels: int | float | None = None
     eigen_smooth: bool = False
@@ -217,14 +239,11 @@ class AblationCAM(LayerMethod):
     def _ablated_scores(self, ctx: Context, module: torch.nn.Module, channels: Tensor) -> Tensor:
         batch, copies = channels.shape
         targets = ctx.targets.repeat_interleave(copies, dim=0)
-        handle = module.register_forward_hook(_Ablate(channels))
-        try:
-            with torch.no_grad():
-                output = self._run_from_layer(ctx, batch * copies)
-                if output is None:  # a later layer mixes in batch-B tensors: repeat the input instead
-                    output = ctx.model(ctx.x.repeat_interleave(copies, dim=0))
-        finally:
-            handle.remove()
+        with Hooks() as hooks, torch.no_grad():
+            hooks.forward(module, _Ablate(channels))
+            output = self._run_from_layer(ctx, batch * copies)
+            if output is None:  # a later layer mixes in batch-B tensors: repeat the input instead
+                output = ctx.model(ctx.x.repeat_interleave(copies, dim=0))
         image = torch.arange(batch, device=ctx.x.device).repeat_interleave(copies)
         logits = pool_scores(output, ctx.x, region_rows(ctx.region, ctx.x, image))
         return logits.gather(1, targets).view(batch, copies, -1)
@@ -275,7 +294,7 @@ def _outer_masks(axis_masks: Sequence[Tensor], flat_index: Tensor) -> Tensor:
 
 
 @register
-class Occlusion(InputMethod):
+class Occlusion(PerturbationMethod):
     """Occlusion (Zeiler & Fergus, ECCV 2014): slide a window filled with ``baseline`` over the
     input (all channels); a pixel's attribution is the mean drop Y(X) - Y(X_occluded) over the
     windows that cover it (the definition Captum's ``Occlusion`` implements).
@@ -309,15 +328,11 @@ class Occlusion(InputMethod):
         baseline = torch.as_tensor(self.baseline, dtype=x.dtype, device=x.device)
         axis_masks = _window_masks(size, window, stride, x.device)
         n_windows = math.prod(m.shape[0] for m in axis_masks)
-        batch = x.shape[0]
-        per_pass = _chunk(self.batch_size, batch)
-        total = x.new_zeros(batch, ctx.targets.shape[1], *size)
-        for start in range(0, n_windows, per_pass):
-            masks = _outer_masks(axis_masks, torch.arange(start, min(start + per_pass, n_windows), device=x.device))  # (c, *S)
-            m = masks.unsqueeze(1).unsqueeze(0)  # (1, c, 1, *S)
-            occluded = (x.unsqueeze(1) * (1 - m) + baseline * m).flatten(0, 1)
-            drop = ctx.scores.unsqueeze(1) - _copy_scores(ctx, occluded)
-            total += torch.einsum("bck,c...->bk...", drop, masks)
+
+        def windows(start: int, stop: int) -> Tensor:
+            return _outer_masks(axis_masks, torch.arange(start, stop, device=x.device))
+
+        total = masked_sum(ctx, windows, n_windows, self.batch_size, baseline, occlude=True)
         return total / _outer_coverage(axis_masks).clamp_min(1)
 
 
@@ -354,7 +369,7 @@ def rise_masks(grid: Tensor, shifts: Tensor, size: Sequence[int]) -> Tensor:
 
 
 @register
-class RISE(InputMethod):
+class RISE(PerturbationMethod):
     """RISE (Petsiuk et al., BMVC 2018): M(s) = sum_i Y(X * M_i) M_i(s) / (N p), with N random
     smooth masks M_i that keep each coarse cell with probability p.
 
@@ -381,16 +396,10 @@ class RISE(InputMethod):
         n_masks, cells, p_keep = self.n_masks, self.cells, float(self.p_keep)
         baseline = float(self.baseline)
         generator = torch.Generator().manual_seed(self.seed)
-        batch = x.shape[0]
-        per_pass = _chunk(self.batch_size, batch)
-        total = x.new_zeros(batch, ctx.targets.shape[1], *x.shape[2:])
         cell = [math.ceil(s / cells) for s in x.shape[2:]]
         grids, shifts = rise_draws(n_masks, x.dim() - 2, cells, p_keep, cell, generator)  # drawn up front: chunking changes nothing
-        for start in range(0, n_masks, per_pass):
-            part = slice(start, start + per_pass)
-            masks = rise_masks(grids[part].to(x.device), shifts[part].to(x.device), x.shape[2:])
-            m = masks.unsqueeze(1).unsqueeze(0)  # (1, c, 1, *S)
-            masked = (x.unsqueeze(1) * m + baseline * (1 - m)).flatten(0, 1)
-            scores = _copy_scores(ctx, masked)
-            total += torch.einsum("bck,c...->bk...", scores, masks)
-        return total / (n_masks * p_keep)
+
+        def masks(start: int, stop: int) -> Tensor:
+            return rise_masks(grids[start:stop].to(x.device), shifts[start:stop].to(x.device), x.shape[2:])
+
+        return masked_sum(ctx, masks, n_masks, self.batch_size, baseline, occlude=False) / (n_masks * p_keep)

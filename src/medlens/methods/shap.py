@@ -17,9 +17,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from medlens.core.engine import Context, register, score_batches
+from medlens.core.engine import Context, InputMethod, register, score_batches
+from medlens.core.targets import region_rows
 from medlens.methods.ablation import SegmentMethod, segments_for
-from medlens.methods.attribution import InputMethod, region_rows
 
 __all__ = ["GradientSHAP", "ShapleySampling"]
 
@@ -90,8 +90,6 @@ class GradientSHAP(InputMethod):
 
 
     def compute(self, ctx: Context) -> Tensor:
-        from medlens.methods.attribution import input_gradients
-
         x = ctx.x
         b = x.shape[0]
         samples = int(self.options.get("samples", 25))
@@ -117,7 +115,7 @@ class GradientSHAP(InputMethod):
         points = bases[idx] + alphas.view(shape) * diff
         targets = ctx.targets.repeat_interleave(samples, dim=0)
         images = torch.arange(b, device=x.device).repeat_interleave(samples)
-        grads = torch.cat([input_gradients(ctx, points[i : i + chunk], targets[i : i + chunk], images[i : i + chunk])
+        grads = torch.cat([ctx.gradients_at(points[i : i + chunk], targets[i : i + chunk], images[i : i + chunk])
                            for i in range(0, total, chunk)])  # (total, K, C, *S)
         attr = (grads * diff[:, None]).unflatten(0, (b, samples)).mean(dim=1)
         ctx.info["attributions"] = attr  # (B, K, C_in, *S)

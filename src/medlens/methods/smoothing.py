@@ -16,46 +16,11 @@ import torch
 from torch import Tensor, nn
 
 from medlens.core.capture import preserved_modes
+from medlens.core.maps import agreeing_sign, principal_component  # noqa: F401  (re-exported)
 from medlens.core.engine import Explanation, Method, MethodWrapper, explain, get_method, register_wrapper
 from medlens.core.resample import normalise
 from medlens.errors import MedlensError
 from medlens.core.targets import Region, TargetSpec, pool_scores, region_weights, resolve_targets
-
-
-def agreeing_sign(projection: Tensor, evidence: Tensor) -> Tensor:
-    """+1/-1 per map so that ``projection`` (..., S) correlates positively with ``evidence``
-    (..., S). Where the correlation is exactly zero the larger-magnitude extreme is made
-    positive (Seg-Eigen-CAM's rule), and +1 where both are zero."""
-    centred_p = projection - projection.mean(dim=-1, keepdim=True)
-    centred_e = evidence - evidence.mean(dim=-1, keepdim=True)
-    corr = (centred_p * centred_e).sum(dim=-1, keepdim=True)
-    extreme = projection.amax(dim=-1, keepdim=True) + projection.amin(dim=-1, keepdim=True)
-    sign = torch.where(corr != 0, corr.sign(), extreme.sign())
-    return torch.where(sign == 0, torch.ones_like(sign), sign)
-
-
-def principal_component(stack: Tensor, evidence: Tensor | None = None) -> Tensor:
-    """Projection of each position's channel vector on the first principal component.
-
-    For each map, the (S, C) matrix of channel vectors is centred over positions and projected
-    on its first right singular vector v_1: P(s) = (a(s) - mean_s a) . v_1. SVD leaves the
-    sign of v_1 arbitrary; it is fixed so that P correlates positively with ``evidence``
-    (default: the channel sum, i.e. the map the projection replaces).
-
-    Args:
-        stack: (B, K, C, *s) per-channel maps (activations, or weighted activations).
-        evidence: (B, K, *s) map the result must agree with, or None.
-    Returns:
-        (B, K, *s) projection, not rectified.
-    """
-    spatial = stack.shape[3:]
-    matrix = stack.flatten(3).transpose(2, 3).float()  # (B, K, S, C)
-    matrix = matrix - matrix.mean(dim=2, keepdim=True)
-    _, _, vh = torch.linalg.svd(matrix, full_matrices=False)
-    projection = (matrix @ vh[..., 0, :].unsqueeze(-1)).squeeze(-1)  # (B, K, S)
-    reference = (stack.sum(dim=2) if evidence is None else evidence).flatten(2).float()
-    projection = projection * agreeing_sign(projection, reference)
-    return projection.view(*projection.shape[:2], *spatial).to(stack.dtype)
 
 
 def _original_targets(model: nn.Module, x: Tensor, target: TargetSpec, region: Region) -> Tensor:

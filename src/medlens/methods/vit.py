@@ -15,21 +15,18 @@ Options (also ``medlens explain --block/--head-fusion/--discard-ratio``):
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import weakref
-from contextlib import ExitStack, nullcontext
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
 from medlens.core.attention import AttentionCapture, AttentionSite, BlockRecord, block_indices, find_attention, merge_heads
-from medlens.core.capture import preserved_modes
-from medlens.core.engine import AttentionMethod, AttentionRun, Context, register
+from medlens.core.engine import AttentionGradientMethod, AttentionMethod, AttentionRun, Context, explain, register, target_gradients
+from medlens.core.hooks import Hooks
 from medlens.core.options import check_choice, require
 from medlens.errors import MedlensError
-from medlens.core.targets import Region, is_segmentation_output, model_output, pool_scores, resolve_targets
+from medlens.core.targets import Region
 from medlens.core.tokens import has_class_token, patch_grid
 
 HEAD_FUSIONS = ("mean", "max", "min")
@@ -102,14 +99,9 @@ def roll_out(query: Tensor, mats: list[Tensor], identity: bool = False) -> Tenso
 
 
 def attention_gradients(logits: Tensor, targets: Tensor, probs: list[Tensor]) -> list[Tensor]:
-    """d logits[b, targets[b, k]] / d A for every block: list of (B, K, H, N, N).
-
-    The K one-hot output gradients run as one vmapped backward pass (``is_grads_batched``).
-    """
-    one_hot = torch.nn.functional.one_hot(targets.t(), logits.shape[1]).to(logits.dtype)  # (K, B, N)
-    batched = one_hot.shape[0] > 1
-    grads = torch.autograd.grad(logits, probs, grad_outputs=one_hot if batched else one_hot[0], is_grads_batched=batched)
-    return [(g if batched else g.unsqueeze(0)).transpose(0, 1) for g in grads]
+    """d logits[b, targets[b, k]] / d A for every block: list of (B, K, H, N, N) (the engine's
+    :func:`medlens.core.engine.target_gradients`: the K one-hot backward passes vmapped)."""
+    return target_gradients(logits, targets, probs, [f"attention {i}" for i in range(len(probs))])
 
 
 # --- LRP (Chefer et al. 2021), rules for the layers a ViT uses ------------------------------------
@@ -229,7 +221,7 @@ class HeadCapture:
         self.inputs: dict[nn.Module, Tensor] = {}
         self.norm = getattr(model, "norm", None)
         self.tokens: Tensor | None = None
-        self._hooks = ExitStack()
+        self._hooks = Hooks()
 
     @staticmethod
     def _paths(model: nn.Module) -> list[tuple[float, Any, list[nn.Linear]]]:
@@ -251,14 +243,20 @@ class HeadCapture:
                 return [(1.0, 0, linears(head))]
         raise MedlensError(f"chefer needs a ViT classifier head (timm head, torchvision heads, MONAI classification_head); {type(model).__name__} has none")
 
+    def register(self, hooks: Hooks) -> None:
+        """Register the head's hooks on ``hooks`` (removed with it)."""
+        for _, _, chain in self.paths:
+            for lin in chain:
+                hooks.forward_pre(lin, self._keep_input)
+        if any(pool == "avg" for _, pool, _ in self.paths):
+            hooks.forward(self.norm, self._keep_tokens)
+
     def __enter__(self) -> "HeadCapture":
-        with ExitStack() as stack:
-            for _, _, chain in self.paths:
-                for lin in chain:
-                    stack.callback(lin.register_forward_pre_hook(self._keep_input).remove)
-            if any(pool == "avg" for _, pool, _ in self.paths):
-                stack.callback(self.norm.register_forward_hook(self._keep_tokens).remove)
-            self._hooks = stack.pop_all()  # registered without error: keep until __exit__
+        try:
+            self.register(self._hooks)
+        except BaseException:
+            self._hooks.remove()
+            raise
         return self
 
     def _keep_input(self, module: nn.Module, inputs: tuple) -> None:
@@ -268,7 +266,7 @@ class HeadCapture:
         self.tokens = out.detach()
 
     def __exit__(self, *exc: object) -> None:
-        self._hooks.close()
+        self._hooks.remove()
 
     def relevance(self, start: Tensor, n_tokens: int, n_patches: int, repeat: int) -> Tensor:
         """Relevance (B*K, N, C) at the last block's output from one-hot ``start`` (B*K, classes);
@@ -290,14 +288,6 @@ class HeadCapture:
 
 
 # --- the functional API ----------------------------------------------------------------------
-def _forward(model: nn.Module, x: Tensor, region: Region, targets: Any) -> tuple[Tensor, Tensor, str]:
-    """(pooled logits (B, N), targets (B, K), task) of one forward pass."""
-    output = model_output(model(x))
-    task = "segmentation" if is_segmentation_output(output, x) else "classification"
-    logits = pool_scores(output, x, region)
-    return logits, resolve_targets(targets, logits.detach()), task
-
-
 #: what one attention forward pass gives: maps (B, K, *grid), pooled logits (B, N), targets (B, K), task
 ViTRun = AttentionRun
 
@@ -334,60 +324,14 @@ def vit_run(
     model: nn.Module, x: Tensor, method: str = "rollout", targets: Any = "pred", region: Region = None,
     block: int = -1, head_fusion: str = "mean", discard_ratio: float = 0.0,
 ) -> ViTRun:
-    """:func:`vit_relevance` with the logits and targets of its forward pass kept (what
-    :func:`medlens.explain` needs, so it does not run the model a second time)."""
+    """:func:`vit_relevance` with the logits, targets and task of its forward pass kept: the
+    registered method of that name through the engine (:func:`medlens.explain`)."""
     key = method.lower().replace("_", "-")
-    with preserved_modes(model):
-        if key in ("attention", "rollout"):
-            return _class_agnostic(model, x, key, targets, region, block, head_fusion, discard_ratio)
-        if key in ("grad-rollout", "chefer", "chefer-generic"):
-            return _gradient_based(model, x, key, targets, region, head_fusion, discard_ratio)
-    raise MedlensError(f"unknown ViT method {method!r}: use attention, rollout, grad-rollout, chefer or chefer-generic")
-
-
-def _class_agnostic(model, x, key, targets, region, block, head_fusion, discard_ratio) -> Tensor:
-    per_head = key == "attention" and head_fusion in ("none", "per-head", "heads")
-    if not per_head and head_fusion not in HEAD_FUSIONS:
-        raise MedlensError(f"unknown head_fusion {head_fusion!r}: use mean, max, min" + (" or none" if key == "attention" else ""))
-    blocks = block_indices(len(find_attention(model)), int(block)) if key == "attention" else None
-    fuse = None if per_head else (lambda a: fuse_heads(a, head_fusion))
-    with AttentionCapture(model, blocks, transform=fuse) as cap, torch.no_grad():
-        logits, targets, task = _forward(model, x, region, targets)
-    mats = cap.probs()
-    query = query_row(model, x, x.shape[0], mats[0].shape[-1])
-    if key == "attention":
-        attn = mats[0] if per_head else mats[0].unsqueeze(1)  # (B, H or 1, N, N)
-        maps = patch_map((query[:, None, None, :] @ attn).squeeze(-2), model, x)  # (B, H or 1, *grid)
-        if per_head:
-            return ViTRun(maps, logits, targets, task)
-    else:
-        mats = [residual_rows(discard_lowest(m, float(discard_ratio))) for m in mats]
-        maps = patch_map(roll_out(query, mats), model, x).unsqueeze(1)
-    return ViTRun(maps.expand(-1, targets.shape[1], *maps.shape[2:]), logits, targets, task)
-
-
-def _gradient_based(model, x, key, targets, region, head_fusion, discard_ratio) -> Tensor:
-    if head_fusion not in HEAD_FUSIONS:
-        raise MedlensError(f"unknown head_fusion {head_fusion!r}: use mean, max or min")
-    lrp = key == "chefer"
-    with AttentionCapture(model, grad=True, record=lrp) as cap, HeadCapture(model) if lrp else nullcontext() as head, torch.enable_grad():
-        logits, targets, task = _forward(model, x.detach().requires_grad_(True), region, targets)
-    probs = cap.probs()
-    grads = attention_gradients(logits, targets, probs)  # [(B, K, H, N, N)]
-    batch, k = targets.shape
-    query = query_row(model, x, batch * k, probs[0].shape[-1])
-    if key == "chefer":
-        with torch.no_grad():
-            row = _chefer_rollout(model, cap, head, logits, targets, grads, query, tuple(x.shape[2:]))
-    else:
-        probs = [p.detach().unsqueeze(1) for p in probs]  # (B, 1, H, N, N)
-        weighted = [(g * p).flatten(0, 1) for g, p in zip(grads, probs)]  # (B*K, H, N, N)
-        if key == "chefer-generic":
-            row = roll_out(query, [w.clamp(min=0).mean(dim=1) for w in weighted], identity=True)
-        else:
-            fused = [residual_rows(discard_lowest(fuse_heads(w, head_fusion).clamp(min=0), float(discard_ratio))) for w in weighted]
-            row = roll_out(query, fused)
-    return ViTRun(patch_map(row, model, x).unflatten(0, (batch, k)), logits.detach(), targets, task)
+    if key not in VIT_METHODS:
+        raise MedlensError(f"unknown ViT method {method!r}: use attention, rollout, grad-rollout, chefer or chefer-generic")
+    algo = VIT_METHODS[key](block=int(block), head_fusion=head_fusion, discard_ratio=float(discard_ratio))
+    exp = explain(model, x, algo, target=targets, region=region)
+    return ViTRun(exp.raw, exp.logits, exp.targets, exp.task)
 
 
 def _chefer_rollout(model, cap: AttentionCapture, head: HeadCapture, logits, targets, grads, query, spatial) -> Tensor:
@@ -417,8 +361,9 @@ def _repeat(rec: BlockRecord, k: int) -> BlockRecord:
 
 # --- registered methods ----------------------------------------------------------------------
 class _ViTMethod(AttentionMethod):
-    """A ViT attention method: :meth:`attend` runs the model under
-    :class:`medlens.core.attention.AttentionCapture` (the engine's attention provider)."""
+    """Options of the ViT attention methods; the engine runs the forward pass under each one's
+    :meth:`provider` (a :class:`medlens.core.attention.AttentionCapture`)."""
+
     key: ClassVar[str] = ""
     block: int = -1
     head_fusion: str = "mean"
@@ -429,50 +374,135 @@ class _ViTMethod(AttentionMethod):
         check_choice(self.name, "head_fusion", self.head_fusion, allowed)
         require(0 <= float(self.discard_ratio) < 1, self.name, "discard_ratio", self.discard_ratio, "must be in [0, 1)")
 
-    def attend(self, model: nn.Module, x: Tensor, target: Any, region: Region) -> AttentionRun:
-        """Maps (B, K, *grid) with the logits, targets and task of the one forward pass."""
-        return vit_run(model, x, self.key, targets=target, region=region, block=self.block,
-                       head_fusion=self.head_fusion, discard_ratio=self.discard_ratio)
+    @staticmethod
+    def query(ctx: Context, rows: int) -> Tensor:
+        """(rows, N) the query row of the captured attention (class token, or patch mean)."""
+        return query_row(ctx.model, ctx.x, rows, ctx.attention.probs()[0].shape[-1])
+
+
+class _ClassAgnostic(_ViTMethod):
+    """Raw attention and rollout: heads fused in the capture hook (less memory), no gradients;
+    every target of an image gets the same map."""
+
+    @property
+    def per_head(self) -> bool:
+        return self.key == "attention" and self.head_fusion in ("none", "per-head", "heads")
+
+    def provider(self, model: nn.Module, x: Tensor) -> AttentionCapture:
+        blocks = block_indices(len(find_attention(model)), int(self.block)) if self.key == "attention" else None
+        fuse = None if self.per_head else (lambda a: fuse_heads(a, self.head_fusion))
+        return AttentionCapture(model, blocks, transform=fuse)
+
+    def relevance(self, ctx: Context) -> Tensor:
+        """(B, 1 or H, *grid) the class-agnostic map(s)."""
+        raise NotImplementedError
 
     def compute(self, ctx: Context) -> Tensor:
-        return self.attend(ctx.model, ctx.x, ctx.targets, ctx.region).maps
+        maps = self.relevance(ctx)
+        return maps if self.per_head else maps.expand(-1, ctx.targets.shape[1], *maps.shape[2:])
+
+
+class _GradientWeighted(_ViTMethod, AttentionGradientMethod):
+    """Methods of the attention A_b and its gradients dY_k/dA_b, per target."""
+
+    def rolled(self, ctx: Context, weighted: list[Tensor], query: Tensor) -> Tensor:
+        """(B*K, N) relevance row from the (B*K, H, N, N) products dY/dA ⊙ A per block."""
+        raise NotImplementedError
+
+    def compute(self, ctx: Context) -> Tensor:
+        batch, k = ctx.targets.shape
+        probs = [p.detach().unsqueeze(1) for p in ctx.attention.probs()]  # (B, 1, H, N, N)
+        weighted = [(g * p).flatten(0, 1) for g, p in zip(ctx.attention_gradients, probs)]  # (B*K, H, N, N)
+        row = self.rolled(ctx, weighted, self.query(ctx, batch * k))
+        return patch_map(row, ctx.model, ctx.x).unflatten(0, (batch, k))
 
 
 @register
-class RawAttention(_ViTMethod):
+class RawAttention(_ClassAgnostic):
     """Raw attention (e.g. Chung et al.; Dosovitskiy et al. 2021): the class token's attention
     row of one block (default: last) over the patch tokens, heads fused by mean/max/min or kept."""
 
     name = key = "attention"  # type: ignore[misc]
 
+    def relevance(self, ctx: Context) -> Tensor:
+        attn = ctx.attention.probs()[0]
+        attn = attn if self.per_head else attn.unsqueeze(1)  # (B, H or 1, N, N)
+        query = self.query(ctx, ctx.x.shape[0])
+        return patch_map((query[:, None, None, :] @ attn).squeeze(-2), ctx.model, ctx.x)
+
 
 @register
-class AttentionRollout(_ViTMethod):
+class AttentionRollout(_ClassAgnostic):
     """Attention rollout (Abnar & Zuidema, ACL 2020): Ā_b = norm(0.5 A_b + 0.5 I) with heads fused
     and optionally the lowest ``discard_ratio`` entries dropped; map = CLS row of Ā_L ··· Ā_1."""
 
     name = key = "rollout"
 
+    def relevance(self, ctx: Context) -> Tensor:
+        mats = [residual_rows(discard_lowest(m, float(self.discard_ratio))) for m in ctx.attention.probs()]
+        return patch_map(roll_out(self.query(ctx, ctx.x.shape[0]), mats), ctx.model, ctx.x).unsqueeze(1)
+
 
 @register
-class GradientRollout(_ViTMethod):
+class GradientRollout(_GradientWeighted):
     """Gradient-weighted rollout (vit-explain): rollout of fuse_h((∇A ⊙ A)^+) per target."""
 
     name = key = "grad-rollout"
 
+    def rolled(self, ctx: Context, weighted: list[Tensor], query: Tensor) -> Tensor:
+        fused = [residual_rows(discard_lowest(fuse_heads(w, self.head_fusion).clamp(min=0), float(self.discard_ratio))) for w in weighted]
+        return roll_out(query, fused)
+
 
 @register
-class CheferAttribution(_ViTMethod):
+class CheferGeneric(_GradientWeighted):
+    """Generic attention-model explainability (Chefer, Gur & Wolf, ICCV 2021):
+    R <- R + E_h[(∇A_b ⊙ A_b)^+] R for every block, R initialised to I; CLS row. No LRP."""
+
+    name = key = "chefer-generic"
+
+    def rolled(self, ctx: Context, weighted: list[Tensor], query: Tensor) -> Tensor:
+        return roll_out(query, [w.clamp(min=0).mean(dim=1) for w in weighted], identity=True)
+
+
+class CheferCapture(AttentionCapture):
+    """The attention capture of Chefer et al.'s LRP: every block's tensors (``record``), the
+    spliced gradient path (``grad``), and the classifier head's inputs (:class:`HeadCapture`),
+    all hooks in one :class:`medlens.core.hooks.Hooks`, removed on exit."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__(model, grad=True, record=True)
+        self.head = HeadCapture(model)
+
+    def __enter__(self) -> "CheferCapture":
+        super().__enter__()
+        try:
+            self.head.register(self._hooks)
+        except BaseException:
+            self._hooks.remove()
+            raise
+        return self
+
+
+@register
+class CheferAttribution(_ViTMethod, AttentionGradientMethod):
     """Transformer attribution (Chefer, Gur & Wolf, CVPR 2021): LRP relevance R^(A_b) of each
     block's attention (alpha=1) times its gradient, positive part, mean over heads, rolled out
     with identity Ā_b = I + E_h[(∇A_b ⊙ R^(A_b))^+], CLS row."""
 
     name = key = "chefer"
 
+    def provider(self, model: nn.Module, x: Tensor) -> CheferCapture:
+        return CheferCapture(model)
 
-@register
-class CheferGeneric(_ViTMethod):
-    """Generic attention-model explainability (Chefer, Gur & Wolf, ICCV 2021):
-    R <- R + E_h[(∇A_b ⊙ A_b)^+] R for every block, R initialised to I; CLS row. No LRP."""
+    def compute(self, ctx: Context) -> Tensor:
+        batch, k = ctx.targets.shape
+        cap = ctx.attention
+        with torch.no_grad():
+            row = _chefer_rollout(ctx.model, cap, cap.head, ctx.logits, ctx.targets, ctx.attention_gradients,
+                                  self.query(ctx, batch * k), tuple(ctx.x.shape[2:]))
+        return patch_map(row, ctx.model, ctx.x).unflatten(0, (batch, k))
 
-    name = key = "chefer-generic"
+
+#: the registered ViT methods by their key
+VIT_METHODS: dict[str, type[_ViTMethod]] = {cls.key: cls for cls in (RawAttention, AttentionRollout, GradientRollout, CheferGeneric, CheferAttribution)}

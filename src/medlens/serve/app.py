@@ -596,7 +596,7 @@ def create_app(
     def list_methods() -> list[dict[str, Any]]:
         from medlens.core.engine import METHODS
 
-        return [{"name": n, "uses_layer": bool(getattr(METHODS[n], "uses_layer", False))} for n in sorted(METHODS)]
+        return [{"name": n, "uses_layer": METHODS[n].needs().layers} for n in sorted(METHODS)]
 
     @app.get("/api/files", summary="Files under --data the page may open")
     def list_files() -> dict[str, Any]:
