@@ -20,7 +20,7 @@ from medlens.metrics.map_metrics import attribution_localisation, effective_comp
 from medlens.metrics.axiomatic import completeness, non_sensitivity
 from medlens.metrics.randomisation import random_logit
 from medlens.metrics.faithfulness_more import infidelity, irof, slic_segments, sufficiency
-from medlens.metrics.focus import focus, make_mosaics
+from medlens.metrics.mosaics import focus, make_mosaics
 from medlens.metrics.mprt import efficient_mprt, model_explainer, smooth_mprt
 from medlens.metrics.stability import consistency, continuity, relative_representation_stability
 from medlens.metrics.axiomatic import input_invariance

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from medlens.core.targets import Region
+from medlens.errors import MedlensError
 from medlens.metrics.faithfulness import all_class_logits, perturbation_baseline, prepare_perturbation, read_scores
 from medlens.metrics.faithfulness_extra import masked_scores
 

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from medlens.metrics import axiomatic, map_metrics, mprt, randomisation, robustness, stability
 from medlens.metrics import faithfulness_extra as fx
 from medlens.metrics import faithfulness_more as fm
-from medlens.metrics import focus as focus_metric
+from medlens.metrics import mosaics as focus_metric
 from medlens.metrics.complexity import method_explainer
 
 __all__ = ["CATALOGUE", "CATALOGUE_MORE", "LOWER_IS_BETTER", "catalogue_columns"]
