@@ -21,9 +21,9 @@ from torch import Tensor, nn
 from medlens.core.targets import Region
 from medlens.errors import MedlensError
 from medlens.metrics.faithfulness import all_class_logits, perturbation_baseline, prepare_perturbation, read_scores
-from medlens.metrics.faithfulness_extra import _patch_ids, masked_scores
+from medlens.metrics.faithfulness_extra import patch_ids, masked_scores
 
-__all__ = ["infidelity", "irof", "slic_segments", "sufficiency"]
+__all__ = ["agreement_share", "infidelity", "irof", "slic_segments", "sufficiency"]
 
 
 def _clean(model: nn.Module, x: Tensor, targets: Tensor, region: Region, batch_size: int, score: str) -> Tensor:
@@ -58,7 +58,7 @@ def infidelity(
     for patch in patch_sizes:
         if patch < 1:
             raise MedlensError(f"patch sizes must be positive; got {patch}")
-        ids, n_patches = _patch_ids(tuple(x.shape[2:]), patch, x.device)
+        ids, n_patches = patch_ids(tuple(x.shape[2:]), patch, x.device)
         steps = torch.arange(n_patches, device=x.device)
         removed = (ids[None, None, :] <= steps[None, :, None]).expand(x.shape[0], -1, -1)
         removed = removed.reshape(x.shape[0], n_patches, *x.shape[2:])
@@ -178,10 +178,10 @@ def sufficiency(maps: Tensor, predictions: Tensor, threshold: float = 0.6, dista
     dist = torch.cdist(flat, flat, compute_mode="donot_use_mm_for_euclid_dist")
     top = dist.abs().max()
     dist = dist / top if top > 0 else dist
-    return _agreement(dist <= threshold, predictions)
+    return agreement_share(dist <= threshold, predictions)
 
 
-def _agreement(close: Tensor, predictions: Tensor) -> Tensor:
+def agreement_share(close: Tensor, predictions: Tensor) -> Tensor:
     """Share of the other images marked ``close`` (B, B) that share the image's prediction; 0 if none."""
     b = close.shape[0]
     close = close & ~torch.eye(b, dtype=torch.bool, device=close.device)

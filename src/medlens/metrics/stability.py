@@ -21,8 +21,8 @@ from torch import Tensor, nn
 
 from medlens.errors import MedlensError
 from medlens.metrics.faithfulness import perturbation_baseline
-from medlens.metrics.faithfulness_more import _agreement
-from medlens.metrics.robustness import _nanmax, _relative_change, _uniform, noisy_explanations
+from medlens.metrics.faithfulness_more import agreement_share
+from medlens.metrics.robustness import nanmax_rows, relative_change, uniform_noise, noisy_explanations
 
 __all__ = ["consistency", "continuity", "discretise", "relative_representation_stability", "translations"]
 
@@ -87,7 +87,7 @@ def continuity(
             raise MedlensError("continuity with nan_when_changed needs the model")
         changed = _predictions(model, stack, batch_size).view(x.shape[0], n_steps) != targets[:, None]
         ratio = ratio.masked_fill(changed, float("nan"))
-    out = _nanmax(ratio)
+    out = nanmax_rows(ratio)
     return torch.where(torch.isinf(out), torch.full_like(out, float("nan")), out).float()
 
 
@@ -138,7 +138,7 @@ def consistency(maps: Tensor, predictions: Tensor, how: str = "top_n_sign", n: i
         raise MedlensError("consistency compares images with each other: it needs a batch (B >= 2, *S) of maps")
     labels = discretise(maps, how, n, cells)
     equal = (labels[:, None] == labels[None, :]).all(dim=2)
-    return _agreement(equal, predictions)
+    return agreement_share(equal, predictions)
 
 
 def _representations(model: nn.Module, stack: Tensor, layers: Sequence[str], batch_size: int) -> Tensor:
@@ -178,16 +178,16 @@ def relative_representation_stability(
     """
     if not layers:
         raise MedlensError("relative_representation_stability needs at least one layer name")
-    noise = _uniform(n_samples, x, radius, seed) if noise is None else noise.to(x)
+    noise = uniform_noise(n_samples, x, radius, seed) if noise is None else noise.to(x)
     clean, maps, noisy = noisy_explanations(explain_fn, x, targets, noise, batch_size)
     flat_noisy = noisy.view(-1, *x.shape[1:])
     h = _representations(model, x, layers, batch_size)
     hs = _representations(model, flat_noisy, layers, batch_size).view(x.shape[0], noise.shape[0], -1)
     safe = h + (h == 0) * eps_min
     den = ((h[:, None] - hs) / safe[:, None]).norm(dim=2)
-    ratio = _relative_change(clean, maps, eps_min) / (den + (den == 0) * eps_min)
+    ratio = relative_change(clean, maps, eps_min) / (den + (den == 0) * eps_min)
     if nan_when_changed:
         changed = _predictions(model, flat_noisy, batch_size).view(x.shape[0], -1) != _predictions(model, x, batch_size)[:, None]
         ratio = ratio.masked_fill(changed, float("nan"))
-    out = _nanmax(ratio)
+    out = nanmax_rows(ratio)
     return torch.where(torch.isinf(out), torch.full_like(out, float("nan")), out).float()
