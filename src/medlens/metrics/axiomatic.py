@@ -116,8 +116,9 @@ def input_invariance(
         largest absolute difference.
     """
     targets = torch.as_tensor(targets, device=x.device).long().view(-1)
+    twin = shifted_model(model, shift, x, mode)
     a = explain_fn(model, x, targets).detach() if maps is None else maps.to(x.device)
-    b = explain_fn(shifted_model(model, shift, x, mode), x + shift, targets).detach()
+    b = explain_fn(twin, x + shift, targets).detach()
     diff = (a.double() - b.double()).abs().flatten(1)
     same = (diff <= atol + rtol * b.double().abs().flatten(1)).all(dim=1).float()
     return (same, diff.amax(dim=1).float()) if return_diff else same
