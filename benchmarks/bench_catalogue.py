@@ -1,13 +1,16 @@
 """The Quantus-catalogue metrics and the new perturbation methods: medlens vs Quantus / Captum
 in one run, on the same model, maps and perturbation choices.
 
-    PYTHONPATH=src .venv/bin/python benchmarks/bench_catalogue.py [--threads 2] [--repeats 1] [--size 32]
+    PYTHONPATH=src .venv/bin/python benchmarks/bench_catalogue.py [--threads 2] [--repeats 1] [--size 32] [--only-more]
 
 ResNet-18 with a 1-channel stem, 4 images at SIZE x SIZE (random init), smooth tie-free maps.
 Each metric is reported as time (s), ratio to its batched-forward floor (the same number of
 perturbed inputs through the model, no-grad, batches of 64), ratio to Quantus, and the max abs
 difference of the scores. Methods: feature ablation over a grid vs Captum FeatureAblation and the
-forward floor; SmoothGrad-squared vs Captum NoiseTunnel.
+forward floor; SmoothGrad-squared vs Captum NoiseTunnel. ``catalogue_more`` (``--only-more`` for just
+these): infidelity, IROF (shared SLIC segments), continuity, relative representation stability
+(shared noise), smooth MPRT (shared draws), efficient MPRT, input invariance, sufficiency,
+consistency and Focus, with raw saliency as the explanation on both sides.
 """
 
 from __future__ import annotations
