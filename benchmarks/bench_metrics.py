@@ -18,30 +18,17 @@ Localisation: PointingGame on the same 8 maps against Quantus, then every locali
 from __future__ import annotations
 
 import argparse
-import time
 
 import numpy as np
 import torch
 import torchvision
 
 import medlens
+from common import best_of, forward_floor
 from medlens.metrics import boxes_to_masks, localisation_metrics, perturbation_curve, pointing_game, road
 
 
-def best_of(fn, repeats: int) -> tuple[float, object]:
-    best, out = float("inf"), None
-    for _ in range(repeats):
-        start = time.perf_counter()
-        out = fn()
-        best = min(best, time.perf_counter() - start)
-    return best, out
 
-
-def forward_floor(model, x: torch.Tensor, copies: int, batch_size: int = 64) -> None:
-    stack = x.repeat_interleave(copies, dim=0)
-    with torch.no_grad():
-        for i in range(0, stack.shape[0], batch_size):
-            model(stack[i : i + batch_size])
 
 
 def main() -> None:

@@ -31,6 +31,26 @@ def time_interleaved(contenders: dict[str, Callable[[], object]], repeats: int =
     return {name: statistics.median(values) for name, values in samples.items()}
 
 
+def best_of(fn: Callable[[], object], repeats: int) -> tuple[float, object]:
+    """Best wall time (s) over ``repeats`` calls of ``fn`` (synchronised) and its last result."""
+    best, out = float("inf"), None
+    for _ in range(max(1, repeats)):
+        start = time.perf_counter()
+        out = fn()
+        sync()
+        best = min(best, time.perf_counter() - start)
+    return best, out
+
+
+def forward_floor(model: torch.nn.Module, x: torch.Tensor, copies: int, batch_size: int = 64) -> None:
+    """The batched-forward floor of a perturbation metric: ``copies`` copies of each image through
+    the model, no-grad, in batches of ``batch_size``."""
+    stack = x.repeat_interleave(max(1, copies), dim=0)
+    with torch.no_grad():
+        for i in range(0, stack.shape[0], batch_size):
+            model(stack[i : i + batch_size])
+
+
 def print_table(title: str, times: dict[str, float], baseline: str, notes: dict[str, str] | None = None) -> None:
     """Print each contender's median time and its ratio to ``baseline``, as Markdown."""
     notes = notes or {}

@@ -19,6 +19,11 @@ from medlens.metrics.faithfulness_extra import (
 from medlens.metrics.map_metrics import attribution_localisation, effective_complexity, top_k_intersection
 from medlens.metrics.axiomatic import completeness, non_sensitivity
 from medlens.metrics.randomisation import random_logit
+from medlens.metrics.faithfulness_more import infidelity, irof, slic_segments, sufficiency
+from medlens.metrics.mosaics import focus, make_mosaics
+from medlens.metrics.mprt import efficient_mprt, model_explainer, smooth_mprt
+from medlens.metrics.stability import consistency, continuity, relative_representation_stability
+from medlens.metrics.axiomatic import input_invariance
 from medlens.metrics.robustness import (
     avg_sensitivity, local_lipschitz_estimate, relative_input_stability, relative_output_stability,
 )
@@ -32,4 +37,6 @@ __all__ = [
     "attribution_localisation", "avg_sensitivity", "completeness", "effective_complexity", "faithfulness_correlation",
     "faithfulness_estimate", "local_lipschitz_estimate", "monotonicity_arya", "monotonicity_nguyen",
     "non_sensitivity", "random_logit", "region_perturbation", "relative_input_stability", "relative_output_stability", "selectivity", "sensitivity_n", "top_k_intersection",
+    "consistency", "continuity", "efficient_mprt", "focus", "infidelity", "input_invariance", "irof", "make_mosaics",
+    "model_explainer", "relative_representation_stability", "slic_segments", "smooth_mprt", "sufficiency",
 ]

@@ -5,20 +5,25 @@
   chosen; ``completeness(...) == 0`` is Quantus' value).
 - :func:`non_sensitivity`: the number of locations where "removing it changes nothing" and
   "the map gives it no relevance" disagree (Nguyen & Martinez 2020; Quantus ``NonSensitivity``).
+- :func:`input_invariance`: whether the map stays the same when the input is shifted by a
+  constant and the model compensates the shift (Kindermans et al. 2019; Quantus ``InputInvariance``).
 """
 
 from __future__ import annotations
 
+import copy
 import math
+from typing import Callable
 
 import torch
 from torch import Tensor, nn
 
 from medlens.core.targets import Region
+from medlens.errors import MedlensError
 from medlens.metrics.faithfulness import all_class_logits, perturbation_baseline, prepare_perturbation, read_scores
 from medlens.metrics.faithfulness_extra import masked_scores
 
-__all__ = ["completeness", "non_sensitivity"]
+__all__ = ["completeness", "input_invariance", "non_sensitivity", "shifted_model"]
 
 
 def completeness(
@@ -65,3 +70,55 @@ def non_sensitivity(
     insensitive = ((preds - clean[:, None]).abs() < eps)[:, chunk]
     unattributed = flat < eps
     return (insensitive ^ unattributed).sum(dim=1).float()
+
+
+def shifted_model(model: nn.Module, shift: float, x: Tensor, mode: str = "exact") -> nn.Module:
+    """A copy of ``model`` that gives on ``x + shift`` what ``model`` gives on ``x``.
+
+    ``"exact"``: the copy subtracts the shift from its input (a forward pre-hook), which equals the
+    first layer's bias absorbing W * shift position by position, borders and padding included.
+    ``"bias"``: Quantus' ``add_mean_shift_to_first_layer``: the first child layer's bias b becomes
+    2 b - min(layer(shift)) per output channel (exact only where the layer's response to the
+    constant is the same everywhere, i.e. not at zero-padded borders; needs a bias).
+    """
+    twin = copy.deepcopy(model)
+    if mode == "exact":
+        twin.register_forward_pre_hook(lambda _m, args: (args[0] - shift, *args[1:]))
+        return twin
+    if mode != "bias":
+        raise MedlensError(f"mode must be 'exact' or 'bias'; got {mode!r}")
+    first = next(iter(twin.children()), None)
+    if first is None or getattr(first, "bias", None) is None:
+        raise MedlensError(f"input_invariance mode 'bias' needs a first layer with a bias; "
+                           f"{type(first).__name__ if first is not None else 'the model'} has none")
+    with torch.no_grad():
+        response = first(torch.full((1, *x.shape[1:]), float(shift), device=x.device, dtype=x.dtype))[0]
+        lowest = response.reshape(response.shape[0], -1).amin(dim=1) if response.dim() > 1 else response
+        first.bias.copy_(2 * first.bias - lowest)
+    return twin
+
+
+def input_invariance(
+    explain_fn: Callable[[nn.Module, Tensor, Tensor], Tensor], model: nn.Module, x: Tensor, targets: Tensor,
+    maps: Tensor | None = None, shift: float = -1.0, mode: str = "exact", atol: float = 1e-4, rtol: float = 1e-5,
+    return_diff: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """Input invariance: 1 where e(model, x) and e(shifted model, x + shift) agree everywhere
+    (|a - b| <= atol + rtol |b|, numpy's ``isclose`` as Quantus), else 0.
+
+    Args:
+        explain_fn: ``(model, x, targets) -> (b, *S)`` (e.g. :func:`medlens.metrics.mprt.model_explainer`).
+        maps: the maps of the original model on x, if already computed.
+        mode: how the model compensates the shift (:func:`shifted_model`).
+
+    Returns:
+        (B,) float 0/1 (higher: the method is input invariant); with ``return_diff`` also the (B,)
+        largest absolute difference.
+    """
+    targets = torch.as_tensor(targets, device=x.device).long().view(-1)
+    twin = shifted_model(model, shift, x, mode)
+    a = explain_fn(model, x, targets).detach() if maps is None else maps.to(x.device)
+    b = explain_fn(twin, x + shift, targets).detach()
+    diff = (a.double() - b.double()).abs().flatten(1)
+    same = (diff <= atol + rtol * b.double().abs().flatten(1)).all(dim=1).float()
+    return (same, diff.amax(dim=1).float()) if return_diff else same

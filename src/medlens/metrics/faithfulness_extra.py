@@ -31,7 +31,7 @@ from medlens.metrics.faithfulness import all_class_logits, perturbation_baseline
 
 __all__ = [
     "faithfulness_correlation", "faithfulness_estimate", "masked_scores", "monotonicity_arya",
-    "monotonicity_nguyen", "pearson_rows", "sensitivity_n", "spearman_rows",
+    "monotonicity_nguyen", "patch_ids", "pearson_rows", "sensitivity_n", "spearman_rows",
 ]
 
 
@@ -234,7 +234,7 @@ def sensitivity_n(
                                     score=score, region=region, batch_size=batch_size, seed=seed, blur_sigma=blur_sigma)
 
 
-def _patch_ids(spatial: tuple[int, ...], patch_size: int, device) -> tuple[Tensor, int]:
+def patch_ids(spatial: tuple[int, ...], patch_size: int, device) -> tuple[Tensor, int]:
     """(N,) raster index of the patch (a grid of ``patch_size`` cubes, partial at the far border)
     holding each location, and the number of patches."""
     grid = [math.ceil(s / patch_size) for s in spatial]
@@ -262,7 +262,7 @@ def region_perturbation(
         (B, T) score drops, T = min(regions, patches); AOPC = ``.mean(dim=1)``.
     """
     flat, targets, _, _ = prepare_perturbation(model, x, maps, targets, region)
-    ids, n_patches = _patch_ids(tuple(x.shape[2:]), patch_size, x.device)
+    ids, n_patches = patch_ids(tuple(x.shape[2:]), patch_size, x.device)
     sums = torch.zeros(x.shape[0], n_patches, dtype=torch.float64, device=x.device).index_add_(1, ids, flat.double())
     if order == "random":
         gen = torch.Generator().manual_seed(seed)

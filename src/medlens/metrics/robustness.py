@@ -21,8 +21,8 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
-__all__ = ["avg_sensitivity", "local_lipschitz_estimate", "noisy_explanations", "relative_input_stability",
-           "relative_output_stability"]
+__all__ = ["avg_sensitivity", "local_lipschitz_estimate", "nanmax_rows", "noisy_explanations", "relative_change",
+           "relative_input_stability", "relative_output_stability", "uniform_noise"]
 
 Explainer = Callable[[Tensor, Tensor], Tensor]
 
@@ -50,7 +50,8 @@ def _changed(model: nn.Module | None, x: Tensor, noisy: Tensor, batch_size: int)
     return pred.view(x.shape[0], -1) != clean[:, None]
 
 
-def _uniform(n: int, x: Tensor, radius: float, seed: int) -> Tensor:
+def uniform_noise(n: int, x: Tensor, radius: float, seed: int) -> Tensor:
+    """(n, *x.shape) noise U(-radius, radius) drawn on the host from ``seed``, on x's device."""
     gen = torch.Generator().manual_seed(seed)
     return (torch.rand((n, *x.shape), generator=gen, dtype=x.dtype) * 2 - 1).to(x.device) * radius
 
@@ -69,7 +70,7 @@ def avg_sensitivity(
     Returns:
         (B,) float (lower is more robust); NaN-samples are left out of the mean.
     """
-    noise = _uniform(n_samples, x, radius, seed) if noise is None else noise
+    noise = uniform_noise(n_samples, x, radius, seed) if noise is None else noise
     clean, maps, noisy = noisy_explanations(explain_fn, x, targets, noise, batch_size)
     ratio = (maps - clean[:, None]).norm(dim=2) / clean.norm(dim=1, keepdim=True)
     changed = _changed(model, x, noisy, batch_size) if nan_when_changed else None
@@ -101,13 +102,14 @@ def local_lipschitz_estimate(
     return torch.where(torch.isnan(ratio), torch.full_like(ratio, -float("inf")), ratio).amax(dim=1).float()
 
 
-def _relative_change(clean: Tensor, maps: Tensor, eps_min: float) -> Tensor:
+def relative_change(clean: Tensor, maps: Tensor, eps_min: float) -> Tensor:
     """||(e(x) - e(x')) / e(x)|| per sample (zeros of e(x) replaced by eps_min), (B, n)."""
     safe = clean + (clean == 0) * eps_min
     return ((clean[:, None] - maps) / safe[:, None]).norm(dim=2)
 
 
-def _nanmax(values: Tensor) -> Tensor:
+def nanmax_rows(values: Tensor) -> Tensor:
+    """Max over dim 1 ignoring NaN (-inf for an all-NaN row)."""
     return torch.where(torch.isnan(values), torch.full_like(values, -float("inf")), values).amax(dim=1)
 
 
@@ -126,16 +128,16 @@ def relative_input_stability(
     Returns:
         (B,) float (lower is more stable).
     """
-    noise = _uniform(n_samples, x, radius, seed) if noise is None else noise
+    noise = uniform_noise(n_samples, x, radius, seed) if noise is None else noise
     clean, maps, noisy = noisy_explanations(explain_fn, x, targets, noise, batch_size)
     flat_x = x.flatten(1).double()
     safe_x = flat_x + (flat_x == 0) * eps_min
     den = ((flat_x[:, None] - noisy.double()) / safe_x[:, None]).norm(dim=2)
-    ratio = _relative_change(clean, maps, eps_min) / (den + (den == 0) * eps_min)
+    ratio = relative_change(clean, maps, eps_min) / (den + (den == 0) * eps_min)
     changed = _changed(model, x, noisy, batch_size) if nan_when_changed else None
     if changed is not None:
         ratio = ratio.masked_fill(changed, float("nan"))
-    out = _nanmax(ratio)
+    out = nanmax_rows(ratio)
     return torch.where(torch.isinf(out), torch.full_like(out, float("nan")), out).float()
 
 
@@ -152,16 +154,16 @@ def relative_output_stability(
     Returns:
         (B,) float (lower is more stable).
     """
-    noise = _uniform(n_samples, x, radius, seed) if noise is None else noise
+    noise = uniform_noise(n_samples, x, radius, seed) if noise is None else noise
     clean, maps, noisy = noisy_explanations(explain_fn, x, targets, noise, batch_size)
     with torch.no_grad():
         h = model(x).double()
         flat = noisy.view(-1, *x.shape[1:])
         hs = torch.cat([model(flat[i : i + batch_size]) for i in range(0, flat.shape[0], batch_size)]).double()
     den = (h[:, None] - hs.view(x.shape[0], n_samples if noise is None else noise.shape[0], -1)).norm(dim=2)
-    ratio = _relative_change(clean, maps, eps_min) / (den + (den == 0) * eps_min)
+    ratio = relative_change(clean, maps, eps_min) / (den + (den == 0) * eps_min)
     if nan_when_changed:
         changed = hs.view(*den.shape, -1).argmax(dim=2) != h.argmax(dim=1, keepdim=True)
         ratio = ratio.masked_fill(changed, float("nan"))
-    out = _nanmax(ratio)
+    out = nanmax_rows(ratio)
     return torch.where(torch.isinf(out), torch.full_like(out, float("nan")), out).float()

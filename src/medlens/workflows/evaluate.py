@@ -32,12 +32,13 @@ from medlens.metrics.complexity import entropy, gini, max_sensitivity, method_ex
 from medlens.metrics.faithfulness import faithfulness_metrics
 from medlens.metrics.localisation import boxes_to_masks, localisation_metrics
 from medlens.metrics.sanity import model_randomisation
-from medlens.workflows.catalogue import CATALOGUE, LOWER_IS_BETTER as _CATALOGUE_LOWER, catalogue_columns
+from medlens.workflows.catalogue import CATALOGUE, CATALOGUE_MORE, LOWER_IS_BETTER as _CATALOGUE_LOWER, catalogue_columns
 
 __all__ = ["EvalResult", "bootstrap_ci", "evaluate", "folder_items", "phantom_items", "summarise"]
 
 Item = tuple[str, Tensor, "int | None", "Tensor | None", "Tensor | None"]
-METRIC_GROUPS = ("localisation", "faithfulness", "complexity", "robustness", "sanity", "catalogue", *CATALOGUE)
+METRIC_GROUPS = ("localisation", "faithfulness", "complexity", "robustness", "sanity", "catalogue", *CATALOGUE,
+                 "catalogue_more", *CATALOGUE_MORE)
 #: the column a gallery ranks by, per metric group present (first match wins)
 GALLERY_KEYS = ("energy_pointing_game", "iou@10", "deletion_auc", "gini")
 #: columns where lower is better (for "best" in galleries and summaries)
@@ -352,7 +353,7 @@ def evaluate(
                 if "robustness" in metrics:
                     fn = method_explainer(model, method, layer=layer, **opts)
                     cols["max_sensitivity"] = max_sensitivity(fn, x, targets, n_samples=5, batch_size=max(batch_size, 8), seed=seed)
-                if "catalogue" in metrics or any(m in CATALOGUE for m in metrics):
+                if any(m in ("catalogue", "catalogue_more", *CATALOGUE, *CATALOGUE_MORE) for m in metrics):
                     cat_masks = masks if masks is not None or boxes is None else boxes_to_masks(boxes, tuple(x.shape[2:]))
                     cols.update(catalogue_columns(metrics, model, x, maps, expl.raw, targets, cat_masks, method, layer,
                                                   opts, steps=steps, batch_size=max(batch_size * 4, 32), seed=seed))
