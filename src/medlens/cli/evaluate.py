@@ -83,7 +83,7 @@ def evaluate_command(
     weights: list[str] = typer.Option([], "--weights", "-w", help="weights file; repeat to compare several models (none = random init)"),
     method: list[str] = typer.Option(["gradcam"], "--method", "-m", help="method name; repeat for several"),
     metric: list[str] = typer.Option(["localisation", "faithfulness", "complexity"], "--metric",
-                                     help="localisation, faithfulness, complexity, robustness, sanity, catalogue, or one catalogue metric (faithfulness_correlation, monotonicity_nguyen, ...); repeat"),
+                                     help="localisation, faithfulness, complexity, robustness, sanity, catalogue, catalogue_more (infidelity, irof, sufficiency, continuity, consistency, focus, MPRTs, ...), or one metric by name (faithfulness_correlation, irof, ...); repeat"),
     out: Path = typer.Option(Path("medlens-eval"), "--out", "-o", help="output folder"),
     num_classes: int = typer.Option(2, "--num-classes", "-n"),
     in_channels: int = typer.Option(3, "--in-channels"),
