@@ -40,10 +40,11 @@ def test_outline_pixels_differ_from_every_colour_of_the_overlay(cmap, phantom):
     drawn = render.draw_outline(base, mask, cmap, alpha=0.5)
     line, halo = outline_colours(cmap, 0.5)
     changed = (drawn != base).any(-1)
-    inner = mask.numpy() & changed
-    assert inner.sum() >= 10 and (changed & ~mask.numpy()).sum() >= 10  # a line inside and a halo outside
-    assert (drawn[inner] == _rgb(line)).all()
-    assert set(map(tuple, drawn[changed & ~mask.numpy()])) == {tuple(_rgb(halo).astype(np.uint8))}
+    assert not (changed & mask.numpy()).any()  # the region itself (the map over the lesion) stays visible
+    is_line, is_halo = (drawn == _rgb(line)).all(-1) & changed, (drawn == _rgb(halo)).all(-1) & changed
+    assert is_line.sum() >= 10 and is_halo.sum() >= 10 and (is_line | is_halo)[changed].all()
+    touching = torch.nn.functional.max_pool2d(mask[None, None].float(), 3, 1, 1)[0, 0].bool().numpy() & ~mask.numpy()
+    assert is_line[touching].all()  # the line closes around the region, the halo lies outside the line
     # the line colour is far from every pixel of this overlay and from anything the overlay could show
     pixels = base.reshape(-1, 3).astype(float)
     assert np.sqrt(((pixels - _rgb(line)) ** 2).sum(1)).min() > 0.5 * 255

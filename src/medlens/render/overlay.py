@@ -166,9 +166,9 @@ def draw_outline(
     rgb: np.ndarray, mask: Tensor, cmap: str = "jet", width: int | None = None, alpha: float = 0.5,
     colours: tuple[str, str] | None = None,
 ) -> np.ndarray:
-    """Draw a double outline of ``mask`` on a copy of ``rgb``: a line of ``width`` pixels just inside
-    the region and a halo of the same width just outside it, in :func:`outline_colours` of ``cmap``
-    (or the given ``(line, halo)`` colours).
+    """Draw a double outline of ``mask`` on a copy of ``rgb``: a line of ``width`` pixels just outside
+    the region and a halo of the same width around the line, in :func:`outline_colours` of ``cmap``
+    (or the given ``(line, halo)`` colours). The region's own pixels are left as they are.
 
     Args:
         rgb: (H, W, 3) uint8 image (e.g. from :func:`overlay`).
@@ -192,10 +192,11 @@ def draw_outline(
         return picture
     width = width or max(1, round(max(picture.shape[:2]) / 128))
     line, halo = colours or outline_colours(cmap, alpha)
-    inner = region & _dilate(~region, width)  # region pixels within ``width`` of the outside
-    outer = _dilate(region, width) & ~region
-    picture[outer.numpy()] = np.round(_hex_rgb(halo) * 255).astype(np.uint8)
-    picture[inner.numpy()] = np.round(_hex_rgb(line) * 255).astype(np.uint8)
+    near = _dilate(region, width)
+    ring = near & ~region  # the line: within ``width`` pixels outside the region
+    rim = _dilate(region, 2 * width) & ~near  # the halo, around the line
+    picture[rim.numpy()] = np.round(_hex_rgb(halo) * 255).astype(np.uint8)
+    picture[ring.numpy()] = np.round(_hex_rgb(line) * 255).astype(np.uint8)
     return picture
 
 

@@ -73,10 +73,13 @@ def show(ax, rgb: np.ndarray, title: str | None = None, mask: Tensor | None = No
 
     With ``cmap`` (the colormap of the overlay in ``rgb``) the outline is a double line in
     :func:`medlens.render.overlay.outline_colours` (a colour far from every colour of that overlay,
-    with a black or white halo), drawn into the pixels; without it, a magenta contour.
+    with a black or white halo), drawn just outside the region into the pixels of the picture enlarged
+    (nearest) to at least 192 px, so the line stays thin next to the image's own pixels; without it,
+    a magenta contour.
     """
-    if mask is not None and cmap is not None:
-        rgb = draw_outline(rgb, mask, cmap, alpha=alpha)
+    if mask is not None and cmap is not None and bool(mask.any()):
+        factor = max(1, -(-192 // max(rgb.shape[:2])))
+        rgb = draw_outline(np.repeat(np.repeat(rgb, factor, 0), factor, 1), mask, cmap, alpha=alpha)
     ax.imshow(rgb, interpolation="nearest")
     if mask is not None and cmap is None and bool(mask.any()):
         ax.contour(mask.float().cpu().numpy(), levels=[0.5], colors=MASK_COLOUR, linewidths=1.2)
