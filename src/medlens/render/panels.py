@@ -26,7 +26,7 @@ RELEVANCE_LABEL = "relevance (normalised)"
 
 __all__ = [
     "class_panels", "explanation_panels", "figure_png", "figure_rgb", "gallery", "method_grid", "new_figure",
-    "save_figure", "wrap_title",
+    "prototype_figure", "save_figure", "wrap_title",
 ]
 
 
@@ -37,10 +37,10 @@ def new_figure(width: float, height: float) -> Figure:
     return fig
 
 
-def figure_png(fig: Figure, dpi: int = 110) -> bytes:
-    """Render a figure to PNG bytes."""
+def figure_png(fig: Figure, dpi: int = 110, metadata: Mapping[str, str] | None = None) -> bytes:
+    """Render a figure to PNG bytes; ``metadata``: PNG text chunks (e.g. ``{"Title": ...}``)."""
     buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=dpi, facecolor="white")
+    fig.savefig(buffer, format="png", dpi=dpi, facecolor="white", metadata=dict(metadata) if metadata else None)
     return buffer.getvalue()
 
 
@@ -51,9 +51,10 @@ def figure_rgb(fig: Figure, dpi: int = 110) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(figure_png(fig, dpi))).convert("RGB"))
 
 
-def save_figure(fig: Figure, path: str | Path, dpi: int = 110, overwrite: bool = True) -> Path:
-    """Write a figure as PNG atomically."""
-    return write_bytes(path, figure_png(fig, dpi), overwrite)
+def save_figure(fig: Figure, path: str | Path, dpi: int = 110, overwrite: bool = True,
+                metadata: Mapping[str, str] | None = None) -> Path:
+    """Write a figure as PNG atomically (``metadata``: PNG text chunks, see :func:`figure_png`)."""
+    return write_bytes(path, figure_png(fig, dpi, metadata), overwrite)
 
 
 def add_colorbar(fig: Figure, axes, cmap: str, label: str = RELEVANCE_LABEL) -> None:
@@ -313,4 +314,43 @@ def method_grid(
     add_colorbar(fig, axes[:, 1:].reshape(-1).tolist(), cmap)
     if title:
         fig.suptitle(title, fontsize=13)
+    return fig
+
+
+def prototype_figure(image: Tensor, title: str, min_pixels: int = 256, label: str = "value (model units)") -> Figure:
+    """One optimised input (a class prototype), titled, drawn pixel for pixel (nearest) at least
+    ``min_pixels`` wide and tall, with a colourbar of its values.
+
+    Args:
+        image: (C, H, W) with C in {1, 3}, in the model's own units (any range). One channel is drawn
+            in grey against a colourbar of those units; three channels are min-max scaled to RGB
+            (the colourbar then shows the shared range of the scaling).
+        title: e.g. ``"class: glioma (p=0.99)\\nmodel: runs/brain"``; lines longer than 44 characters
+            are wrapped at spaces.
+        min_pixels: the smaller side of the drawn image, in PNG pixels (at 110 dpi).
+    """
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
+
+    if image.dim() != 3 or image.shape[0] not in (1, 3):
+        raise MedlensError(f"a prototype figure draws a (1|3, H, W) image; got {tuple(image.shape)}")
+    values = image.detach().float().cpu()
+    low, high = float(values.min()), float(values.max())
+    high = high if high > low else low + 1e-6
+    side = max(min_pixels, *values.shape[1:]) / 100  # inches at 100 dpi; saved at 110 dpi: a margin more
+    h, w = values.shape[1:]
+    fig = new_figure(side * max(1.0, w / h) + 1.4, side * max(1.0, h / w) + 0.9)
+    ax = fig.subplots()
+    if values.shape[0] == 1:
+        ax.imshow(values[0].numpy(), cmap="gray", vmin=low, vmax=high, interpolation="nearest")
+    else:
+        ax.imshow(((values - low) / (high - low)).permute(1, 2, 0).numpy(), interpolation="nearest")
+    import textwrap
+
+    ax.set_title("\n".join(textwrap.fill(line, 44, break_long_words=False) for line in title.splitlines()), fontsize=10)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    bar = fig.colorbar(ScalarMappable(norm=Normalize(low, high), cmap="gray"), ax=ax, shrink=0.85, pad=0.02)
+    bar.set_label(label, fontsize=9)
+    bar.ax.tick_params(labelsize=8)
     return fig
