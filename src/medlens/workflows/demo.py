@@ -114,7 +114,7 @@ class DemoResult:
 
 #: the default comparison: two of each family (CAM, gradient, path/noise, perturbation) plus
 #: guided backprop, the classic failure of the sanity check; ``--full`` runs every method that applies
-DEFAULT_METHODS = ("gradcam", "gradcam++", "layercam", "eigencam", "saliency", "inputxgradient",
+DEFAULT_METHODS = ("gradcam", "gradcam++", "layercam", "eigencam", "guided-gradcam", "saliency", "inputxgradient",
                    "integrated-gradients", "smoothgrad", "guided-backprop", "occlusion", "rise")
 
 #: lighter settings for the sampling methods, so the demo stays about a minute on a CPU
