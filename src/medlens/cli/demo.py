@@ -17,7 +17,7 @@ def demo_command(
     size: int = typer.Option(64, "--size", help="phantom size in pixels per axis"),
     dims: int = typer.Option(2, "--dims", help="2 for images, 3 for volumes"),
     epochs: int = typer.Option(8, "--epochs", help="training epochs"),
-    method: list[str] = typer.Option([], "--method", "-m", help="methods to compare (repeatable); default: a representative set of 11"),
+    method: list[str] = typer.Option([], "--method", "-m", help="methods to compare (repeatable); default: 11 representative methods (see --full)"),
     full: bool = typer.Option(False, "--full", help="compare every registered method that applies (a few minutes on a CPU)"),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:1"),
     seed: int = typer.Option(0, "--seed"),

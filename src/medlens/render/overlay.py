@@ -255,15 +255,20 @@ def draw_boxes(
     return np.asarray(picture)
 
 
-def png_bytes(rgb: np.ndarray) -> bytes:
-    """Encode an (H, W, 3) or (H, W) uint8 array as PNG."""
+#: zlib level of every PNG medlens writes: 1 encodes several times faster than PIL's default (6) for
+#: files about 10-30% larger (overlays are noisy: little is gained by squeezing harder)
+PNG_COMPRESS_LEVEL = 1
+
+
+def png_bytes(rgb: np.ndarray, compress_level: int = PNG_COMPRESS_LEVEL) -> bytes:
+    """Encode an (H, W, 3) or (H, W) uint8 array as PNG (``compress_level``: zlib 0-9)."""
     from PIL import Image
 
     array = np.asarray(rgb)
     if array.dtype != np.uint8 or array.ndim not in (2, 3):
         raise MedlensError(f"PNG needs a uint8 (H, W) or (H, W, 3) array; got {array.dtype} {array.shape}")
     buffer = io.BytesIO()
-    Image.fromarray(array).save(buffer, format="PNG")
+    Image.fromarray(array).save(buffer, format="PNG", compress_level=compress_level)
     return buffer.getvalue()
 
 

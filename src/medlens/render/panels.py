@@ -19,7 +19,7 @@ from torch import Tensor
 
 from medlens.errors import MedlensError
 from medlens.io.atomic import write_bytes
-from medlens.render.overlay import draw_outline, overlay
+from medlens.render.overlay import PNG_COMPRESS_LEVEL, draw_outline, overlay
 
 MASK_COLOUR = "#ff00ff"  # ground-truth outlines: magenta, a colour no common heat colormap uses
 RELEVANCE_LABEL = "relevance (normalised)"
@@ -40,7 +40,8 @@ def new_figure(width: float, height: float) -> Figure:
 def figure_png(fig: Figure, dpi: int = 110, metadata: Mapping[str, str] | None = None) -> bytes:
     """Render a figure to PNG bytes; ``metadata``: PNG text chunks (e.g. ``{"Title": ...}``)."""
     buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=dpi, facecolor="white", metadata=dict(metadata) if metadata else None)
+    fig.savefig(buffer, format="png", dpi=dpi, facecolor="white", metadata=dict(metadata) if metadata else None,
+                pil_kwargs={"compress_level": PNG_COMPRESS_LEVEL})
     return buffer.getvalue()
 
 
