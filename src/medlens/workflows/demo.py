@@ -356,14 +356,14 @@ def _report(model: nn.Module, test: PhantomSet, result: DemoResult, maps: dict[s
     names = test.class_names
     titles = [f"{names[int(test.labels[i])]} → {names[int(probabilities[k].argmax())]}" for k, i in enumerate(idx.tolist())]
     sections: list[tuple[str, str]] = []
-    which = "every applicable registered method" if cfg.full else ("the chosen methods" if cfg.methods else
-                                                                    "the default methods (medlens demo --full: every method)")
+    which = ("every registered method that applies" if cfg.full else "the methods asked for" if cfg.methods else
+             "the default set; medlens demo --full runs every method")
     summary = (
         f"<p>{len(test)} held-out phantoms ({cfg.size}px, {cfg.dims}D); a {sum(p.numel() for p in model.parameters()):,}-parameter CNN "
         f"trained for {cfg.epochs} epochs in {result.train_seconds:.0f} s reaches <b>{result.accuracy:.1%}</b> accuracy. "
         "The class is decided by the lesion's shape (round or elongated), so a trustworthy map points at the lesion "
         "(outlined), not at the faint distractor or the vessels.</p>"
-        f"<p>{len(result.rows)} methods ({which}); {result.maps_computed:,} maps computed, each once, "
+        f"<p>{len(result.rows)} methods ({which}): {result.maps_computed:,} maps computed, each once, "
         f"in {result.seconds:.0f} s all told.</p>"
     )
     ranked = result.ranked
