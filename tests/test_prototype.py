@@ -136,7 +136,10 @@ def test_cli_writes_prototypes(trained, tmp_path) -> None:
     assert result.exit_code == 0, result.output
     saved = np.load(out.with_suffix(".npy"))
     assert saved.shape == (2, 1, SIZE, SIZE)
-    assert Image.open(tmp_path / "proto_0.png").size == (SIZE, SIZE)
+    for k in (1, 0):  # named by class, not by position; titled; drawn at a readable size
+        png = Image.open(tmp_path / f"proto_class{k}.png")
+        assert min(png.size) >= 256 and f"class {k}" in png.text["Title"] and "test_prototype:tiny_cnn" in png.text["Title"]
+    assert not (tmp_path / "proto_0.png").exists()
     assert "class 1: model probability" in result.output
     bad = CliRunner().invoke(app, ["prototype", "test_prototype:tiny_cnn", str(weights), "--class", "7", "--size", f"{SIZE},{SIZE}", "--out", str(out)])
     assert bad.exit_code == 2 and "out of range" in bad.output
@@ -147,3 +150,41 @@ def test_cli_writes_prototypes(trained, tmp_path) -> None:
     clash = CliRunner().invoke(app, ["prototype", "test_prototype:tiny_cnn", str(weights), "-c", "0", "--size", f"{SIZE},{SIZE}",
                                      "--dims", "3", "--out", str(tmp_path / "clash")])
     assert clash.exit_code == 2 and "--dims is 3" in clash.output
+
+
+def test_cli_names_prototype_files_by_class_name_and_pulls_to_class_means(trained, tmp_path) -> None:
+    from PIL import Image
+
+    model, x, y = trained
+    weights = save_weights(model, tmp_path / "tiny.safetensors")
+    for k, name in enumerate(("top left", "bottom/right")):
+        folder = tmp_path / "data" / name.replace("/", "-")
+        folder.mkdir(parents=True)
+        for i, img in enumerate(x[y == k][:4]):
+            Image.fromarray((img[0].clamp(0, 1).numpy() * 255).astype(np.uint8)).save(folder / f"{i}.png")
+    (tmp_path / "data" / "top left").rename(tmp_path / "data" / "0")  # a class folder may be named by its index
+    (tmp_path / "data" / "bottom-right").rename(tmp_path / "data" / "bottom right")
+    out = tmp_path / "proto"
+    args = ["prototype", "test_prototype:tiny_cnn", str(weights), "--class-names", "top left,bottom right", "-c", "bottom right",
+            "-c", "0", "--size", f"{SIZE},{SIZE}", "--class-means", str(tmp_path / "data"), "--lambda", "5", "--steps", "30", "--out", str(out)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in tmp_path.glob("proto*")) == ["proto.npy", "proto_bottom-right.png", "proto_top-left.png"]
+    png = Image.open(tmp_path / "proto_bottom-right.png")
+    assert min(png.size) >= 256 and "prototype of bottom right (class 1" in png.text["Title"]
+    pixels = np.asarray(png.convert("L"))
+    assert len(np.unique(pixels)) > 20  # the prototype's grey levels and a colourbar's ramp, not a blank image
+    saved = np.load(out.with_suffix(".npy"))
+    means = [x[y == k][:4].clamp(0, 1).mean(0) for k in (0, 1)]  # what the PNGs in each class folder average to
+    gap = [[float((torch.from_numpy(saved[i]) - m).pow(2).mean()) for m in means] for i in (0, 1)]
+    assert gap[0][1] < gap[0][0] and gap[1][0] < gap[1][1]  # each pulled to its own class's mean, in the order asked
+    bad = CliRunner().invoke(app, args[:4] + ["only one"] + args[5:])
+    assert bad.exit_code == 2 and "--class-names gives 1 names" in bad.output
+
+
+def test_prototype_file_names_never_collide() -> None:
+    from medlens.workflows.prototype import class_file_names
+
+    assert class_file_names([2, 0, 2], ["c/d", "x", "a b"]) == ["a-b", "c-d", "a-b-2"]  # asked twice
+    assert class_file_names([0, 1], ["a b", "a/b"]) == ["a-b", "a-b-2"]  # two names, one file name
+    assert class_file_names([3, 1], None) == ["class3", "class1"]

@@ -50,29 +50,6 @@ def _class_means(root: Path, classes: list[int], names: Optional[list[str]], pre
     return torch.stack(means)
 
 
-def _save(images, out: Path, overwrite: bool) -> list[Path]:
-    """Write the prototypes as one .npy (all) and, for 2D, one greyscale/RGB PNG each."""
-    import io
-
-    import numpy as np
-    from PIL import Image
-
-    from medlens.core.resample import normalise
-    from medlens.io.atomic import write_bytes
-
-    buffer = io.BytesIO()
-    np.save(buffer, images.cpu().numpy())
-    written = [write_bytes(out.with_suffix(".npy"), buffer.getvalue(), overwrite=overwrite)]
-    if images.dim() == 4:
-        shown = normalise(images.flatten(1)[:, None]).view_as(images)  # per-image min-max
-        for i, img in enumerate(shown):
-            pixels = (img.permute(1, 2, 0).squeeze(-1).cpu().numpy() * 255).round().astype(np.uint8)
-            png = io.BytesIO()
-            Image.fromarray(pixels if pixels.ndim == 2 or pixels.shape[2] == 3 else pixels[..., 0]).save(png, format="PNG")
-            written.append(write_bytes(out.with_name(f"{out.stem}_{i}.png"), png.getvalue(), overwrite=overwrite))
-    return written
-
-
 def _check_writable(out: Path) -> None:
     """The folder of the --out stem exists (or can be made) and takes files; exit 2 naming it otherwise."""
     import os
@@ -97,6 +74,7 @@ def prototype_command(
     weights: Optional[str] = typer.Argument(None, help="for a spec: .pth/.pt/.safetensors weights (loaded safely), or 'none'; a run folder uses its best.safetensors"),
     classes: list[str] = typer.Option(..., "--class", "-c", help="class (number or name) to build a prototype of; repeat for several"),
     num_classes: int = typer.Option(2, "--num-classes", "-n", help="classes of the model (a run folder knows its own)"),
+    class_names: Optional[str] = typer.Option(None, "--class-names", help="comma-separated class names, in class order (a run folder knows its own): name --class and the files"),
     in_channels: int = typer.Option(1, "--in-channels", help="input channels of the model (a run folder knows its own)"),
     size: Optional[str] = typer.Option(None, "--size", help="input size, e.g. 64 (every axis), 64,64 or 32,32,32 (default: the run's, else 64,64)"),
     dims: Optional[int] = typer.Option(None, "--dims", help="2 for images, 3 for volumes (default: from --size, 2 for one number)"),
@@ -111,7 +89,7 @@ def prototype_command(
     tv: float = typer.Option(0.0, "--tv", help="total-variation weight"),
     jitter: int = typer.Option(0, "--jitter", help="random roll of up to this many pixels per step"),
     seed: int = typer.Option(0, "--seed"),
-    out: Path = typer.Option(Path("prototype"), "--out", "-o", help="output path stem (.npy, and _i.png for 2D)"),
+    out: Path = typer.Option(Path("prototype"), "--out", "-o", help="output path stem: STEM.npy (all, model units) and, for 2D, STEM_<class name>.png each (titled, >= 256 px, colourbar)"),
     device: str = typer.Option("auto", "--device"),
 ) -> None:
     """Optimise an input that the model assigns to each --class (cross-entropy + lambda * MSE to
@@ -123,6 +101,7 @@ def prototype_command(
     from medlens.data.prepare import parse_normalize
     from medlens.methods.prototype import class_prototype
     from medlens.models.run_folder import is_run_folder, is_weights_file, load_model_source
+    from medlens.workflows.prototype import save_prototypes
 
     if is_run_folder(model) and weights is not None and not is_weights_file(weights):
         fail(f"{weights}: not a weights file (a run folder uses its best.safetensors)")
@@ -156,6 +135,11 @@ def prototype_command(
             shape = shape * (dims or pre.dims or 2)
         pre = pre.override(size=tuple(shape), channels=pre.channels or in_channels, **parse_normalize(normalize))
         names = pre.class_names
+        if class_names is not None:
+            names = [n.strip() for n in class_names.split(",")]
+            expected = len(pre.class_names) if pre.class_names else num_classes
+            if len(names) != expected or not all(names):
+                raise MedlensError(f"--class-names gives {len(names)} names but the model has {expected} classes")
         chosen = []
         n_out = len(names) if names else num_classes
         for c in classes:
@@ -177,7 +161,9 @@ def prototype_command(
             progress.add_task(f"optimising {len(chosen)} prototype(s), {steps} steps", total=None)
             result = class_prototype(net, chosen, shape=(pre.channels, *shape), init=start, class_mean=mean, lam=lam,
                                      steps=steps, lr=lr, tv=tv, jitter=jitter, seed=seed)
-        written = _save(result.images, out, overwrite=True)
+        label = str(model) if weights is None or str(weights).lower() == "none" else f"{model} ({Path(str(weights)).name})"
+        written = save_prototypes(result.images, result.targets.tolist(), result.probabilities.tolist(), out, label,
+                                  names, overwrite=True)
     except (MedlensError, RuntimeError) as err:  # RuntimeError: the model itself failed on the input
         fail(one_line(err))
     except OSError as err:

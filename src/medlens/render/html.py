@@ -32,6 +32,7 @@ table { border-collapse: collapse; margin: 8px 0; font-size: 14px; }
 th, td { padding: 6px 12px; border-bottom: 1px solid var(--line); text-align: left; }
 th { background: var(--panel); font-weight: 600; }
 td.num { text-align: right; font-variant-numeric: tabular-nums; }
+td.best { background: #e3f4ea; }
 tr:hover td { background: #fbfcfd; }
 .gallery { display: flex; flex-wrap: wrap; gap: 14px; }
 figure { margin: 8px 0; }
@@ -74,19 +75,33 @@ def _cell(value: Any, number_format: str) -> str:
     return f"<td>{html.escape(str(value))}</td>"
 
 
+def _format(value: Any, number_format: str) -> str:
+    return ("{}" if isinstance(value, numbers.Integral) else number_format).format(value)
+
+
+def _best_cell(value: Any, number_format: str) -> str:
+    return f'<td class="num best"><b>{html.escape(_format(value, number_format))}*</b></td>'
+
+
 def table_html(
     rows: Sequence[Sequence[Any] | Mapping[str, Any]],
     columns: Sequence[str],
     number_format: str = "{:.3g}",
     caption: str | None = None,
+    best: Mapping[str, Any] | None = None,
 ) -> str:
     """An HTML table; rows are sequences in column order or mappings keyed by column name.
-    Numbers are right-aligned and formatted with ``number_format`` (integers stay integers)."""
+    Numbers are right-aligned and formatted with ``number_format`` (integers stay integers).
+    ``best``: column -> its best value; cells that show that value are bold with an asterisk
+    (``<td class="num best"><b>0.91*</b></td>``)."""
     head = "".join(f"<th>{html.escape(str(c))}</th>" for c in columns)
     body = []
+    marks = {columns.index(c): _format(v, number_format) for c, v in (best or {}).items() if c in columns}
     for row in rows:
         values = [row.get(c) for c in columns] if isinstance(row, Mapping) else list(row)
-        cells = "".join(_cell(v, "{}" if isinstance(v, numbers.Integral) else number_format) for v in values)
+        cells = "".join(
+            _best_cell(v, number_format) if j in marks and isinstance(v, numbers.Number) and _format(v, number_format) == marks[j]
+            else _cell(v, "{}" if isinstance(v, numbers.Integral) else number_format) for j, v in enumerate(values))
         body.append(f"<tr>{cells}</tr>")
     cap = f"<caption>{html.escape(caption)}</caption>" if caption else ""
     return f"<table>{cap}<thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"

@@ -232,18 +232,22 @@ def _device_of(model: nn.Module) -> torch.device:
     return param.device if param is not None else torch.device("cpu")
 
 
-def _thumbnail(image: Tensor, heat: Tensor, size: int = 96) -> tuple[Tensor, Tensor]:
-    """A small 2D view (image channel-mean, map) for galleries; 3D: the slice through the map's peak."""
+def _thumbnail(image: Tensor, heat: Tensor, size: int = 96, mask: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
+    """A small 2D view (image channel-mean, map, mask) for galleries; 3D: the slice through the map's peak."""
     img = image.float().mean(dim=0)
+    mask = mask.reshape(img.shape) if mask is not None else None
     if img.dim() == 3:
         z = int(heat.flatten().argmax()) // (heat.shape[1] * heat.shape[2])
         img, heat = img[z], heat[z]
+        mask = mask[z] if mask is not None else None
     scale = size / max(img.shape)
     if scale < 1:
         new = [max(1, int(s * scale)) for s in img.shape]
         img = F.interpolate(img[None, None], size=new, mode="bilinear", align_corners=False)[0, 0]
         heat = F.interpolate(heat[None, None].float(), size=new, mode="bilinear", align_corners=False)[0, 0]
-    return img.cpu(), heat.cpu()
+        if mask is not None:
+            mask = F.interpolate(mask[None, None].float(), size=new, mode="nearest")[0, 0] > 0
+    return img.cpu(), heat.cpu(), mask.cpu() if mask is not None else None
 
 
 class _Gallery:
@@ -252,12 +256,12 @@ class _Gallery:
     def __init__(self, k: int) -> None:
         self.k, self.cases = k, []
 
-    def offer(self, values: Tensor, names: list[str], images: Tensor, maps: Tensor) -> None:
+    def offer(self, values: Tensor, names: list[str], images: Tensor, maps: Tensor, masks: Tensor | None = None) -> None:
         if self.k <= 0:
             return
         for i, v in enumerate(values.tolist()):
             if not math.isnan(v):
-                self.cases.append((v, names[i], *_thumbnail(images[i], maps[i])))
+                self.cases.append((v, names[i], *_thumbnail(images[i], maps[i], mask=masks[i] if masks is not None else None)))
         self.cases.sort(key=lambda c: c[0])
         if len(self.cases) > 2 * self.k:
             self.cases = self.cases[: self.k] + self.cases[-self.k :]
@@ -366,8 +370,10 @@ def evaluate(
                     rows.append(row)
                 key = next((k for k in GALLERY_KEYS if k in cols), None)
                 if key is not None:
+                    outlined = masks if masks is not None or boxes is None else boxes_to_masks(boxes, tuple(x.shape[2:]))
                     galleries.setdefault((model_name, method), _Gallery(gallery)).offer(
-                        cols[key].detach().cpu() * (-1 if key in LOWER_IS_BETTER else 1), names, x.cpu(), maps.detach().cpu())
+                        cols[key].detach().cpu() * (-1 if key in LOWER_IS_BETTER else 1), names, x.cpu(), maps.detach().cpu(),
+                        outlined.cpu() if outlined is not None else None)
                     galleries[(model_name, method)].key = key
         bar.update(len(batch))
     bar.close()
@@ -432,9 +438,14 @@ def _curves_png(curves: dict) -> str | None:
     return _png(fig)
 
 
-def _gallery_png(gallery: _Gallery, title: str) -> str | None:
+def _gallery_png(gallery: _Gallery, title: str, cmap: str = "jet") -> str | None:
+    """Best and worst cases over their maps in ``cmap``; the annotation (mask, or the boxes as a mask) is
+    outlined in a colour that contrasts with ``cmap`` (:func:`medlens.render.overlay.outline_colours`)."""
     if not gallery.cases:
         return None
+    from medlens.render.overlay import overlay
+    from medlens.render.panels import show
+
     import matplotlib
 
     matplotlib.use("Agg")
@@ -450,10 +461,10 @@ def _gallery_png(gallery: _Gallery, title: str) -> str | None:
             ax = axes[r][c]
             ax.axis("off")
             if c < len(cases):
-                value, name, img, heat = cases[c]
-                ax.imshow(img.numpy(), cmap="gray")
-                ax.imshow(heat.numpy(), cmap="jet", alpha=0.45, vmin=0, vmax=1)
-                ax.set_title(f"{label}: {name[-18:]}\n{getattr(gallery, 'key', '')}={sign * value:.2f}", fontsize=7)
+                value, name, img, heat, mask = cases[c]
+                shown = (img - img.min()) / (img.max() - img.min()).clamp_min(1e-12)  # display range, never clipped
+                rgb = overlay(shown, heat.clamp(0, 1), cmap=cmap, alpha=0.45)
+                show(ax, rgb, f"{label}: {name[-18:]}\n{getattr(gallery, 'key', '')}={sign * value:.2f}", mask, cmap, 0.45, fontsize=7)
     fig.suptitle(title, fontsize=9)
     return _png(fig)
 
