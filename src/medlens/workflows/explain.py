@@ -209,33 +209,12 @@ def draw(display: Tensor, heat: Tensor, cmap: str, alpha: float, boxes: Sequence
 def titled_overlay(rgb: np.ndarray, title: str, subtitle: str, cmap: str, flat: bool = False,
                    box_legend: str | None = None, outline_legend: str | None = None) -> bytes:
     """The overlay as a readable picture: title (file, method, layer), class and probability, a
-    relevance colourbar, the legends of boxes and outlines, and a note when the map is flat."""
-    from matplotlib.lines import Line2D
+    relevance colourbar, the legends of boxes and outlines, and a note when the map is flat
+    (:func:`medlens.render.titled.titled_picture`)."""
+    from medlens.render.titled import titled_picture
 
-    from medlens.render.panels import add_colorbar, figure_png, new_figure
-
-    h, w = rgb.shape[:2]
-    width = min(12.0, max(4.2, 3.6 * w / max(h, 1) + 1.2))
-    fig = new_figure(width, width * h / max(w, 1) * 0.82 + 0.9)
-    ax = fig.add_subplot(1, 1, 1)
-    ax.imshow(rgb, interpolation="nearest")
-    ax.set_xticks([])
-    ax.set_yticks([])
-    ax.set_title(f"{title}\n{subtitle}", fontsize=8.5)
-    if flat:
-        ax.text(0.5, 0.5, FLAT_NOTE, transform=ax.transAxes, ha="center", va="center", fontsize=9, color="white",
-                bbox={"facecolor": "black", "alpha": 0.7, "edgecolor": "none"})
-    handles = []
-    if box_legend:
-        handles.append(Line2D([], [], color=BOX_COLOUR, lw=2, label=box_legend))
-    if outline_legend:
-        handles.append(Line2D([], [], color=TRUTH_COLOUR, lw=2, label=outline_legend))
-    if handles:
-        ax.legend(handles=handles, loc="lower center", bbox_to_anchor=(0.5, -0.01), fontsize=7, ncol=len(handles),
-                  framealpha=0.75, borderaxespad=0.3)
-    add_colorbar(fig, [ax], cmap)
-    data = figure_png(fig, dpi=100)
-    return data
+    legend = [(label, colour) for label, colour in ((box_legend, BOX_COLOUR), (outline_legend, TRUTH_COLOUR)) if label]
+    return titled_picture(rgb, title, subtitle, cmap, note=FLAT_NOTE if flat else None, legend=legend)
 
 
 def explain_inputs(
