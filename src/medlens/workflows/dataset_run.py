@@ -54,6 +54,32 @@ def autocast_context(device: torch.device, precision: str):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+class SingleProcess:
+    """The part of Lightning Fabric a one-process run uses (rank 0 of 1, no-op barrier), so a
+    one-process run (and resuming a finished one) never imports Lightning (seconds of start-up)."""
+
+    global_rank, world_size = 0, 1
+
+    def __init__(self, accelerator: str = "cpu") -> None:
+        if accelerator not in ("cpu", "cuda", "gpu", "auto"):
+            raise MedlensError(f"--accelerator {accelerator!r} not understood: use cpu, cuda or auto")
+        if accelerator in ("cuda", "gpu") and not torch.cuda.is_available():
+            raise MedlensError(f"--accelerator {accelerator} asked for, but no CUDA device is available")
+        cuda = accelerator in ("cuda", "gpu") or (accelerator == "auto" and torch.cuda.is_available())
+        self.device = torch.device("cuda", 0) if cuda else torch.device("cpu")
+
+    def barrier(self) -> None:
+        return None
+
+
+def _single_process(devices: int | str, num_nodes: int) -> bool:
+    """One process asked for and none started by torchrun / SLURM around us."""
+    import os
+
+    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1 or int(os.environ.get("SLURM_NTASKS", "1")) > 1
+    return str(devices) == "1" and num_nodes == 1 and not launched
+
+
 def plan_items(inputs: Sequence[str | Path]):
     from medlens.workflows.stream import PlannedItem
     from medlens.io.loading import plan_inputs
@@ -130,8 +156,6 @@ def run_dataset(
     With ``devices * num_nodes > 1`` the processes are started by Lightning Fabric (re-running
     the command line) or were started by torchrun / SLURM. Returns this rank's counts.
     """
-    from lightning.fabric import Fabric
-
     from medlens.core.engine import get_method
     from medlens.io.store import RunStore
 
@@ -145,15 +169,6 @@ def run_dataset(
     if precision not in PRECISIONS:
         raise MedlensError(f"--precision {precision!r} not understood: use 32, bf16 or fp16")
     started = time.perf_counter()
-    if fabric is None:
-        single = str(devices) == "1" and num_nodes == 1
-        fabric = Fabric(accelerator=accelerator, devices=devices, num_nodes=num_nodes,
-                        strategy="auto" if single else strategy)
-        fabric.launch()
-    rank, world = fabric.global_rank, fabric.world_size
-    device = fabric.device
-    autocast_context(device, precision)  # refuse fp16 on CPU before anything is written
-
     plan = plan_items(inputs)
     config = {
         "inputs": [it.path for it in plan], "methods": list(methods), "target": str(target), "layer": layer,
@@ -164,6 +179,23 @@ def run_dataset(
         "workers": workers, "devices": devices, "num_nodes": num_nodes, "accelerator": accelerator,
         "strategy": strategy, "overlays": overlays,
     }
+    if resume and fabric is None:  # a finished run: no processes, no model, no loader
+        finished_run = _finished_run(RunStore(out_dir), config, len(plan), shard_size)
+        if finished_run is not None:
+            finished_run.seconds = time.perf_counter() - started
+            return finished_run
+    if fabric is None and _single_process(devices, num_nodes):
+        fabric = SingleProcess(accelerator)
+    elif fabric is None:
+        from lightning.fabric import Fabric
+
+        single = str(devices) == "1" and num_nodes == 1
+        fabric = Fabric(accelerator=accelerator, devices=devices, num_nodes=num_nodes, strategy="auto" if single else strategy)
+        fabric.launch()
+    rank, world = fabric.global_rank, fabric.world_size
+    device = fabric.device
+    autocast_context(device, precision)  # refuse fp16 on CPU before anything is written
+
     store = RunStore(out_dir, rank)
     fabric.barrier()
     error: str | None = None
@@ -189,6 +221,8 @@ def run_dataset(
 
     torch.manual_seed(0)  # a randomly initialised model ('none' weights) is the same on every rank and run
     model = model_factory().to(device).eval()
+    if any(isinstance(m, nn.Conv2d) for m in model.modules()):
+        model = model.to(memory_format=torch.channels_last)  # 4-D weights only; 2-D inputs follow per batch
     from medlens.workflows.explain import model_input_spec
 
     channels, _ = model_input_spec(model)
@@ -232,14 +266,29 @@ def run_dataset(
     fabric.barrier()
     manifest = store.read_manifest()
     result.done, result.failed = manifest["done"], manifest["failed"]
-    from medlens.io.store import read_results
+    from medlens.io.store import read_errors
 
     if rank == 0:
-        rows = read_results(out_dir)
-        bad = rows[rows["status"] == "error"].drop_duplicates(["item", "error"])
+        bad = read_errors(out_dir)
         result.bad = list(zip(bad["source"], bad["error"]))
     result.seconds = time.perf_counter() - started
     return result
+
+
+def _finished_run(store, config: dict[str, Any], planned: int, shard_size: int) -> DatasetRunResult | None:
+    """The result of a complete run in ``store`` with this configuration (read from its manifest
+    and its error rows, every part checked against its checksum), or None when work is left."""
+    manifest = store.check_fresh_or_resumable(config, resume=True)
+    n_shards = math.ceil(planned / shard_size) if planned else 0
+    if manifest is None or not manifest.get("complete") or len(manifest.get("parts", {})) != n_shards:
+        return None
+    if len(store.finished_parts()) != n_shards:  # a part was removed or changed since: recompute it
+        return None
+    from medlens.io.store import read_errors
+
+    bad = read_errors(store.root)
+    return DatasetRunResult(store.root, planned=planned, done=manifest["done"], failed=manifest["failed"],
+                            parts_reused=n_shards, bad=list(zip(bad["source"], bad["error"])))
 
 
 class _BatchRunner:
@@ -251,6 +300,25 @@ class _BatchRunner:
         self.model, self.methods, self.target, self.layer, self.options = model, methods, target, layer, options
         self.device, self.precision, self.store, self.n_items = device, precision, store, n_items
         self.map_dtype, self.class_names, self.box_fraction, self.deletion_steps = map_dtype, class_names, box_fraction, deletion_steps
+        self._scorer: nn.Module | None = None
+
+    def scorer(self, x: torch.Tensor) -> nn.Module:
+        """The model the deletion forwards use: a copy with each eval-mode BatchNorm folded into its
+        convolution (torch.fx; same logits within 1e-4 of their scale, checked once on the first
+        batch), else the model itself."""
+        if self._scorer is None:
+            self._scorer = self.model
+            try:
+                from torch.fx.experimental.optimization import fuse
+
+                fused = fuse(self.model).eval()
+                with torch.no_grad():
+                    want, got = self.model(x[:2]), fused(x[:2])
+                if torch.allclose(got, want, rtol=1e-4, atol=1e-4 * float(want.abs().max()) + 1e-6):
+                    self._scorer = fused
+            except Exception:  # not traceable (data-dependent control flow, non-tensor outputs...): keep the model
+                pass
+        return self._scorer
 
     def name(self, c: int) -> str:
         return self.class_names[c] if self.class_names and 0 <= c < len(self.class_names) else f"class {c}"
@@ -276,6 +344,8 @@ class _BatchRunner:
 
     def run_group(self, group: dict[str, Any], m: int, method: str, shard: int) -> list[dict[str, Any]]:
         x = group["x"].to(self.device, non_blocking=True)
+        if x.dim() == 4:  # 2-D CNNs run about 1.7x faster on CPU in NHWC (the model was converted too)
+            x = x.contiguous(memory_format=torch.channels_last)
         try:
             result = self.explain(x, method)
         except (MedlensError, RuntimeError) as error:
@@ -311,7 +381,7 @@ class _BatchRunner:
                 from medlens.metrics.faithfulness import perturbation_curve
 
                 with torch.no_grad(), autocast_context(self.device, self.precision):
-                    curve = perturbation_curve(self.model, x, maps[:, k], result.targets[:, k], steps=self.deletion_steps)
+                    curve = perturbation_curve(self.scorer(x), x, maps[:, k], result.targets[:, k], steps=self.deletion_steps)
                 dele[:, k] = curve.auc.double()
         # one transfer per group: everything the rows need comes to the host together
         probs = torch.softmax(result.logits.float(), dim=1)
@@ -361,6 +431,11 @@ def _runs(values: list[int]):
     yield lo, prev + 1
 
 
+#: the result columns the summaries, overlays and summary.html read
+_SUMMARY_COLUMNS = ["item", "source", "status", "error", "method", "target_rank", "target", "target_name", "score",
+                    "pointing_game", "iou@10", "deletion_auc", "map_array"]
+
+
 def _finish(store, config, overlays, n_boot, ci, names, plan, size, normalize, channels) -> None:
     """Rank 0, after every rank is done: manifest, bad_files.csv, summary.csv, overlays, summary.html."""
     from medlens.io.report import write_bad_files
@@ -369,7 +444,7 @@ def _finish(store, config, overlays, n_boot, ci, names, plan, size, normalize, c
     from medlens.io.atomic import write_text
 
     store.cleanup_partials()
-    rows = read_results(store.root)
+    rows = read_results(store.root, columns=_SUMMARY_COLUMNS)  # not the per-row lists: memory stays flat in n
     bad = rows[rows["status"] == "error"].drop_duplicates(["item"])
     if len(bad):
         write_bad_files(store.root / "bad_files.csv", list(zip(bad["source"], bad["error"])))
@@ -379,7 +454,7 @@ def _finish(store, config, overlays, n_boot, ci, names, plan, size, normalize, c
     if summary is not None:
         write_text(store.root / "summary.csv", summary.to_csv(index=False))
     drawn = _draw_overlays(store, _select_overlays(rows, overlays), size, normalize, channels)
-    store.merge_manifest(extra={"overlays": drawn})
+    store.merge_manifest(extra={"overlays": drawn}, verify=True)
     _summary_html(store, rows, summary, drawn)
     store.merge_manifest(complete=True)  # last: a run killed while finishing redoes the summaries
 
