@@ -100,6 +100,12 @@ class RunStore:
 
         zarr.open_group(str(self.maps_path), mode="a")  # rank 0, before the other ranks open it
 
+    def set_fields(self, **fields: Any) -> None:
+        """Set top-level manifest fields (atomically), leaving the rest as it is."""
+        manifest = self.read_manifest()
+        if any(manifest.get(k) != v for k, v in fields.items()):
+            write_json(self.manifest_path, {**manifest, **fields})
+
     def state_file(self, rank: int) -> Path:
         return self.state_dir / f"rank-{rank:03d}.json"
 

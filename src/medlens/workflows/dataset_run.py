@@ -80,6 +80,30 @@ def _single_process(devices: int | str, num_nodes: int) -> bool:
     return str(devices) == "1" and num_nodes == 1 and not launched
 
 
+def listing_digest(inputs: Sequence[str | Path]) -> str:
+    """A digest of what the inputs name: each argument, and for a folder the names of everything
+    under it (``os.scandir``, no file is opened or stat'ed). The same digest means the same plan
+    (a file rewritten in place under its own name is not noticed), so resuming a finished run
+    need not expand its folders again."""
+    import hashlib
+    import os
+
+    digest = hashlib.sha256()
+    stack = [str(Path(p)) for p in reversed(list(inputs))]
+    while stack:
+        path = stack.pop()
+        digest.update(path.encode(errors="surrogateescape") + b"\0")
+        try:
+            with os.scandir(path) as entries:
+                names = sorted((e.name, e.is_dir(follow_symlinks=True)) for e in entries)
+        except (NotADirectoryError, FileNotFoundError, PermissionError):
+            continue
+        digest.update(b"/")
+        stack.extend(os.path.join(path, name) for name, is_dir in reversed(names) if is_dir)
+        digest.update("\0".join(name for name, is_dir in names if not is_dir).encode(errors="surrogateescape"))
+    return digest.hexdigest()[:32]
+
+
 def plan_items(inputs: Sequence[str | Path]):
     from medlens.workflows.stream import PlannedItem
     from medlens.io.loading import plan_inputs
@@ -88,35 +112,32 @@ def plan_items(inputs: Sequence[str | Path]):
             for i, (path, problem) in enumerate(plan_inputs(inputs))]
 
 
+def check_overlays(spec: str) -> tuple[str, int]:
+    """``(kind, K)`` of an overlay spec (``all`` and ``none`` give K = 0); a one-line error otherwise."""
+    if spec in ("all", "none"):
+        return spec, 0
+    kind, _, k = spec.partition(":")
+    if kind not in ("worst", "best", "sample") or not k.isdigit():
+        raise MedlensError(f"--overlays {spec!r} not understood: use all, none, worst:K, best:K or sample:K")
+    return kind, int(k)
+
+
 def _select_overlays(rows, spec: str):
     """Rows to draw: ``all``, ``none``, ``worst:K``, ``best:K`` (by IoU@10, else pointing game,
     else deletion AUC, else score), ``sample:K`` (seeded)."""
+    kind, k = check_overlays(spec)
     ok = rows[rows["status"] == "ok"]
     if spec == "none" or len(ok) == 0:
         return ok.iloc[:0]
     if spec == "all":
         return ok
-    kind, _, k = spec.partition(":")
-    try:
-        k = int(k)
-    except ValueError:
-        raise MedlensError(f"--overlays {spec!r} not understood: use all, none, worst:K, best:K or sample:K") from None
     if kind == "sample":
         return ok.sample(n=min(k, len(ok)), random_state=0).sort_values("row_id")
-    if kind not in ("worst", "best"):
-        raise MedlensError(f"--overlays {spec!r} not understood: use all, none, worst:K, best:K or sample:K")
     for column, higher_better in (("iou@10", True), ("pointing_game", True), ("deletion_auc", False), ("score", True)):
         if ok[column].notna().any():
             ranked = ok[ok[column].notna()].sort_values([column, "row_id"], ascending=[not higher_better, True], kind="stable")
             return ranked.iloc[-k:] if kind == "best" else ranked.iloc[:k]
     return ok.iloc[:0]
-
-
-def check_overlays(spec: str) -> None:
-    import pandas as pd
-
-    _select_overlays(pd.DataFrame({"status": ["ok"], "row_id": [0], "score": [0.0], "iou@10": [None],
-                                   "pointing_game": [None], "deletion_auc": [None]}), spec)
 
 
 def run_dataset(
@@ -169,9 +190,8 @@ def run_dataset(
     if precision not in PRECISIONS:
         raise MedlensError(f"--precision {precision!r} not understood: use 32, bf16 or fp16")
     started = time.perf_counter()
-    plan = plan_items(inputs)
-    config = {
-        "inputs": [it.path for it in plan], "methods": list(methods), "target": str(target), "layer": layer,
+    _config = lambda paths: {  # noqa: E731
+        "inputs": paths, "methods": list(methods), "target": str(target), "layer": layer,
         "size": list(size) if size else None, "normalize": normalize, "batch_size": batch_size, "shard_size": shard_size,
         "map_dtype": map_dtype, "deletion_steps": deletion_steps, "precision": precision, "box_fraction": box_fraction,
         "method_options": method_options or {}, "class_names": list(class_names) if class_names else None,
@@ -179,11 +199,14 @@ def run_dataset(
         "workers": workers, "devices": devices, "num_nodes": num_nodes, "accelerator": accelerator,
         "strategy": strategy, "overlays": overlays,
     }
-    if resume and fabric is None:  # a finished run: no processes, no model, no loader
-        finished_run = _finished_run(RunStore(out_dir), config, len(plan), shard_size)
+    listing = listing_digest(inputs)
+    if resume and fabric is None:  # a finished run: no planning, no processes, no model, no loader
+        finished_run = _finished_run(RunStore(out_dir), listing, _config)
         if finished_run is not None:
             finished_run.seconds = time.perf_counter() - started
             return finished_run
+    plan = plan_items(inputs)
+    config = _config([it.path for it in plan])
     if fabric is None and _single_process(devices, num_nodes):
         fabric = SingleProcess(accelerator)
     elif fabric is None:
@@ -209,6 +232,7 @@ def run_dataset(
     if rank == 0:
         store.cleanup_partials()
         store.init(config, len(plan))
+        store.set_fields(listing=listing)  # lets resuming a finished run skip planning (see _finished_run)
     fabric.barrier()
 
     finished = store.finished_parts()
@@ -275,20 +299,28 @@ def run_dataset(
     return result
 
 
-def _finished_run(store, config: dict[str, Any], planned: int, shard_size: int) -> DatasetRunResult | None:
-    """The result of a complete run in ``store`` with this configuration (read from its manifest
-    and its error rows, every part checked against its checksum), or None when work is left."""
-    manifest = store.check_fresh_or_resumable(config, resume=True)
+def _finished_run(store, listing: str, make_config: Callable[[list[str]], dict[str, Any]]) -> DatasetRunResult | None:
+    """The result of the complete run in ``store`` when the inputs list the same files as when it
+    was planned (:func:`listing_digest`), read from its manifest (and its error rows, if any),
+    every part checked against its checksum; None when work is left or the plan may differ.
+    Raises the usual one-line refusal when the configuration differs."""
+    manifest = store.read_manifest()
+    if manifest is None or not manifest.get("complete") or manifest.get("listing") != listing:
+        return None
+    config = make_config(list(manifest["config"]["inputs"]))
+    store.check_fresh_or_resumable(config, resume=True)
+    planned, shard_size = int(manifest["planned"]), int(config["shard_size"])
     n_shards = math.ceil(planned / shard_size) if planned else 0
-    if manifest is None or not manifest.get("complete") or len(manifest.get("parts", {})) != n_shards:
-        return None
-    if len(store.finished_parts()) != n_shards:  # a part was removed or changed since: recompute it
-        return None
-    from medlens.io.store import read_errors
+    if len(manifest.get("parts", {})) != n_shards or len(store.finished_parts()) != n_shards:
+        return None  # a part was removed or changed since: the regular path recomputes it
+    bad: list[tuple[str, str]] = []
+    if manifest["failed"]:
+        from medlens.io.store import read_errors
 
-    bad = read_errors(store.root)
+        errors = read_errors(store.root)
+        bad = list(zip(errors["source"], errors["error"]))
     return DatasetRunResult(store.root, planned=planned, done=manifest["done"], failed=manifest["failed"],
-                            parts_reused=n_shards, bad=list(zip(bad["source"], bad["error"])))
+                            parts_reused=n_shards, bad=bad)
 
 
 class _BatchRunner:
