@@ -301,3 +301,34 @@ def test_deletion_scorer_folds_batchnorm_and_keeps_the_logits():
     assert scorer is not model and not any(isinstance(m, torch.nn.BatchNorm2d) for m in scorer.modules())
     with torch.no_grad():
         assert torch.allclose(scorer(x), model(x), atol=1e-5)
+
+
+def test_explain_with_workers_writes_what_one_process_writes(phantom_folder, tmp_path):
+    import shutil
+
+    from medlens.workflows.explain import explain_inputs
+
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    for path in sorted(phantom_folder.glob("phantom_000[0-4].png")):
+        shutil.copy(path, folder / path.name)
+    (folder / "phantom_0001b.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a picture")
+    torch.manual_seed(0)
+    model = _factory()
+    runs = {}
+    for workers in (0, 2):
+        out = tmp_path / f"w{workers}"
+        summary = explain_inputs(model, [folder], out, methods=["gradcam"], batch_size=2, progress=False, workers=workers)
+        runs[workers] = (out, summary)
+    (out0, s0), (out2, s2) = runs[0], runs[2]
+    assert [Path(p).name for p, _ in s2.bad] == [Path(p).name for p, _ in s0.bad] == ["phantom_0001b.png"]
+    assert [r["source"] for r in s2.written] == [r["source"] for r in s0.written] and len(s0.written) == 5
+    names0 = sorted(p.relative_to(out0).as_posix() for p in out0.rglob("*") if p.is_file())
+    names2 = sorted(p.relative_to(out2).as_posix() for p in out2.rglob("*") if p.is_file())
+    assert names0 == names2
+    maps = [n for n in names0 if n.endswith(".npy")]
+    assert len(maps) >= 5
+    for name in maps:
+        assert np.array_equal(np.load(out0 / name), np.load(out2 / name)), name
+    with pytest.raises(MedlensError, match="--workers"):
+        explain_inputs(model, [folder], tmp_path / "bad", workers=-1, progress=False)
