@@ -1,9 +1,10 @@
 """Dataset-scale run (``medlens run``) benchmarks.
 
-1. Throughput on real brain MRI (224 px, torchvision resnet18, seeded random weights): medlens
+1. Throughput on real brain MRI (--size px, torchvision resnet18, seeded random weights): medlens
    (Grad-CAM + pointing game + IoU@10 + deletion curve, Parquet + Zarr outputs) against a loop of
-   pytorch-grad-cam + Quantus (PointingGame, PixelFlipping) + a NumPy IoU@10 on the same images.
-2. Peak RSS of a run over N_small vs N_large phantom inputs (32 px), each in its own process.
+   pytorch-grad-cam + Quantus (PointingGame, PixelFlipping) + a NumPy IoU@10 on the same --n
+   images, both on one thread, in --blocks alternating blocks (load changes fall on both).
+2. Peak RSS of a run over --small vs --large phantom inputs, each in a fresh process.
 3. 1 vs 2 Fabric processes (CPU, gloo) on the small phantom set.
 4. Resuming a finished run.
 

@@ -7,7 +7,12 @@ finished shard is one Parquet part plus its maps in the Zarr store; the rank the
 ``state/rank-NNN.json`` (atomically), and rank 0 merges every state into ``manifest.json``. A run
 killed at any point resumes with ``resume=True``: recorded parts whose checksum matches are kept,
 every other shard is computed again (deterministically, so the final table and maps equal an
-uninterrupted run's).
+uninterrupted run's). Resuming a run that is complete, over inputs that list the same files
+(:func:`listing_digest`), answers from the manifest alone: no planning, no model, no loader.
+
+A one-process run does not start (or import) Lightning. 2-D CNNs run in channels-last memory
+format, and the deletion curve's forward passes use a copy of the model with BatchNorm folded
+into the convolutions (checked against the model on the first batch).
 """
 
 from __future__ import annotations
