@@ -135,6 +135,11 @@ def child(folder, out, mode="fresh", workers=0, devices=1):
 def throughput(args, tmp: Path) -> list[tuple[str, str, str]]:
     """medlens vs the reference loop on the same files, in ``--blocks`` alternating blocks (so a
     change of load on a shared machine falls on both)."""
+    import pytorch_grad_cam  # noqa: F401  (imports are not timed, for either side)
+    import quantus  # noqa: F401
+
+    import medlens.workflows.dataset_run  # noqa: F401
+
     files = mri_files(args.n)
     blocks = [files[i :: args.blocks] for i in range(args.blocks)]
     t_base = t_med = 0.0
