@@ -236,3 +236,99 @@ def test_precision_and_overlay_options_are_checked(phantom_folder, tmp_path):
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
     result = _run(inputs, tmp_path / "c", precision="bf16", overlays="all")
     assert result.done == 2 and len(list((tmp_path / "c" / "overlays").glob("*.png"))) == 2
+
+
+def _no_model():
+    raise AssertionError("the model was built although nothing was left to do")
+
+
+def test_resuming_a_finished_run_builds_no_model_and_a_missing_part_is_recomputed(phantom_folder, reference, tmp_path):
+    import shutil
+
+    out = tmp_path / "copy"
+    shutil.copytree(reference, out)
+    from medlens.workflows.dataset_run import run_dataset
+
+    options = dict(batch_size=4, shard_size=4, overlays="worst:2", n_boot=50, deletion_steps=4, resume=True)
+    again = run_dataset(_no_model, [phantom_folder], out, **options)
+    assert (again.done, again.failed, again.parts_computed, again.parts_reused) == (24, 0, 0, 6)
+    assert again.seconds < 2.0
+    (out / "results" / "part-000003.parquet").unlink()  # work left: the manifest alone no longer answers
+    with pytest.raises(AssertionError, match="model was built"):
+        run_dataset(_no_model, [phantom_folder], out, **options)
+    redone = _run([phantom_folder], out, deletion_steps=4, resume=True)
+    assert redone.parts_computed == 1 and redone.parts_reused == 5
+    _assert_same_run(reference, out)
+    with pytest.raises(MedlensError, match="map_dtype"):  # a changed configuration is still refused
+        run_dataset(_no_model, [phantom_folder], out, **options, map_dtype="float32")
+
+
+def test_deletion_auc_of_the_runner_equals_perturbation_curve_on_the_plain_model(phantom_folder, tmp_path):
+    """The runner scores deletion steps in NHWC with BatchNorm folded into the convolutions: the
+    AUCs match ``perturbation_curve`` on the unchanged model, on the same inputs and maps."""
+    import zarr
+
+    from medlens.metrics.faithfulness import perturbation_curve
+    from medlens.workflows.dataset_run import plan_items
+    from medlens.workflows.stream import ExplainDataset
+
+    inputs = sorted(phantom_folder.glob("phantom_000[0-7].png"))
+    out = tmp_path / "run"
+    _run(inputs, out, deletion_steps=6, map_dtype="float32", shard_size=8, batch_size=8)
+    table = _table(out)
+    torch.manual_seed(0)  # the runner's seeded model
+    model = _factory()
+    data = ExplainDataset(plan_items(inputs), 1, None)
+    x = torch.stack([data[i]["x"] for i in range(len(data))])
+    maps = torch.from_numpy(np.asarray(zarr.open_array(str(out / "maps.zarr" / "gradcam" / "32x32"), mode="r")[:]))[:, 0]
+    with torch.no_grad():
+        want = perturbation_curve(model, x, maps, torch.tensor(table["target"].to_numpy()), steps=6).auc
+    got = torch.tensor(table["deletion_auc"].to_numpy(), dtype=torch.float32)
+    assert torch.allclose(got, want, atol=1e-5), (got - want).abs().max()
+
+
+def test_deletion_scorer_folds_batchnorm_and_keeps_the_logits():
+    from medlens.workflows.dataset_run import _BatchRunner
+
+    torch.manual_seed(0)
+    model = _factory()
+    for m in model.modules():  # non-trivial running statistics, so folding has something to do
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-1, 1), m.running_var.uniform_(0.5, 2), m.weight.data.uniform_(0.5, 1.5)
+    runner = _BatchRunner(model, ["gradcam"], "pred", None, {}, torch.device("cpu"), "32", None, 4, "float16", None, 0.05, 4)
+    x = torch.randn(4, 1, 32, 32)
+    scorer = runner.scorer(x)
+    assert scorer is not model and not any(isinstance(m, torch.nn.BatchNorm2d) for m in scorer.modules())
+    with torch.no_grad():
+        assert torch.allclose(scorer(x), model(x), atol=1e-5)
+
+
+def test_explain_with_workers_writes_what_one_process_writes(phantom_folder, tmp_path):
+    import shutil
+
+    from medlens.workflows.explain import explain_inputs
+
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    for path in sorted(phantom_folder.glob("phantom_000[0-4].png")):
+        shutil.copy(path, folder / path.name)
+    (folder / "phantom_0001b.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a picture")
+    torch.manual_seed(0)
+    model = _factory()
+    runs = {}
+    for workers in (0, 2):
+        out = tmp_path / f"w{workers}"
+        summary = explain_inputs(model, [folder], out, methods=["gradcam"], batch_size=2, progress=False, workers=workers)
+        runs[workers] = (out, summary)
+    (out0, s0), (out2, s2) = runs[0], runs[2]
+    assert [Path(p).name for p, _ in s2.bad] == [Path(p).name for p, _ in s0.bad] == ["phantom_0001b.png"]
+    assert [r["source"] for r in s2.written] == [r["source"] for r in s0.written] and len(s0.written) == 5
+    names0 = sorted(p.relative_to(out0).as_posix() for p in out0.rglob("*") if p.is_file())
+    names2 = sorted(p.relative_to(out2).as_posix() for p in out2.rglob("*") if p.is_file())
+    assert names0 == names2
+    maps = [n for n in names0 if n.endswith(".npy")]
+    assert len(maps) >= 5
+    for name in maps:
+        assert np.array_equal(np.load(out0 / name), np.load(out2 / name)), name
+    with pytest.raises(MedlensError, match="--workers"):
+        explain_inputs(model, [folder], tmp_path / "bad", workers=-1, progress=False)

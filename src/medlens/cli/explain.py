@@ -243,6 +243,7 @@ def explain_command(
     boxes: str = typer.Option("components", "--boxes", help="components (boxes around the strongest regions) or none"),
     figures: bool = typer.Option(True, "--figures/--no-figures", help="also write titled pictures (class, probability, colourbar, legend); off is faster"),
     batch_size: int = typer.Option(8, "--batch-size", "-b"),
+    workers: int = typer.Option(0, "--workers", help="processes reading and preparing inputs ahead of the model (0: none)"),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:1"),
     cmap: str = typer.Option("jet", "--cmap", help="matplotlib colormap"),
     alpha: float = typer.Option(0.5, "--alpha", help="overlay opacity"),
@@ -311,7 +312,7 @@ def explain_command(
             batch_size=batch_size, class_names=pre.class_names, cmap=cmap, alpha=alpha,
             box_fraction=box_fraction, overwrite=overwrite, policy=header_policy, method_options=options,
             preprocessing=pre, region=region_spec, boxes=boxes, titles=figures, layers_apart=fusion == "none",
-            dicom_out=[dicom_out] if dicom_out else (), threshold=threshold, max_pixels=max_pixels,
+            dicom_out=[dicom_out] if dicom_out else (), threshold=threshold, max_pixels=max_pixels, workers=workers,
         )
     except (MedlensError, RuntimeError) as error:  # RuntimeError: the model itself failed on the input
         fail(one_line(error))

@@ -100,11 +100,19 @@ class RunStore:
 
         zarr.open_group(str(self.maps_path), mode="a")  # rank 0, before the other ranks open it
 
+    def set_fields(self, **fields: Any) -> None:
+        """Set top-level manifest fields (atomically), leaving the rest as it is."""
+        manifest = self.read_manifest()
+        if any(manifest.get(k) != v for k, v in fields.items()):
+            write_json(self.manifest_path, {**manifest, **fields})
+
     def state_file(self, rank: int) -> Path:
         return self.state_dir / f"rank-{rank:03d}.json"
 
-    def finished_parts(self) -> dict[str, dict[str, Any]]:
-        """Parts recorded by any rank (state files and manifest) whose file exists with its checksum."""
+    def finished_parts(self, verify: bool = True) -> dict[str, dict[str, Any]]:
+        """Parts recorded by any rank (state files and manifest) whose file exists with its checksum
+        (``verify=False``: whose file exists; for the manifest's running record, which resuming
+        checks again)."""
         parts: dict[str, dict[str, Any]] = {}
         manifest = self.read_manifest() or {}
         parts.update(manifest.get("parts", {}))
@@ -113,7 +121,7 @@ class RunStore:
         good = {}
         for shard, info in parts.items():
             path = self.results / info["file"]
-            if path.exists() and sha256_file(path) == info["sha256"]:
+            if path.exists() and (not verify or sha256_file(path) == info["sha256"]):
                 good[shard] = info
         return good
 
@@ -121,9 +129,11 @@ class RunStore:
         """Replace this rank's state (atomically) after each finished part."""
         write_json(self.state_file(self.rank), {"rank": self.rank, "parts": my_parts})
 
-    def merge_manifest(self, complete: bool = False, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    def merge_manifest(self, complete: bool = False, extra: dict[str, Any] | None = None,
+                       verify: bool = False) -> dict[str, Any]:
+        """Merge every rank's state into the manifest (checksums checked again with ``verify``)."""
         manifest = self.read_manifest()
-        parts = self.finished_parts()
+        parts = self.finished_parts(verify)
         manifest["parts"] = dict(sorted(parts.items()))
         manifest["done"] = sum(p["items_ok"] for p in parts.values())
         manifest["failed"] = sum(p["items_failed"] for p in parts.values())
@@ -225,14 +235,25 @@ def result_schema():
     return _schema()
 
 
-def read_results(root: str | Path):
-    """The results table of a run folder, rows in plan order."""
+def read_results(root: str | Path, columns: list[str] | None = None, errors_only: bool = False):
+    """The results table of a run folder (``columns`` only, error rows only with ``errors_only``),
+    rows in plan order."""
     import pandas as pd
 
     path = Path(root) / "results"
+    if columns is not None and "row_id" not in columns:
+        columns = ["row_id", *columns]
     if not any(path.glob("part-*.parquet")):
-        return pd.DataFrame(columns=[f.name for f in result_schema()])
-    return pd.read_parquet(path).sort_values("row_id", kind="stable").reset_index(drop=True)
+        return pd.DataFrame(columns=columns or [f.name for f in result_schema()])
+    filters = [("status", "==", "error")] if errors_only else None
+    table = pd.read_parquet(path, columns=columns, filters=filters)
+    return table.sort_values("row_id", kind="stable").reset_index(drop=True)
+
+
+def read_errors(root: str | Path):
+    """``item``, ``source``, ``error`` of every failed input of a run, once per item and error."""
+    rows = read_results(root, columns=["item", "source", "error", "status"], errors_only=True)
+    return rows.drop_duplicates(["item", "error"])
 
 
 def os_fsync_dir(path: Path) -> None:

@@ -31,7 +31,7 @@ from medlens.core.engine import Explanation, explain, get_method, options_for
 from medlens.core.resample import upsample
 from medlens.errors import MedlensError, one_line
 from medlens.io.atomic import atomic_path, write_text
-from medlens.io.loading import Loaded, iter_inputs, plan_inputs
+from medlens.io.loading import Loaded, iter_inputs, plan_inputs  # noqa: F401  (iter_inputs re-exported)
 from medlens.render.overlay import png_bytes
 
 @dataclass
@@ -243,6 +243,7 @@ def explain_inputs(
     boxes: str = "components",
     titles: bool = True,
     layers_apart: bool = False,
+    workers: int = 0,
 ) -> RunSummary:
     """Explain every input and write overlays, maps, boxes and ``index.html`` to ``out_dir``.
 
@@ -255,6 +256,9 @@ def explain_inputs(
         titles: overlays as titled pictures with a colourbar (False: the bare overlay pixels).
         layers_apart: with several ``layer`` s, one map per layer instead of one fused map, and a
             figure per input and method with the layers side by side (``--fusion none``).
+        workers: processes that read and prepare the inputs ahead of the model (a torch
+            DataLoader, inputs kept in order; 0: read them in this process). The outputs are
+            the same for any number.
 
     Returns:
         A :class:`RunSummary` listing what was written and the bad inputs (path, reason).
@@ -270,6 +274,8 @@ def explain_inputs(
     dicom = dicom_options(inputs, dicom_out, threshold)
     if boxes not in ("components", "none"):
         raise MedlensError(f"--boxes {boxes!r}: use components or none")
+    if workers < 0:
+        raise MedlensError(f"--workers {workers}: must be 0 or more")
     for method in methods:  # argument errors stop the run before any file is read
         get_method(method, **options_for(method, method_options or {}, methods))
     for name in [layer] if isinstance(layer, str) else list(layer or []):
@@ -292,15 +298,9 @@ def explain_inputs(
     settings = {"cmap": cmap, "alpha": alpha, "box_fraction": box_fraction, "boxes": boxes, "titles": titles}
 
     def prepared() -> Iterable[Prepared]:
-        for path, loaded in iter_inputs(inputs, policy=policy, plan=plan, max_pixels=max_pixels):
-            if isinstance(loaded, MedlensError):
-                summary.bad.append((path, str(loaded)))
-                bar.update(1)
-                continue
-            try:
-                item = prepare(path, loaded, None, None, preprocessing=preprocessing)
-            except MedlensError as error:
-                summary.bad.append((path, str(error)))
+        for path, item, error in prepared_inputs(plan, policy, max_pixels, preprocessing, workers):
+            if item is None:
+                summary.bad.append((path, error))
                 bar.update(1)
                 continue
             item.stem = safe_stem(path, taken)
@@ -344,6 +344,47 @@ def explain_inputs(
         raise MedlensError(f"cannot write to {where} ({error.strerror or error}); stopped after {done} complete "
                            f"input(s), each listed in {out / MANIFEST}") from None
     return summary
+
+
+class PreparedInputs(torch.utils.data.Dataset):
+    """The plan's inputs read and prepared, one per index: ``(path, Prepared, None)``, or
+    ``(path, None, reason)`` for an input that cannot be read or prepared."""
+
+    def __init__(self, plan: Sequence[tuple[Path, MedlensError | None]], policy: Any, max_pixels: int | None,
+                 preprocessing: Preprocessing) -> None:
+        self.plan, self.policy, self.max_pixels, self.preprocessing = list(plan), policy, max_pixels, preprocessing
+
+    def __len__(self) -> int:
+        return len(self.plan)
+
+    def __getitem__(self, index: int) -> tuple[Path, Prepared | None, str | None]:
+        path, problem = self.plan[index]
+        if problem is not None:
+            return path, None, str(problem)
+        try:
+            from medlens.io.loading import read_image
+
+            loaded = read_image(path, policy=self.policy, max_pixels=self.max_pixels)
+            return path, prepare(path, loaded, None, None, preprocessing=self.preprocessing), None
+        except MedlensError as error:
+            return path, None, str(error)
+
+
+def _as_is(item: Any) -> Any:
+    return item
+
+
+def prepared_inputs(plan, policy, max_pixels, preprocessing: Preprocessing, workers: int = 0,
+                    prefetch: int = 4) -> Iterable[tuple[Path, Prepared | None, str | None]]:
+    """:class:`PreparedInputs` in plan order, read in ``workers`` DataLoader processes (at most
+    ``prefetch`` inputs ahead per worker) or, with 0, here as they are asked for."""
+    if workers < 0:
+        raise MedlensError(f"--workers {workers}: must be 0 or more")
+    data = PreparedInputs(plan, policy, max_pixels, preprocessing)
+    if workers == 0 or len(data) <= 1:
+        return (data[i] for i in range(len(data)))
+    return iter(torch.utils.data.DataLoader(data, batch_size=None, num_workers=min(workers, len(data)),
+                                            collate_fn=_as_is, prefetch_factor=prefetch))
 
 
 def _explained(model, batch, device, method, target, layer, options, summary, region=None):
