@@ -17,10 +17,7 @@ Run:  .venv/bin/python benchmarks/bench_cam_extra.py [--size 112] [--layer layer
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -28,28 +25,9 @@ import torchvision
 from torch import nn
 
 import medlens
+from common import cpu_forward_floor, cpu_timed as timed, pearson
 
-CLOCK = time.process_time
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "brain-tumor-mri"
-
-
-def timed(fn: Callable[[], object], repeats: int) -> tuple[float, object]:
-    times, out = [], None
-    for _ in range(repeats):
-        start = CLOCK()
-        out = fn()
-        times.append(CLOCK() - start)
-    return statistics.median(times), out
-
-
-def forward_floor(model: nn.Module, x: torch.Tensor, n_inputs: int, batch_size: int) -> float:
-    """CPU time of ``n_inputs`` copies of x through the model in chunks (plus one clean pass)."""
-    with torch.no_grad():
-        start = CLOCK()
-        model(x)
-        for begin in range(0, n_inputs, batch_size):
-            model(x.expand(min(batch_size, n_inputs - begin), *x.shape[1:]).contiguous())
-        return CLOCK() - start
 
 
 def image(size: int) -> tuple[torch.Tensor, str]:
@@ -61,10 +39,6 @@ def image(size: int) -> tuple[torch.Tensor, str]:
 
     arr = np.asarray(Image.open(files[0]).convert("L").resize((size, size)), dtype=np.float32) / 255.0
     return (torch.from_numpy(arr)[None, None] - 0.5) / 0.25, f"brain MRI {files[0].name}"
-
-
-def pearson(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float(torch.corrcoef(torch.stack([a.flatten().double(), b.flatten().double()]))[0, 1])
 
 
 def main() -> None:
@@ -91,7 +65,7 @@ def main() -> None:
         handle.remove()
     channels = acts["a"].shape[1]
     n_inputs = channels * args.samples
-    floor = forward_floor(model, x, n_inputs, args.batch_size)
+    floor = cpu_forward_floor(model, x, n_inputs, args.batch_size, clean_pass=True)
     print(f"\n### SS-CAM / IS-CAM, ResNet-18 {args.size}px {args.layer} ({channels} channels), {source}, "
           f"{args.samples} samples, batch {args.batch_size}, {args.threads} thread(s), CPU s\n")
     print(f"forward-pass floor: {n_inputs} masked inputs + 1 clean = {floor:.2f} s\n")
@@ -116,3 +90,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+

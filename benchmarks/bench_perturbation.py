@@ -19,42 +19,19 @@ from __future__ import annotations
 import argparse
 import math
 import multiprocessing as mp
-import statistics
 import time
-from typing import Callable
 
 import torch
 import torchvision
 from torch import nn
 
 import medlens
+import common
+from common import cpu_timed as timed, pearson
+from common import cpu_forward_floor as forward_floor
 from medlens.methods.perturbation import select_channels
 
 
-CLOCK = time.process_time  # CPU seconds of this process: robust to other jobs on a shared machine
-
-
-def timed(fn: Callable[[], object], repeats: int = 1) -> tuple[float, object]:
-    """Median time of ``repeats`` calls (by CLOCK), and the last result."""
-    times, out = [], None
-    for _ in range(repeats):
-        start = CLOCK()
-        out = fn()
-        times.append(CLOCK() - start)
-    return statistics.median(times), out
-
-
-def forward_floor(model: nn.Module, x: torch.Tensor, n_inputs: int, batch_size: int) -> float:
-    """Time of pushing ``n_inputs`` copies of x through the model in chunks, no-grad, nothing else."""
-    with torch.no_grad():
-        start = CLOCK()
-        for begin in range(0, n_inputs, batch_size):
-            model(x.expand(min(batch_size, n_inputs - begin), *x.shape[1:]).contiguous())
-        return CLOCK() - start
-
-
-def pearson(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float(torch.corrcoef(torch.stack([a.flatten().double(), b.flatten().double()]))[0, 1])
 
 
 def row(name: str, seconds: float, floor: float | None, ref: float | None, note: str = "") -> None:
@@ -178,8 +155,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.wall:
-        global CLOCK
-        CLOCK = time.perf_counter
+        common.CPU_CLOCK = time.perf_counter  # read by the shared timers at each call
     print(f"times are {'wall-clock' if args.wall else 'process CPU'} seconds")
     if not args.only_3d:
         bench_2d(args.size, args.batch_size, tuple(args.top_k), args.captum_default)

@@ -63,3 +63,32 @@ def print_table(title: str, times: dict[str, float], baseline: str, notes: dict[
 
 def device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+CPU_CLOCK = time.process_time  # CPU seconds of this process: robust to other jobs on a shared machine
+
+
+def cpu_timed(fn: Callable[[], object], repeats: int = 1) -> tuple[float, object]:
+    """Median CPU time of ``repeats`` calls of ``fn``, and its last result."""
+    times, out = [], None
+    for _ in range(max(1, repeats)):
+        start = CPU_CLOCK()
+        out = fn()
+        times.append(CPU_CLOCK() - start)
+    return statistics.median(times), out
+
+
+def cpu_forward_floor(model: torch.nn.Module, x: torch.Tensor, n_inputs: int, batch_size: int, clean_pass: bool = False) -> float:
+    """CPU time of ``n_inputs`` copies of ``x`` through the model in chunks of ``batch_size``,
+    no-grad, nothing else (plus one pass of ``x`` itself with ``clean_pass``)."""
+    with torch.no_grad():
+        start = CPU_CLOCK()
+        if clean_pass:
+            model(x)
+        for begin in range(0, n_inputs, batch_size):
+            model(x.expand(min(batch_size, n_inputs - begin), *x.shape[1:]).contiguous())
+        return CPU_CLOCK() - start
+
+
+def pearson(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(torch.corrcoef(torch.stack([a.flatten().double(), b.flatten().double()]))[0, 1])
