@@ -187,6 +187,18 @@ def _flags_hint(weights: str, num_classes: int, in_channels: int, dims: int | No
     return f"; try {' '.join(flags)}" if flags else ""
 
 
+def check_normalize(normalize: Optional[str], in_channels: int) -> None:
+    """``--normalize`` understood and fitting the channels (exit 2 otherwise)."""
+    from medlens.data.prepare import parse_normalize
+
+    try:
+        parse_normalize(normalize)
+    except MedlensError as error:
+        fail(str(error))
+    if normalize == "imagenet" and in_channels != 3:
+        fail(f"--normalize imagenet needs --in-channels 3 (got {in_channels})")
+
+
 def check_explain_args(target: str, normalize: Optional[str], num_classes: Optional[int], in_channels: int, class_names: Optional[str],
                        alpha: float, box_fraction: float, cmap: str) -> Optional[list[str]]:
     """Every explain argument that can be checked without reading a file; returns the class names list."""
@@ -200,14 +212,7 @@ def check_explain_args(target: str, normalize: Optional[str], num_classes: Optio
         by_name = all(w[:1].isalpha() and w.lower() not in ("pred", "all") and not w.lower().startswith("top") for w in words)
         if not by_name or (num_classes is not None and (names is None or any(w not in names for w in words))):
             fail(str(error))  # else: class names, checked once a run folder's classes are known
-    from medlens.data.prepare import parse_normalize
-
-    try:
-        parse_normalize(normalize)
-    except MedlensError as error:
-        fail(str(error))
-    if normalize == "imagenet" and in_channels != 3:
-        fail(f"--normalize imagenet needs --in-channels 3 (got {in_channels})")
+    check_normalize(normalize, in_channels)
     if not 0.0 <= alpha <= 1.0:
         fail(f"--alpha {alpha}: must be between 0 and 1")
     if not 0.0 < box_fraction <= 1.0:

@@ -12,7 +12,7 @@ from typing import Any, Optional
 import typer
 
 from medlens.cli.app import app
-from medlens.cli.explain import check_model_args, check_model_fits, fail, load_source, parse_model_kwargs, parse_size
+from medlens.cli.explain import check_model_args, check_model_fits, check_normalize, fail, load_source, parse_model_kwargs, parse_size
 from medlens.errors import MedlensError, one_line
 
 INITS = ("weights", "random")
@@ -66,7 +66,6 @@ def check_arguments(data: Path, masks: Optional[Path], models: list[str], method
                     cmap: str) -> None:
     """Every check that needs no file read: exit 2 with one line naming the flag."""
     from medlens.core.engine import method_class
-    from medlens.data.prepare import parse_normalize
 
     if init not in INITS:
         fail(f"--init {init!r}: use {' or '.join(INITS)}")
@@ -81,12 +80,7 @@ def check_arguments(data: Path, masks: Optional[Path], models: list[str], method
             method_class(method)
         except MedlensError as error:
             fail(f"--method {error}")
-    try:
-        parse_normalize(normalize)
-    except MedlensError as error:
-        fail(str(error))
-    if normalize == "imagenet" and in_channels != 3:
-        fail(f"--normalize imagenet needs --in-channels 3 (got {in_channels})")
+    check_normalize(normalize, in_channels)
     if limit is not None and limit < 1:
         fail(f"--limit {limit}: give a positive number of images (or leave --limit out for all)")
     if n_boot < 1:

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from medlens.core.capture import LayerCapture
-from medlens.core.engine import ActivationMethod, Context, InputMethod, LayerMethod, method_class, register, target_gradients
+from medlens.core.engine import ActivationMethod, Context, InputMethod, method_class, register, target_gradients
 from medlens.core.options import check_choice, require
 from medlens.core.resample import upsample
 from medlens.core.targets import model_output, pool_scores
@@ -459,12 +459,7 @@ class ISCAM(_NoisyScoreOptions):
             masked = _masked(x, upsample(_gather_channels(norm, channels[:, start : start + per_pass]), x.shape[2:]).to(x.dtype))
             parts.append(sum(_copy_scores(ctx, a * masked) for a in coefficients))
         logit = torch.cat(parts, dim=1) / self.num_samples  # (B, n, K)
-        logit = torch.where(live.unsqueeze(2), logit, torch.full_like(logit, -math.inf))
-        log_norm = torch.logsumexp(logit, dim=1, keepdim=True)
-        if not self.top_k_channels:
-            log_norm = self._with_dead_channels(log_norm, activation, ctx)
-        weights = torch.exp(logit - log_norm)
-        return weighted_cam(_scatter_weights(weights, channels, live, n_channels), activation, self.options)
+        return self._softmax_cam(logit, live, channels, n_channels, activation, ctx)
 
 
 # ----------------------------------------------------------------------------- Smooth Grad-CAM++

@@ -153,6 +153,12 @@ class ScoreCAM(ActivationMethod):
             masked = (x.unsqueeze(1) * masks.unsqueeze(2)).flatten(0, 1)  # (B*c, C_in, *S)
             scores.append(_copy_scores(ctx, masked))
         logit = torch.cat(scores, dim=1)  # (B, n, K)
+        return self._softmax_cam(logit, live, channels, n_channels, activation, ctx)
+
+    def _softmax_cam(self, logit: Tensor, live: Tensor, channels: Tensor, n_channels: int, activation: Tensor, ctx: Context) -> Tensor:
+        """The map from the masked-input scores ``logit`` (B, n, K) of the scored ``channels``:
+        a softmax over the live channels (the skipped dead ones counted in its normaliser) weighs
+        the activation's channels."""
         logit = torch.where(live.unsqueeze(2), logit, torch.full_like(logit, -math.inf))
         log_norm = torch.logsumexp(logit, dim=1, keepdim=True)
         if not self.top_k_channels:
