@@ -35,3 +35,20 @@ def test_flat_note_and_long_titles() -> None:
     assert plain.shape == noted.shape and (plain != noted).any(axis=-1).sum() > 200
     long = titled_picture(np.zeros((64, 64, 3), np.uint8), "x" * 400, "y", "jet")
     assert Image.open(io.BytesIO(long)).width < 800  # elided, never widened past the picture
+
+
+def test_fast_regions_equal_the_reference_components() -> None:
+    """explain's scipy-labelled boxes equal core.boxes.component_regions (boxes, areas, peaks, means)."""
+    import torch
+
+    from medlens.core.boxes import component_regions
+    from medlens.workflows.explain import fast_regions
+
+    gen = torch.Generator().manual_seed(0)
+    for size, fraction in ((96, 0.05), (64, 0.2), (33, 0.1)):
+        heat = torch.nn.functional.avg_pool2d(torch.rand(1, 1, size, size, generator=gen), 7, 1, 3)[0, 0]
+        ours, reference = fast_regions(heat, fraction, limit=100), component_regions(heat, fraction=fraction)
+        assert len(ours) == len(reference) > 1
+        for a, b in zip(ours, reference):
+            assert a["box"] == b["box"] and a["area"] == b["area"]
+            assert abs(a["peak"] - b["peak"]) < 1e-6 and abs(a["mean"] - b["mean"]) < 1e-5

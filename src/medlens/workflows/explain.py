@@ -158,11 +158,14 @@ def fast_regions(heat: Tensor, fraction: float, limit: int = 10) -> list[dict[st
     labels, count = ndimage.label(mask)
     if count == 0:
         return []
-    values = h.numpy()
-    index = np.arange(1, count + 1)
-    peaks = ndimage.maximum(values, labels, index)
-    means = ndimage.mean(values, labels, index)
-    areas = ndimage.sum(np.ones_like(values), labels, index)
+    # per-component statistics over the selected pixels only (a few % of the map): ndimage.maximum
+    # argsorts the whole map, which cost more than the explanation itself on 512x512 maps
+    inside = labels > 0
+    ids, values = labels[inside] - 1, h.numpy()[inside]
+    areas = np.bincount(ids, minlength=count)
+    means = np.bincount(ids, weights=values, minlength=count) / np.maximum(areas, 1)
+    peaks = np.full(count, -np.inf)
+    np.maximum.at(peaks, ids, values)
     found = ndimage.find_objects(labels)
     regions = []
     for k, sl in enumerate(found):
