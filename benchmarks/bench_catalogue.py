@@ -22,7 +22,7 @@ import numpy as np
 import torch
 import torchvision
 
-from common import best_of, forward_floor
+from common import best_of, forward_floor, grey_resnet18
 from medlens import explain
 from medlens.metrics import faithfulness_extra as fx
 from medlens.metrics import faithfulness_more as fm
@@ -43,10 +43,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     import quantus
 
-    torch.manual_seed(0)
-    model = torchvision.models.resnet18(num_classes=3)
-    model.conv1 = torch.nn.Conv2d(1, 64, 7, 2, 3, bias=False)
-    model.eval()
+    model = grey_resnet18()
     s = args.size
     gen = torch.Generator().manual_seed(0)
     x = torch.rand(4, 1, s, s, generator=gen)

@@ -21,10 +21,9 @@ import argparse
 
 import numpy as np
 import torch
-import torchvision
 
 import medlens
-from common import best_of, forward_floor
+from common import best_of, forward_floor, grey_resnet18
 from medlens.metrics import boxes_to_masks, localisation_metrics, perturbation_curve, pointing_game, road
 
 
@@ -39,10 +38,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     import quantus
 
-    torch.manual_seed(0)
-    model = torchvision.models.resnet18(num_classes=3)
-    model.conv1 = torch.nn.Conv2d(1, 64, 7, 2, 3, bias=False)
-    model.eval()
+    model = grey_resnet18()
     x = torch.rand(8, 1, 112, 112)
     maps = medlens.explain(model, x, "gradcam", layer="layer3").maps[:, 0]
     maps = maps + 1e-4 * torch.rand(maps.shape, generator=torch.Generator().manual_seed(1))

@@ -92,3 +92,13 @@ def cpu_forward_floor(model: torch.nn.Module, x: torch.Tensor, n_inputs: int, ba
 
 def pearson(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(torch.corrcoef(torch.stack([a.flatten().double(), b.flatten().double()]))[0, 1])
+
+
+def grey_resnet18(num_classes: int = 3) -> torch.nn.Module:
+    """A seeded random torchvision ResNet-18 for 1-channel scans, in eval mode."""
+    import torchvision
+
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=num_classes)
+    model.conv1 = torch.nn.Conv2d(1, 64, 7, 2, 3, bias=False)
+    return model.eval()

@@ -112,8 +112,24 @@ def _scatter_weights(weights: Tensor, channels: Tensor, live: Tensor, n_channels
 # ----------------------------------------------------------------------------- Score-CAM
 
 
+
+class ScoredChannels(ActivationMethod):
+    """Options of the layer methods that score masked or ablated inputs per channel (Score-CAM,
+    Ablation-CAM): ``batch_size`` inputs per forward pass, ``top_k_channels`` (count or fraction of
+    the strongest channels scored; None: all) and ``eigen_smooth``."""
+
+    batch_size: int = 32
+    top_k_channels: int | float | None = None
+    eigen_smooth: bool = False
+
+    def validate(self) -> None:
+        super().validate()
+        check_top_k(self.name, self.top_k_channels)
+        require(self.batch_size >= 1, self.name, "batch_size", self.batch_size, "must be at least 1")
+
+
 @register
-class ScoreCAM(ActivationMethod):
+class ScoreCAM(ScoredChannels):
     """Score-CAM (Wang et al., CVPR-W 2020).
 
     Each channel map A_c, upsampled to the input and min-max normalised to H_c in [0, 1],
@@ -131,14 +147,6 @@ class ScoreCAM(ActivationMethod):
     """
 
     name = "scorecam"
-    batch_size: int = 32
-    top_k_channels: int | float | None = None
-    eigen_smooth: bool = False
-
-    def validate(self) -> None:
-        super().validate()
-        check_top_k(self.name, self.top_k_channels)
-        require(self.batch_size >= 1, self.name, "batch_size", self.batch_size, "must be at least 1")
 
     def layer_map(self, activation: Tensor, gradient: Tensor | None, ctx: Context, layer: str) -> Tensor:
         batch, n_channels = activation.shape[:2]
@@ -202,7 +210,7 @@ class _Ablate:
 
 
 @register
-class AblationCAM(ActivationMethod):
+class AblationCAM(ScoredChannels):
     """Ablation-CAM (Desai & Ramaswamy, WACV 2020): w_c = (Y - Y_c) / Y, with Y_c the target score
     when channel c of the layer is set to zero, and the map ReLU(sum_c w_c A_c).
 
@@ -219,14 +227,6 @@ class AblationCAM(ActivationMethod):
     """
 
     name = "ablationcam"
-    batch_size: int = 32
-    top_k_channels: int | float | None = None
-    eigen_smooth: bool = False
-
-    def validate(self) -> None:
-        super().validate()
-        check_top_k(self.name, self.top_k_channels)
-        require(self.batch_size >= 1, self.name, "batch_size", self.batch_size, "must be at least 1")
 
     def layer_map(self, activation: Tensor, gradient: Tensor | None, ctx: Context, layer: str) -> Tensor:
         if activation.dim() != ctx.x.dim():
