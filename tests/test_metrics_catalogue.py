@@ -10,7 +10,7 @@ import torch
 import medlens
 from medlens.metrics import faithfulness_extra as fx
 
-from conftest import shared_path
+from conftest import predicted_classes, shared_path, smooth_tie_free_maps
 
 SIZE = 32
 
@@ -32,15 +32,12 @@ def mri():
 
 @pytest.fixture(scope="module")
 def maps(mri):
-    """A smooth map without ties (every library orders the pixels the same way)."""
-    gen = torch.Generator().manual_seed(3)
-    return torch.nn.functional.avg_pool2d(mri, 5, 1, 2)[:, 0] + 1e-4 * torch.rand(mri.shape[0], SIZE, SIZE, generator=gen)
+    return smooth_tie_free_maps(mri)
 
 
 @pytest.fixture(scope="module")
 def targets(grey_resnet, mri):
-    with torch.no_grad():
-        return grey_resnet(mri).argmax(1)
+    return predicted_classes(grey_resnet, mri)
 
 
 def quantus_call(metric, model, x, y, a, **kw):

@@ -14,7 +14,7 @@ from medlens.metrics import faithfulness_more as fm
 from medlens.metrics import mosaics as fo
 from medlens.metrics.complexity import method_explainer
 
-from conftest import shared_path
+from conftest import predicted_classes, shared_path, smooth_tie_free_maps
 
 SIZE = 64
 quantus = pytest.importorskip("quantus")
@@ -44,15 +44,12 @@ def x(mri):
 
 @pytest.fixture(scope="module")
 def maps(x):
-    """A smooth map without ties (every library orders the pixels the same way)."""
-    gen = torch.Generator().manual_seed(3)
-    return torch.nn.functional.avg_pool2d(x, 5, 1, 2)[:, 0] + 1e-4 * torch.rand(x.shape[0], SIZE, SIZE, generator=gen)
+    return smooth_tie_free_maps(x)
 
 
 @pytest.fixture(scope="module")
 def targets(grey_resnet, x):
-    with torch.no_grad():
-        return grey_resnet(x).argmax(1)
+    return predicted_classes(grey_resnet, x)
 
 
 def raw_saliency(model, x, targets):
