@@ -10,7 +10,7 @@ import torch
 import medlens
 from medlens.metrics import faithfulness_extra as fx
 
-from conftest import predicted_classes, shared_path, smooth_tie_free_maps
+from conftest import QuantusReplay as _Replay, predicted_classes, shared_path, smooth_tie_free_maps
 
 SIZE = 32
 
@@ -189,18 +189,6 @@ def test_random_logit_equals_quantus(grey_resnet, mri, targets):
     drawn = randomisation.random_other_classes(targets, 3, seed=1)
     assert (drawn != targets).all() and ((drawn >= 0) & (drawn < 3)).all()
     assert torch.isfinite(randomisation.random_logit(fn, mri, targets, num_classes=3)).all()
-
-
-class _Replay:
-    """A Quantus perturb_func that returns medlens' noisy copies, one sample per call."""
-
-    def __init__(self, noise):
-        self.noise, self.i = noise, 0
-
-    def __call__(self, arr, indices, **kwargs):
-        out = arr + self.noise[self.i].reshape(arr.shape).numpy()
-        self.i += 1
-        return out
 
 
 @pytest.mark.parametrize("name", ["avg", "lipschitz", "ris", "ros"])

@@ -14,7 +14,7 @@ from medlens.metrics import faithfulness_more as fm
 from medlens.metrics import mosaics as fo
 from medlens.metrics.complexity import method_explainer
 
-from conftest import predicted_classes, shared_path, smooth_tie_free_maps
+from conftest import QuantusReplay as Replay, predicted_classes, shared_path, smooth_tie_free_maps
 
 SIZE = 64
 quantus = pytest.importorskip("quantus")
@@ -68,18 +68,6 @@ def quantus_explainer(fn):
 def run(metric, model, x, y, a=None, **kw):
     return np.asarray(metric(model=model, x_batch=x.numpy(), y_batch=y.numpy(),
                              a_batch=None if a is None else a[:, None].numpy(), device="cpu", **kw), dtype=np.float64)
-
-
-class Replay:
-    """A Quantus perturb_func that returns the given noisy copies, one sample per call."""
-
-    def __init__(self, noise):
-        self.noise, self.i = noise, 0
-
-    def __call__(self, arr, indices, **kwargs):
-        out = arr + self.noise[self.i].reshape(arr.shape).numpy()
-        self.i += 1
-        return out
 
 
 def test_infidelity_equals_quantus(grey_resnet, x, maps, targets):
