@@ -91,3 +91,21 @@ class QuantusReplay:
         out = arr + self.noise[self.i].reshape(arr.shape).numpy()
         self.i += 1
         return out
+
+
+def grey_mri_slices(per_class: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first ``per_class`` brain MRI JPEGs of each class (glioma, meningioma, pituitary) from
+    ../shared/data as greyscale (N, 1, size, size) in [0, 1] (bilinear), and their classes (N,);
+    skips the test when the data is absent."""
+    import numpy as np
+    from PIL import Image
+
+    root = shared_path("brain-tumor-mri")
+    out, labels = [], []
+    for c, cls in enumerate(("glioma", "meningioma", "pituitary")):
+        for path in sorted((root / cls).glob("*.jpg"))[:per_class]:
+            img = torch.from_numpy(np.asarray(Image.open(path).convert("L"), dtype=np.float32) / 255.0)
+            out.append(torch.nn.functional.interpolate(img[None, None], size=(size, size), mode="bilinear",
+                                                       align_corners=False)[0])
+            labels.append(c)
+    return torch.stack(out), torch.tensor(labels)

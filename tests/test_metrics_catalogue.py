@@ -10,7 +10,7 @@ import torch
 import medlens
 from medlens.metrics import faithfulness_extra as fx
 
-from conftest import QuantusReplay as _Replay, predicted_classes, shared_path, smooth_tie_free_maps
+from conftest import QuantusReplay as _Replay, grey_mri_slices, predicted_classes, smooth_tie_free_maps
 
 SIZE = 32
 
@@ -18,16 +18,7 @@ SIZE = 32
 @pytest.fixture(scope="module")
 def mri():
     """Three real brain MRI slices (one per class), greyscale, resized to SIZE x SIZE."""
-    from PIL import Image
-
-    root = shared_path("brain-tumor-mri")
-    out = []
-    for cls in ("glioma", "meningioma", "pituitary"):
-        path = sorted((root / cls).glob("*.jpg"))[0]
-        img = torch.from_numpy(np.asarray(Image.open(path).convert("L"), dtype=np.float32) / 255.0)
-        out.append(torch.nn.functional.interpolate(img[None, None], size=(SIZE, SIZE), mode="bilinear",
-                                                   align_corners=False)[0])
-    return torch.stack(out)
+    return grey_mri_slices(1, SIZE)[0]
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ from medlens.metrics import faithfulness_more as fm
 from medlens.metrics import mosaics as fo
 from medlens.metrics.complexity import method_explainer
 
-from conftest import QuantusReplay as Replay, predicted_classes, shared_path, smooth_tie_free_maps
+from conftest import QuantusReplay as Replay, grey_mri_slices, predicted_classes, shared_path, smooth_tie_free_maps
 
 SIZE = 64
 quantus = pytest.importorskip("quantus")
@@ -24,17 +24,7 @@ COMMON = dict(normalise=False, abs=False, disable_warnings=True)
 @pytest.fixture(scope="module")
 def mri():
     """Six real brain MRI slices (two per class), greyscale, SIZE x SIZE, and their classes."""
-    from PIL import Image
-
-    root = shared_path("brain-tumor-mri")
-    out, labels = [], []
-    for c, cls in enumerate(("glioma", "meningioma", "pituitary")):
-        for path in sorted((root / cls).glob("*.jpg"))[:2]:
-            img = torch.from_numpy(np.asarray(Image.open(path).convert("L"), dtype=np.float32) / 255.0)
-            out.append(torch.nn.functional.interpolate(img[None, None], size=(SIZE, SIZE), mode="bilinear",
-                                                       align_corners=False)[0])
-            labels.append(c)
-    return torch.stack(out), torch.tensor(labels)
+    return grey_mri_slices(2, SIZE)
 
 
 @pytest.fixture(scope="module")

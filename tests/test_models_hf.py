@@ -47,6 +47,11 @@ def vit_dir(tmp_path_factory) -> Path:
     return _save(transformers.ViTForImageClassification(config), tmp_path_factory.mktemp("hf-vit"), processor)
 
 
+def _eager_and_sdpa(folder: Path) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """The saved model built twice: eager attention and PyTorch's scaled-dot-product attention."""
+    return (build_model(f"hf:{folder}", attn_implementation="eager"), build_model(f"hf:{folder}", attn_implementation="sdpa"))
+
+
 def _x(batch: int = 2, size: int = 32) -> torch.Tensor:
     return torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(1))
 
@@ -84,8 +89,7 @@ def test_hf_refuses_hub_names_pickles_and_missing_weights(tmp_path):
 
 
 def test_hf_vit_attention_equals_output_attentions_under_eager_and_sdpa(vit_dir):
-    eager = build_model(f"hf:{vit_dir}", attn_implementation="eager")
-    sdpa = build_model(f"hf:{vit_dir}", attn_implementation="sdpa")
+    eager, sdpa = _eager_and_sdpa(vit_dir)
     assert eager.hf.config._attn_implementation == "eager" and sdpa.hf.config._attn_implementation == "sdpa"
     x = _x()
     with torch.no_grad():
@@ -106,9 +110,7 @@ def test_hf_vit_attention_equals_output_attentions_under_eager_and_sdpa(vit_dir)
 def test_hf_dinov2_with_registers_attention_and_token_grid(tmp_path):
     torch.manual_seed(0)
     config = transformers.Dinov2WithRegistersConfig(**TINY, num_register_tokens=4, num_labels=2)
-    folder = _save(transformers.Dinov2WithRegistersForImageClassification(config), tmp_path)
-    eager = build_model(f"hf:{folder}", attn_implementation="eager")
-    sdpa = build_model(f"hf:{folder}", attn_implementation="sdpa")
+    eager, sdpa = _eager_and_sdpa(_save(transformers.Dinov2WithRegistersForImageClassification(config), tmp_path))
     x = _x()
     with torch.no_grad():
         reference = eager.hf(pixel_values=x, output_attentions=True).attentions
@@ -256,9 +258,7 @@ def test_cli_explains_an_hf_folder_with_its_own_preprocessing(vit_dir, tmp_path)
 def test_hf_beit_attention_with_layer_scale_equals_output_attentions(tmp_path):
     torch.manual_seed(0)
     config = transformers.BeitConfig(**TINY, num_labels=2, layer_scale_init_value=0.5)
-    folder = _save(transformers.BeitForImageClassification(config), tmp_path)
-    eager = build_model(f"hf:{folder}", attn_implementation="eager")
-    sdpa = build_model(f"hf:{folder}", attn_implementation="sdpa")
+    eager, sdpa = _eager_and_sdpa(_save(transformers.BeitForImageClassification(config), tmp_path))
     x = _x()
     with torch.no_grad():
         reference = eager.hf(pixel_values=x, output_attentions=True).attentions
