@@ -8,7 +8,11 @@ same images (``--n`` JPEGs from ../shared/data/brain-tumor-mri, classes alternat
   only: nothing read or written);
 * ``cli in-process``: the ``explain`` command run through the Typer app in this process (model
   loading, reading, preparing, explaining, writing overlays/maps/boxes/figures/index.html);
-* ``cli --no-figures``: the same without the titled matplotlib figures;
+* ``cli --no-figures``: the same without the titled figures;
+* ``writes inline``: the library call behind the command (:func:`medlens.workflows.explain.explain_inputs`,
+  same arguments, model already built) with ``background_writes=False``: each batch's files are
+  encoded and written before the next batch starts, instead of on the writer thread, which uses a
+  second core while the model runs;
 * ``cli subprocess`` (once): a fresh ``python -m``-style process, interpreter start and imports included.
 
 The goal is cli in-process / api <= 1.5. ``--profile`` prints the top of a cProfile of one
@@ -84,6 +88,13 @@ def run_in_process(args: list[str]) -> None:
             raise
 
 
+def inline(model: torch.nn.Module, files: list[Path], out: Path, size: int, methods: list[str], batch: int) -> None:
+    from medlens.workflows.explain import explain_inputs
+
+    explain_inputs(model, files, out, methods, size=(size, size), batch_size=batch, overwrite=True, progress=False,
+                   background_writes=False)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n", type=int, default=24)
@@ -114,6 +125,7 @@ def main() -> None:
                                                           methods, args.batch, True)),
         "cli --no-figures": lambda: run_in_process(cli_args(work / "resnet18.safetensors", files, work / "out-nofig",
                                                             args.size, methods, args.batch, False)),
+        "writes inline": lambda: inline(model, files, work / "out-inline", args.size, methods, args.batch),
     }
     for fn in contenders.values():  # warm-up: imports, first-call caches
         fn()

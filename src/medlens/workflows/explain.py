@@ -31,6 +31,7 @@ from medlens.core.engine import Explanation, explain, get_method, options_for
 from medlens.core.resample import upsample
 from medlens.errors import MedlensError, one_line
 from medlens.io.atomic import atomic_path, write_text
+from medlens.io.background import OrderedWriter
 from medlens.io.loading import Loaded, iter_inputs, plan_inputs  # noqa: F401  (iter_inputs re-exported)
 from medlens.render.overlay import png_bytes
 
@@ -247,6 +248,7 @@ def explain_inputs(
     titles: bool = True,
     layers_apart: bool = False,
     workers: int = 0,
+    background_writes: bool = True,
 ) -> RunSummary:
     """Explain every input and write overlays, maps, boxes and ``index.html`` to ``out_dir``.
 
@@ -262,6 +264,9 @@ def explain_inputs(
         workers: processes that read and prepare the inputs ahead of the model (a torch
             DataLoader, inputs kept in order; 0: read them in this process). The outputs are
             the same for any number.
+        background_writes: encode and write each batch's files on a thread while the model
+            explains the next batch (:class:`medlens.io.background.OrderedWriter`; results in
+            input order either way). False: write them before the next batch starts.
 
     Returns:
         A :class:`RunSummary` listing what was written and the bad inputs (path, reason).
@@ -314,26 +319,40 @@ def explain_inputs(
     plan = plan_inputs(inputs, exclude=[out])  # folders expanded once: the total here, the reading below
     bar = tqdm(total=len(plan), desc="explaining", unit="input", disable=not progress)
     per_item = region is not None
+    def write_job(item: Prepared, result: Explanation, i: int, label: str, seg: Tensor | None, extra: dict[str, Any]):
+        def job() -> tuple[Prepared, str, dict[str, Any] | None, str | None]:
+            try:
+                return item, label, _write_one(out, item, result, i, label, class_names, settings, seg, extra, dicom), None
+            except MedlensError as error:  # drawing or writing this input failed: none of its files stay
+                return item, label, None, str(error)
+        return job
+
+    def written(apart: dict[str, list[dict[str, Any]]]):
+        def on_done(done: tuple[Prepared, str, dict[str, Any] | None, str | None]) -> None:
+            item, label, record, error = done
+            if record is None:
+                summary.bad.append((item.path, f"{label}: {error}"))
+                return
+            summary.written.append(record)
+            apart.setdefault(item.stem, []).append(record)
+        return on_done
+
     try:
-        for batch in batches_by_shape(prepared(), 1 if per_item else batch_size):
-            for method in methods:
-                opts = options_for(method, method_options or {}, methods)
-                apart: dict[str, list[dict[str, Any]]] = {}
-                for unit_layer, label in _layer_units(method, layer, layers_apart):
-                    for group, result, extra, output in _explained(model, batch, device, method, target, unit_layer, opts, summary, region):
-                        for i, item in enumerate(group):
-                            seg = None if output is None else output[i : i + 1]
-                            try:
-                                record = _write_one(out, item, result, i, label, class_names, settings, seg, extra, dicom)
-                            except MedlensError as error:  # drawing or writing this input failed: none of its files stay
-                                summary.bad.append((item.path, f"{label}: {error}"))
-                                continue
-                            summary.written.append(record)
-                            apart.setdefault(item.stem, []).append(record)
-                if layers_apart and titles:
-                    for stem, records in apart.items():
-                        _side_by_side(out, f"{stem}_{method.replace('+', 'p')}_layers.png", records)
-            bar.update(len(batch))
+        with OrderedWriter(depth=16 if background_writes else 0) as writer:
+            for batch in batches_by_shape(prepared(), 1 if per_item else batch_size):
+                for method in methods:
+                    opts = options_for(method, method_options or {}, methods)
+                    apart: dict[str, list[dict[str, Any]]] = {}
+                    for unit_layer, label in _layer_units(method, layer, layers_apart):
+                        for group, result, extra, output in _explained(model, batch, device, method, target, unit_layer, opts, summary, region):
+                            for i, item in enumerate(group):
+                                seg = None if output is None else output[i : i + 1]
+                                writer.submit(write_job(item, result, i, label, seg, extra), written(apart))
+                    if layers_apart and titles:
+                        writer.drain()  # the per-layer figures of this batch are read back below
+                        for stem, records in apart.items():
+                            _side_by_side(out, f"{stem}_{method.replace('+', 'p')}_layers.png", records)
+                bar.update(len(batch))
         bar.close()
         _write_index(out, summary)
         if summary.bad:
