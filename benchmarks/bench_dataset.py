@@ -9,6 +9,10 @@
 4. Resuming a finished run.
 
     PYTHONPATH=src python benchmarks/bench_dataset.py --n 2000 --size 224 --blocks 4 --small 1000 --large 10000
+
+``--precisions 32,bf16`` (the default) times medlens in float32 and under bfloat16 autocast and
+reports how far the bf16 results are from the float32 ones; the reference loop runs in float32
+(pytorch-grad-cam and Quantus move tensors to NumPy, which has no bfloat16).
 """
 
 from __future__ import annotations
@@ -44,13 +48,14 @@ def resnet():
     return build_model("torchvision:resnet18", num_classes=3, in_channels=3).eval()
 
 
-def bench_medlens(files, out, steps, batch, size, workers):
+def bench_medlens(files, out, steps, batch, size, workers, precision="32"):
     """Seconds for ``medlens run`` (its own decoding workers, Parquet + Zarr writes included)."""
     from medlens.workflows.dataset_run import run_dataset
 
     start = time.perf_counter()
     run_dataset(resnet, files, out, methods=["gradcam"], layer="layer4", size=(size, size), normalize="imagenet",
-                batch_size=batch, shard_size=64, deletion_steps=steps, overlays="none", n_boot=200, workers=workers)
+                batch_size=batch, shard_size=64, deletion_steps=steps, overlays="none", n_boot=200, workers=workers,
+                precision=precision)
     return time.perf_counter() - start
 
 
@@ -142,19 +147,46 @@ def throughput(args, tmp: Path) -> list[tuple[str, str, str]]:
 
     files = mri_files(args.n)
     blocks = [files[i :: args.blocks] for i in range(args.blocks)]
-    t_base = t_med = 0.0
+    precisions = args.precisions.split(",")
+    t_base, t_med = 0.0, {p: 0.0 for p in precisions}
     for b, block in enumerate(blocks):
         if not args.skip_baseline:
             t_base += bench_baseline(block, args.steps, args.batch, args.size)
-        t_med += bench_medlens(block, tmp / f"mri{b}", args.steps, args.batch, args.size, args.workers)
-        print(f"block {b + 1}/{len(blocks)}: medlens {t_med:.1f} s, reference {t_base:.1f} s so far", flush=True)
+        for p in precisions:
+            t_med[p] += bench_medlens(block, tmp / f"mri{b}-{p}", args.steps, args.batch, args.size, args.workers, p)
+        print(f"block {b + 1}/{len(blocks)}: medlens {t_med} s, reference {t_base:.1f} s so far", flush=True)
     conditions = (f"{len(files)} brain MRI jpgs, {args.size} px, resnet18 (seeded random), 1 thread, batch {args.batch}, "
                   f"deletion {args.steps} steps, {args.workers} decoding worker(s), {args.blocks} alternating block(s)")
-    rows = [("medlens run: Grad-CAM + pointing game + IoU@10 + deletion AUC", f"{len(files) / t_med:.2f} img/s", conditions)]
+    rows = []
+    for p in precisions:
+        vs = f"; x{t_base / t_med[p]:.2f} the reference" if not args.skip_baseline else ""
+        rows.append((f"medlens run --precision {p}: Grad-CAM + pointing game + IoU@10 + deletion AUC",
+                     f"{len(files) / t_med[p]:.2f} img/s{vs}", conditions))
     if not args.skip_baseline:
-        rows.append(("pytorch-grad-cam + Quantus PointingGame + PixelFlipping + NumPy IoU@10",
-                     f"{len(files) / t_base:.2f} img/s; medlens x{t_base / t_med:.2f}", "same"))
+        rows.append(("pytorch-grad-cam + Quantus PointingGame + PixelFlipping + NumPy IoU@10 (float32)",
+                     f"{len(files) / t_base:.2f} img/s", "same"))
+    if "32" in precisions:
+        for p in precisions:
+            if p != "32":
+                rows.append((f"--precision {p} vs 32, same images", agreement(tmp, len(blocks), p), "per row of the results table"))
     return rows
+
+
+def agreement(tmp: Path, n_blocks: int, precision: str) -> str:
+    """How far the reduced-precision run's results are from the float32 run's."""
+    import pandas as pd
+
+    def table(p: str):
+        parts = [pd.read_parquet(tmp / f"mri{b}-{p}" / "results").assign(block=b) for b in range(n_blocks)]
+        return pd.concat(parts).sort_values(["block", "item"]).reset_index(drop=True)
+
+    ref, low = table("32"), table(precision)
+    same_pred = float((ref["prediction"] == low["prediction"]).mean())
+    same_pg = float((ref["pointing_game"] == low["pointing_game"]).mean())
+    return (f"deletion AUC max |diff| {float((ref['deletion_auc'] - low['deletion_auc']).abs().max()):.4f} "
+            f"(mean {float((ref['deletion_auc'] - low['deletion_auc']).abs().mean()):.4f}); IoU@10 max |diff| "
+            f"{float((ref['iou@10'] - low['iou@10']).abs().max()):.3f}; same prediction {same_pred:.1%}, "
+            f"same pointing-game hit {same_pg:.1%}")
 
 
 def main() -> None:
@@ -166,6 +198,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--blocks", type=int, default=1)
     parser.add_argument("--skip-baseline", action="store_true")
+    parser.add_argument("--precisions", default="32,bf16", help="medlens run --precision values to time (32 first)")
     parser.add_argument("--small", type=int, default=1000, help="phantoms for the small RSS run (0: skip RSS, 1 vs 2, resume)")
     parser.add_argument("--large", type=int, default=10000)
     parser.add_argument("--phantom-size", type=int, default=32)

@@ -41,6 +41,32 @@ def test_deletion_and_insertion_end_points(grey_resnet, images):
     assert torch.allclose(deletion.auc, torch.trapezoid(deletion.scores, deletion.fractions, dim=1), atol=1e-6)
 
 
+def test_steps_that_do_not_depend_on_the_map_run_no_forward_of_their_own(grey_resnet, images):
+    """8 deletion steps on 3 images: 7 perturbed inputs per image plus one all-zero input for the
+    batch (and the clean prediction, or none when its logits are passed), same curve either way."""
+    rows: list[int] = []
+    handle = grey_resnet.register_forward_pre_hook(lambda module, args: rows.append(args[0].shape[0]))
+    try:
+        maps = distinct_maps(images)
+        predicted = perturbation_curve(grey_resnet, images, maps, steps=8, batch_size=64)
+        assert sum(rows) == 3 + 3 * 7 + 1, rows
+        rows.clear()
+        with torch.no_grad():
+            logits = grey_resnet(images)
+        rows.clear()
+        given = perturbation_curve(grey_resnet, images, maps, logits.argmax(1), steps=8, clean_logits=logits)
+        assert sum(rows) == 3 * 7 + 1, rows
+        rows.clear()
+        per_image = perturbation_curve(grey_resnet, images, maps, steps=8, baseline="min")  # not constant: scored per image
+        assert sum(rows) == 3 + 3 * 8, rows
+    finally:
+        handle.remove()
+    torch.testing.assert_close(given.scores, predicted.scores, atol=1e-6, rtol=0)
+    assert per_image.scores.shape == (3, 9)
+    with pytest.raises(MedlensError, match="clean_logits have shape"):
+        perturbation_curve(grey_resnet, images, maps, steps=8, clean_logits=logits[:2])
+
+
 def test_pixel_flipping_equals_quantus(grey_resnet, images):
     quantus = pytest.importorskip("quantus")
     maps = distinct_maps(images)

@@ -90,9 +90,10 @@ def perturbation_baseline(x: Tensor, baseline: str | float, blur_sigma: float) -
 
 
 def prepare_perturbation(model: nn.Module, x: Tensor, maps: Tensor, targets: Tensor | int | None, region: Region,
-             need_logits: bool = False) -> tuple[Tensor, Tensor, int, Tensor | None]:
+             need_logits: bool = False, clean_logits: Tensor | None = None) -> tuple[Tensor, Tensor, int, Tensor | None]:
     """Check shapes; return maps (B, N) flattened, targets (B, 1), the number of classes and, when
-    the targets are not given (or ``need_logits``), the clean logits (B, classes)."""
+    the targets are not given (or ``need_logits``), the clean logits (B, classes): ``clean_logits``
+    when given (no forward pass), else computed here."""
     if x.dim() not in (4, 5):
         raise MedlensError(f"x must be (B, C, H, W) or (B, C, D, H, W); got {tuple(x.shape)}")
     maps = maps.detach().to(x.device)
@@ -103,7 +104,12 @@ def prepare_perturbation(model: nn.Module, x: Tensor, maps: Tensor, targets: Ten
     if tuple(maps.shape) != (x.shape[0], *x.shape[2:]):
         raise MedlensError(f"maps have shape {tuple(maps.shape)}; expected {(x.shape[0], *x.shape[2:])} to match x")
     logits = None
-    if targets is None or need_logits:
+    if clean_logits is not None:
+        if clean_logits.dim() != 2 or clean_logits.shape[0] != x.shape[0]:
+            raise MedlensError(f"clean_logits have shape {tuple(clean_logits.shape)}; expected ({x.shape[0]}, classes)")
+        logits = clean_logits.detach().to(x.device)
+        n_classes = logits.shape[1]
+    elif targets is None or need_logits:
         logits = all_class_logits(model, x, region, batch_size=max(1, x.shape[0]))
         n_classes = logits.shape[1]
     else:
@@ -159,28 +165,41 @@ def _ranks(flat_maps: Tensor, order: str) -> Tensor:
 
 def _score_steps(
     model: nn.Module, x: Tensor, ranks: Tensor, counts: Tensor, fill, targets: Tensor, region: Region,
-    batch_size: int, n_classes: int, score: str, reveal: bool = False,
+    batch_size: int, n_classes: int, score: str, reveal: bool = False, known: dict[int, Tensor] | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Score every image at every step. Step t perturbs the pixels with rank < counts[t]:
-    ``fill(repeated (b*T, C, *S), removed (b*T, 1, *S) bool, first image index)`` returns the
-    perturbed stack.
+    ``fill(repeated (b*T, C, *S), removed (b*T, 1, *S) bool, first image index, T)`` returns the
+    perturbed stack. ``known`` maps a step to logits already at hand, (B, classes) or (1, classes)
+    for all images (the clean input, a constant baseline); those steps run no forward pass.
     Images are processed in groups so the stack holds about 4 forward batches."""
-    steps = counts.numel()
-    per_group = max(1, (4 * batch_size) // steps)
-    scores, kept = [], []
+    known = known or {}
+    todo = [t for t in range(counts.numel()) if t not in known]
+    steps = len(todo)
+    counts = counts[todo]
+    per_group = max(1, (4 * batch_size) // max(1, steps))
+    logit_parts = []
     for start in range(0, x.shape[0], per_group):
         xs, rk = x[start : start + per_group], ranks[start : start + per_group]
+        if not steps:
+            logit_parts.append(x.new_empty(xs.shape[0], 0, n_classes))
+            continue
         removed = rk[:, None, :] < counts[None, :, None]  # (b, T, N)
         if reveal:
             removed = ~removed
         removed = removed.view(-1, 1, *x.shape[2:])
-        stack = fill(xs.repeat_interleave(steps, dim=0), removed, start)
+        stack = fill(xs.repeat_interleave(steps, dim=0), removed, start, steps)
         image = torch.arange(start, start + xs.shape[0], device=x.device).repeat_interleave(steps)
-        logits = all_class_logits(model, stack, region_rows(region, x, image), batch_size)
-        value, same = read_scores(logits, targets[start : start + per_group].repeat_interleave(steps, dim=0), score)
-        scores.append(value.view(-1, steps))
-        kept.append(same.view(-1, steps))
-    return torch.cat(scores), torch.cat(kept)
+        logit_parts.append(all_class_logits(model, stack, region_rows(region, x, image), batch_size).view(xs.shape[0], steps, -1))
+    logits = torch.cat(logit_parts)  # (B, todo, classes)
+    if known:
+        full = logits.new_empty(x.shape[0], len(todo) + len(known), logits.shape[2])
+        full[:, todo] = logits
+        for t, value in known.items():
+            full[:, t] = value.to(full.dtype).expand(x.shape[0], -1)
+        logits = full
+    T = logits.shape[1]
+    value, same = read_scores(logits.flatten(0, 1), targets.repeat_interleave(T, dim=0), score)
+    return value.view(-1, T), same.view(-1, T)
 
 
 # ---------------------------------------------------------------- deletion / insertion
@@ -199,6 +218,7 @@ def perturbation_curve(
     region: Region = None,
     batch_size: int = 64,
     blur_sigma: float = 5.0,
+    clean_logits: Tensor | None = None,
 ) -> Curve:
     """Deletion or insertion curve of the target score as pixels are perturbed in map order.
 
@@ -219,6 +239,13 @@ def perturbation_curve(
         steps: number of perturbation steps; the curve has steps + 1 points.
         score: ``"softmax"`` probability (as Quantus and RISE), ``"logit"`` or ``"sigmoid"``.
         batch_size: forward-pass chunk size.
+        clean_logits: (B, classes) the model's scores on ``x`` when already computed (e.g. by the
+            explanation's forward pass); the step showing ``x`` unperturbed then costs nothing.
+
+    Steps whose input does not depend on the map run no forward pass of their own: the clean
+    input (its logits from ``clean_logits`` or from the prediction when ``targets`` is None) and,
+    with a constant baseline (``"zero"`` or a number), the all-baseline input, scored once for the
+    whole batch. So ``steps`` = 8 costs 7 forward passes per image, not 9.
 
     Returns:
         :class:`Curve` with fractions (steps + 1,), scores (B, steps + 1) and auc (B,).
@@ -227,17 +254,22 @@ def perturbation_curve(
         raise MedlensError(f"mode must be 'deletion' or 'insertion'; got {mode!r}")
     if steps < 1:
         raise MedlensError(f"steps must be at least 1; got {steps}")
-    flat, targets, n_classes, _ = prepare_perturbation(model, x, maps, targets, region)
+    flat, targets, n_classes, logits = prepare_perturbation(model, x, maps, targets, region, clean_logits=clean_logits)
     n = flat.shape[1]
     counts = torch.div(torch.arange(steps + 1, device=x.device) * n, steps, rounding_mode="floor")
     base = perturbation_baseline(x, baseline, blur_sigma)
+    clean, bare = (0, steps) if mode == "deletion" else (steps, 0)  # the steps showing x itself, the baseline alone
+    known = {clean: logits} if logits is not None else {}
+    if isinstance(baseline, (int, float)) or baseline in ("zero", "black0"):
+        if not (isinstance(region, Tensor) and region.dim() == x.dim() and region.shape[0] > 1):  # one image for all
+            known[bare] = all_class_logits(model, base[:1], region, 1)
 
-    def fill(repeated: Tensor, removed: Tensor, start: int) -> Tensor:
-        b = repeated.shape[0] // (steps + 1)
-        return torch.where(removed, base[start : start + b].repeat_interleave(steps + 1, dim=0), repeated)
+    def fill(repeated: Tensor, removed: Tensor, start: int, per: int) -> Tensor:
+        b = repeated.shape[0] // per
+        return torch.where(removed, base[start : start + b].repeat_interleave(per, dim=0), repeated)
 
     scores, kept = _score_steps(model, x, _ranks(flat, order), counts, fill, targets, region, batch_size,
-                                n_classes, score, reveal=mode == "insertion")
+                                n_classes, score, reveal=mode == "insertion", known=known)
     fractions = counts.double() / n
     auc = torch.trapezoid(scores.double(), fractions, dim=1).float()
     return Curve(fractions.float(), scores, auc, kept, {"mode": mode, "order": order, "baseline": baseline, "score": score})
@@ -374,7 +406,7 @@ def road(
     counts = torch.tensor([int(n * float(p) / 100) for p in percentages], device=x.device)
     generator = None if seed is None else torch.Generator(device=x.device).manual_seed(seed)
 
-    def fill(repeated: Tensor, removed: Tensor, start: int) -> Tensor:
+    def fill(repeated: Tensor, removed: Tensor, start: int, per: int) -> Tensor:
         return noisy_linear_imputation(repeated, removed, noise=noise, tol=tol, generator=generator)
 
     scores, kept = _score_steps(model, x, _ranks(flat, order), counts, fill, targets, region, batch_size,

@@ -418,7 +418,9 @@ class _BatchRunner:
                 from medlens.metrics.faithfulness import perturbation_curve
 
                 with torch.no_grad(), autocast_context(self.device, self.precision):
-                    curve = perturbation_curve(self.scorer(x), x, maps[:, k], result.targets[:, k], steps=self.deletion_steps)
+                    clean = result.logits.float() if result.task == "classification" and result.logits.dim() == 2 else None
+                    curve = perturbation_curve(self.scorer(x), x, maps[:, k], result.targets[:, k], steps=self.deletion_steps,
+                                               clean_logits=clean)  # the explanation's forward is the clean step
                 dele[:, k] = curve.auc.double()
         # one transfer per group: everything the rows need comes to the host together
         probs = torch.softmax(result.logits.float(), dim=1)
