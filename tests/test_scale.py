@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from medlens.errors import MedlensError
 
@@ -332,3 +333,35 @@ def test_explain_with_workers_writes_what_one_process_writes(phantom_folder, tmp
         assert np.array_equal(np.load(out0 / name), np.load(out2 / name)), name
     with pytest.raises(MedlensError, match="--workers"):
         explain_inputs(model, [folder], tmp_path / "bad", workers=-1, progress=False)
+
+
+def test_an_input_rewritten_in_place_is_computed_again_on_resume(phantom_folder, tmp_path):
+    """Same name, new content: resuming notices it (size / modification time), recomputes only its
+    part, and the run then equals a fresh run on the changed files."""
+    import os
+    import shutil
+
+    folder = tmp_path / "inputs"
+    shutil.copytree(phantom_folder, folder)
+    out = tmp_path / "run"
+    first = _run([folder], out, deletion_steps=4)
+    assert first.parts_computed == 6
+    target = sorted(folder.glob("phantom_????.png"))[9]  # in part 2 (shard size 4)
+    before = _table(out).set_index("source").loc[str(target)]
+    image = np.asarray(Image.open(target))
+    Image.fromarray(np.ascontiguousarray(image[::-1])).save(target)  # flipped: another map, another box
+    stat = target.stat()
+    os.utime(target, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # a clearly later mtime on coarse clocks
+    again = _run([folder], out, deletion_steps=4, resume=True)
+    assert (again.parts_computed, again.parts_reused) == (1, 5)
+    after = _table(out).set_index("source").loc[str(target)]
+    assert after["score"] != before["score"]
+    fresh = tmp_path / "fresh"
+    _run([folder], fresh, deletion_steps=4)
+    _assert_same_run(fresh, out)
+    settled = _run([folder], out, deletion_steps=4, resume=True)  # nothing changed since: nothing recomputed
+    assert settled.parts_computed == 0
+    mask = target.with_name(target.stem + "_mask.png")  # an annotation rewritten in place counts too
+    Image.fromarray(np.zeros_like(np.asarray(Image.open(mask)))).save(mask)
+    os.utime(mask, ns=(stat.st_atime_ns, stat.st_mtime_ns + 2 * 10**9))
+    assert _run([folder], out, deletion_steps=4, resume=True).parts_computed == 1

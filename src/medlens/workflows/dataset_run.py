@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -86,10 +87,10 @@ def _single_process(devices: int | str, num_nodes: int) -> bool:
 
 
 def listing_digest(inputs: Sequence[str | Path]) -> str:
-    """A digest of what the inputs name: each argument, and for a folder the names of everything
-    under it (``os.scandir``, no file is opened or stat'ed). The same digest means the same plan
-    (a file rewritten in place under its own name is not noticed), so resuming a finished run
-    need not expand its folders again."""
+    """A digest of what the inputs name and hold: each argument, and for a folder the names of
+    everything under it (``os.scandir``), with each file's size and modification time (no file
+    is opened). The same digest means the same plan and unchanged files, so resuming a finished
+    run need not expand its folders again; a file rewritten in place gives another digest."""
     import hashlib
     import os
 
@@ -100,13 +101,39 @@ def listing_digest(inputs: Sequence[str | Path]) -> str:
         digest.update(path.encode(errors="surrogateescape") + b"\0")
         try:
             with os.scandir(path) as entries:
-                names = sorted((e.name, e.is_dir(follow_symlinks=True)) for e in entries)
-        except (NotADirectoryError, FileNotFoundError, PermissionError):
+                names = sorted((e.name, e.is_dir(follow_symlinks=True), _stamp_of(e)) for e in entries)
+        except NotADirectoryError:
+            digest.update(_stamp_of(path).encode())
+            continue
+        except (FileNotFoundError, PermissionError):
             continue
         digest.update(b"/")
-        stack.extend(os.path.join(path, name) for name, is_dir in reversed(names) if is_dir)
-        digest.update("\0".join(name for name, is_dir in names if not is_dir).encode(errors="surrogateescape"))
+        stack.extend(os.path.join(path, name) for name, is_dir, _ in reversed(names) if is_dir)
+        digest.update("\0".join(f"{name}:{stamp}" for name, is_dir, stamp in names if not is_dir).encode(errors="surrogateescape"))
     return digest.hexdigest()[:32]
+
+
+def _stamp_of(entry: Any) -> str:
+    """``size:mtime_ns`` of a file (an ``os.DirEntry`` or a path), or ``missing``."""
+    import os
+
+    try:
+        info = entry.stat(follow_symlinks=True) if isinstance(entry, os.DirEntry) else os.stat(entry)
+    except OSError:
+        return "missing"
+    return f"{info.st_size}:{info.st_mtime_ns}"
+
+
+def inputs_stamp(paths: Sequence[str]) -> str:
+    """A digest of the files of one part, each input with its annotations (mask, box JSON, YOLO
+    text): path, size and modification time. A part whose files were rewritten since it was
+    written is computed again when the run is resumed."""
+    import hashlib
+
+    from medlens.workflows.stream import annotation_files
+
+    files = [f for p in paths for f in (p, *map(str, annotation_files(Path(p)).values()))]
+    return hashlib.sha256("\0".join(f"{f}|{_stamp_of(f)}" for f in files).encode(errors="surrogateescape")).hexdigest()[:32]
 
 
 def plan_items(inputs: Sequence[str | Path]):
@@ -240,8 +267,17 @@ def run_dataset(
         store.set_fields(listing=listing)  # lets resuming a finished run skip planning (see _finished_run)
     fabric.barrier()
 
-    finished = store.finished_parts()
     n_shards = math.ceil(len(plan) / shard_size) if plan else 0
+    shard_paths = lambda s: [it.path for it in plan[s * shard_size : (s + 1) * shard_size]]  # noqa: E731
+    finished = store.finished_parts()
+    changed = sorted(k for k, info in finished.items() if info.get("inputs", inputs_stamp(shard_paths(int(k))))
+                     != inputs_stamp(shard_paths(int(k))))
+    if changed and rank == 0:
+        print(f"medlens run: the inputs of {len(changed)} finished part(s) changed since they were written "
+              f"(size or modification time); computing them again: {', '.join(changed[:5])}"
+              + (" ..." if len(changed) > 5 else ""), file=sys.stderr)
+    for k in changed:
+        finished.pop(k)
     mine = [s for s in range(n_shards) if s % world == rank]
     todo = [s for s in mine if f"{s:06d}" not in finished]
     my_parts = {k: v for k, v in finished.items() if int(k) % world == rank}
@@ -264,6 +300,7 @@ def run_dataset(
         for b in range(0, len(positions), batch_size):
             batches.append(positions[b : b + batch_size])
             owner.append(s)
+    stamps = {s: inputs_stamp(shard_paths(s)) for s in todo}  # taken before the files are read
     shard_rows: dict[int, list[dict[str, Any]]] = {s: [] for s in todo}
     remaining = {s: sum(1 for o in owner if o == s) for s in todo}
     names = list(class_names) if class_names else None
@@ -279,6 +316,7 @@ def run_dataset(
         if remaining[shard] == 0:
             rows = sorted(shard_rows.pop(shard), key=lambda r: r["row_id"])
             info = store.write_part(shard, rows)
+            info["inputs"] = stamps[shard]
             failed_items = {r["item"] for r in rows if r["status"] == "error"}
             all_items = {r["item"] for r in rows}
             info.update(items=len(all_items), items_failed=len(failed_items), items_ok=len(all_items - failed_items))

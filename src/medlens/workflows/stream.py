@@ -29,7 +29,7 @@ class PlannedItem:
     error: str | None = None
 
 
-def _annotation_files(path: Path) -> dict[str, Path]:
+def annotation_files(path: Path) -> dict[str, Path]:
     """Annotations beside an image: ``x_mask.<ext>``, ``x_box.json`` (phantoms), ``x.txt`` (YOLO)."""
     name = path.name
     for suffix in (".nii.gz", ".nii", ".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".dcm"):
@@ -48,7 +48,7 @@ def _annotation_files(path: Path) -> dict[str, Path]:
 
 def _annotations(path: Path, original: Sequence[int], spatial: Sequence[int]) -> tuple[Tensor | None, Tensor | None]:
     """(mask (*S) bool at model size or None, box ``lo..., hi...`` at model size or None)."""
-    files = _annotation_files(path)
+    files = annotation_files(path)
     nd = len(spatial)
     mask = box = None
     if "mask" in files:
