@@ -33,11 +33,13 @@ MRI = Path(os.environ.get("MEDLENS_SHARED_DATA", ROOT.parent / "shared" / "data"
 
 
 def mri_files(n: int) -> list[Path]:
-    files = []
-    classes = sorted(p for p in MRI.iterdir() if p.is_dir())
-    per = -(-n // len(classes))
-    for c in classes:
-        files += sorted(p for p in c.glob("*.jpg") if p.with_suffix(".txt").exists())[:per]
+    """``n`` annotated brain MRI JPEGs, the classes taken in turn (a class that runs out leaves
+    the rest to the others: 2,000 of the 2,297 annotated images)."""
+    classes = [sorted(p for p in c.glob("*.jpg") if p.with_suffix(".txt").exists())
+               for c in sorted(p for p in MRI.iterdir() if p.is_dir())]
+    files = [c[i] for i in range(max(map(len, classes))) for c in classes if i < len(c)]
+    if len(files) < n:
+        raise SystemExit(f"only {len(files)} annotated images under {MRI}; asked for {n}")
     return files[:n]
 
 

@@ -379,16 +379,17 @@ class _BatchRunner:
 
     def scorer(self, x: torch.Tensor) -> nn.Module:
         """The model the deletion forwards use: a copy with each eval-mode BatchNorm folded into its
-        convolution (torch.fx; same logits within 1e-4 of their scale, checked once on the first
-        batch), else the model itself."""
+        convolution (torch.fx; same float32 logits within 1e-4 of their scale, checked once on the
+        first batch, also when the run is under bf16/fp16 autocast), else the model itself."""
         if self._scorer is None:
             self._scorer = self.model
             try:
                 from torch.fx.experimental.optimization import fuse
 
                 fused = fuse(self.model).eval()
-                with torch.no_grad():
-                    want, got = self.model(x[:2]), fused(x[:2])
+                # checked in float32 even when called under autocast: bf16 rounding is not a fusion error
+                with torch.no_grad(), torch.autocast(device_type=x.device.type, enabled=False):
+                    want, got = self.model(x[:2].float()), fused(x[:2].float())
                 if torch.allclose(got, want, rtol=1e-4, atol=1e-4 * float(want.abs().max()) + 1e-6):
                     self._scorer = fused
             except Exception:  # not traceable (data-dependent control flow, non-tensor outputs...): keep the model
@@ -457,8 +458,9 @@ class _BatchRunner:
 
                 with torch.no_grad(), autocast_context(self.device, self.precision):
                     clean = result.logits.float() if result.task == "classification" and result.logits.dim() == 2 else None
+                    # forward chunks of the run's batch size (on a CPU, 56 rows at once cost ~15% more per row than 8)
                     curve = perturbation_curve(self.scorer(x), x, maps[:, k], result.targets[:, k], steps=self.deletion_steps,
-                                               clean_logits=clean)  # the explanation's forward is the clean step
+                                               clean_logits=clean, batch_size=x.shape[0])  # the explanation's forward is the clean step
                 dele[:, k] = curve.auc.double()
         # one transfer per group: everything the rows need comes to the host together
         probs = torch.softmax(result.logits.float(), dim=1)
