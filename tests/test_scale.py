@@ -365,3 +365,36 @@ def test_an_input_rewritten_in_place_is_computed_again_on_resume(phantom_folder,
     Image.fromarray(np.zeros_like(np.asarray(Image.open(mask)))).save(mask)
     os.utime(mask, ns=(stat.st_atime_ns, stat.st_mtime_ns + 2 * 10**9))
     assert _run([folder], out, deletion_steps=4, resume=True).parts_computed == 1
+
+
+def _classifier_3d():
+    from medlens.models import build_model
+
+    return build_model("medlens.models:phantom_net", num_classes=2, in_channels=1, spatial_dims=3).eval()
+
+
+def test_nifti_maps_of_real_volumes_in_their_own_geometry(hippocampus, tmp_path):
+    """``--nifti``: each volume's map in the source's shape and affine, equal to the Zarr map
+    brought back to the input's size; planned again identically on resume."""
+    import nibabel as nib
+    import zarr
+
+    from medlens.core.resample import upsample
+    from medlens.workflows.dataset_run import run_dataset
+
+    volumes = sorted((hippocampus / "imagesTr").glob("*.nii.gz"))[:3]
+    out = tmp_path / "run"
+    options = dict(size=(16, 16, 16), batch_size=2, shard_size=2, overlays="none", n_boot=20, map_dtype="float32", nifti=True)
+    result = run_dataset(_classifier_3d, volumes, out, **options)
+    assert (result.done, result.failed) == (3, 0)
+    table = _table(out).sort_values("item")
+    maps = zarr.open_array(str(out / "maps.zarr" / "gradcam" / "16x16x16"), mode="r")
+    for row in table.itertuples():
+        written, source = nib.load(out / row.nifti), nib.load(row.source)
+        assert written.shape == source.shape
+        np.testing.assert_allclose(written.affine, source.affine, atol=1e-5)
+        want = upsample(torch.from_numpy(np.asarray(maps[row.map_index, row.target_rank]))[None, None].float(), source.shape)[0, 0]
+        np.testing.assert_allclose(np.asarray(written.dataobj), want.numpy(), atol=1e-6)
+    assert sorted(p.name for p in (out / "nifti").iterdir()) == sorted(Path(n).name for n in table["nifti"])
+    with pytest.raises(MedlensError, match="nifti"):  # resuming without --nifti is a changed configuration
+        run_dataset(_classifier_3d, volumes, out, **{**options, "nifti": False}, resume=True)

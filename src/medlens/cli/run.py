@@ -48,6 +48,7 @@ def run_command(
     n_boot: int = typer.Option(1000, "--bootstrap", help="bootstrap resamples for the summary CIs"),
     ci: str = typer.Option("percentile", "--ci", help="percentile or bca"),
     option: list[str] = typer.Option([], "--option", help="method option key=value"),
+    nifti: bool = typer.Option(False, "--nifti", help="also write each volume's maps as NIfTI in its own geometry (OUT/nifti/)"),
     progress: bool = typer.Option(False, "--progress/--no-progress"),
 ) -> None:
     """Explain (and score) a dataset at scale: Parquet table, Zarr maps, resumable, multi-process."""
@@ -70,7 +71,7 @@ def run_command(
             deletion_steps=deletion_steps, resume=resume, devices=int(devices) if devices.isdigit() else devices,
             num_nodes=num_nodes, accelerator=accelerator, strategy=strategy, precision=precision,
             class_names=class_names.split(",") if class_names else None, box_fraction=box_fraction,
-            method_options=opts, n_boot=n_boot, ci=ci, progress=progress,
+            method_options=opts, n_boot=n_boot, ci=ci, progress=progress, nifti=nifti,
             config_extra={"model": model, "weights": weights_id, "num_classes": num_classes, "in_channels": in_channels, "dims": dims},
         )
     except (MedlensError, RuntimeError) as error:

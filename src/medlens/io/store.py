@@ -222,7 +222,7 @@ def _schema():
         ("probabilities", pa.list_(pa.float32())), ("score", pa.float32()),
         ("boxes", pa.list_(pa.list_(pa.int32()))), ("annotation_box", pa.list_(pa.int32())),
         ("pointing_game", pa.float64()), ("iou@10", pa.float64()), ("deletion_auc", pa.float64()),
-        ("map_array", pa.string()), ("map_index", pa.int64()), ("shard", pa.int64()),
+        ("map_array", pa.string()), ("map_index", pa.int64()), ("shard", pa.int64()), ("nifti", pa.string()),
     ])
 
 

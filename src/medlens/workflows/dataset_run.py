@@ -198,6 +198,7 @@ def run_dataset(
     method_options: dict[str, Any] | None = None,
     n_boot: int = 1000,
     ci: str = "percentile",
+    nifti: bool = False,
     policy: Any = None,
     config_extra: dict[str, Any] | None = None,
     progress: bool = False,
@@ -229,7 +230,7 @@ def run_dataset(
         "method_options": method_options or {}, "class_names": list(class_names) if class_names else None,
         "n_boot": n_boot, "ci": ci, **(config_extra or {}),
         "workers": workers, "devices": devices, "num_nodes": num_nodes, "accelerator": accelerator,
-        "strategy": strategy, "overlays": overlays,
+        "strategy": strategy, "overlays": overlays, **({"nifti": True} if nifti else {}),
     }
     listing = listing_digest(inputs)
     if resume and fabric is None:  # a finished run: no planning, no processes, no model, no loader
@@ -293,7 +294,7 @@ def run_dataset(
     channels, _ = model_input_spec(model)
     from medlens.workflows.stream import ExplainDataset, make_loader
 
-    dataset = ExplainDataset(plan, channels, size, normalize, policy)
+    dataset = ExplainDataset(plan, channels, size, normalize, policy, geometry=nifti)
     batches, owner = [], []
     for s in todo:
         positions = list(range(s * shard_size, min((s + 1) * shard_size, len(plan))))
@@ -305,7 +306,7 @@ def run_dataset(
     remaining = {s: sum(1 for o in owner if o == s) for s in todo}
     names = list(class_names) if class_names else None
     runner = _BatchRunner(model, methods, target, layer, method_options or {}, device, precision, store, len(plan),
-                          map_dtype, names, box_fraction, deletion_steps)
+                          map_dtype, names, box_fraction, deletion_steps, Path(out_dir) / "nifti" if nifti else None)
     from tqdm import tqdm
 
     bar = tqdm(total=sum(len(b) for b in batches), desc=f"rank {rank}", unit="input", disable=not progress)
@@ -371,7 +372,8 @@ class _BatchRunner:
     to the Zarr store. Tensors move to the host once per group, not per image."""
 
     def __init__(self, model, methods, target, layer, options, device, precision, store, n_items, map_dtype,
-                 class_names, box_fraction, deletion_steps) -> None:
+                 class_names, box_fraction, deletion_steps, nifti_dir: Path | None = None) -> None:
+        self.nifti_dir = nifti_dir
         self.model, self.methods, self.target, self.layer, self.options = model, methods, target, layer, options
         self.device, self.precision, self.store, self.n_items = device, precision, store, n_items
         self.map_dtype, self.class_names, self.box_fraction, self.deletion_steps = map_dtype, class_names, box_fraction, deletion_steps
@@ -493,8 +495,28 @@ class _BatchRunner:
                     "annotation_box": [int(v) for v in box_h[i]] if box_h is not None and int(box_h[i].sum()) > 0 else None,
                     "pointing_game": float(pg_h[i, k]), "iou@10": float(iou_h[i, k]), "deletion_auc": float(del_h[i, k]),
                     "map_array": array_name, "map_index": index[i], "shard": shard,
+                    "nifti": self.write_nifti(group, i, k, cls, method, maps_h),
                 })
         return rows
+
+
+    def write_nifti(self, group, i: int, k: int, cls: int, method: str, maps_h: torch.Tensor) -> str | None:
+        """A volume's map k in the input's own geometry (``--nifti``), at
+        ``nifti/<item>_<name>_<method>_c<class>.nii.gz``; its path relative to the run folder."""
+        geometry = group.get("geometries", [None] * (i + 1))[i]
+        if self.nifti_dir is None or geometry is None:
+            return None
+        import re
+
+        from medlens.core.resample import upsample
+        from medlens.io.nifti import write_nifti
+
+        stem = re.sub(r"(\.nii\.gz|\.nii|\.dcm)$", "", Path(group["paths"][i]).name, flags=re.IGNORECASE)
+        name = f"{group['indices'][i]:07d}_{re.sub(r'[^A-Za-z0-9_.-]+', '-', stem)[:80]}_{re.sub(r'[^A-Za-z0-9_-]+', '-', method)}_c{cls}.nii.gz"
+        self.nifti_dir.mkdir(parents=True, exist_ok=True)
+        heat = upsample(maps_h[i, k][None, None].float(), tuple(group["originals"][i]))[0, 0]
+        write_nifti(self.nifti_dir / name, heat, geometry)  # atomic: a whole file or none
+        return f"nifti/{name}"
 
 
 def _runs(values: list[int]):

@@ -90,19 +90,24 @@ def _annotations(path: Path, original: Sequence[int], spatial: Sequence[int]) ->
     return mask, box
 
 
+#: what :func:`medlens.io.nifti.write_nifti` needs of an input's meta to write a map in its geometry
+GEOMETRY_KEYS = ("original_shape", "affine", "original_affine", "spacing")
+
+
 class ExplainDataset(Dataset):
     """Items of the plan, read and prepared for the model; a bad item gives an error record.
 
     Each good item is ``{"index", "path", "x" (C, *S) float32, "mask" (*S) bool or None,
-    "box" (2 nd,) long or None, "original" (the input's own spatial size)}``; a bad one is
+    "box" (2 nd,) long or None, "original" (the input's own spatial size), "geometry" (with
+    ``geometry=True``, a volume's :data:`GEOMETRY_KEYS` of its meta; else None)}``; a bad one is
     ``{"index", "path", "error"}``.
     """
 
     def __init__(self, items: Sequence[PlannedItem], channels: int | None, size: Sequence[int] | None,
-                 normalize: str = "none", policy: Any = None, annotations: bool = True) -> None:
+                 normalize: str = "none", policy: Any = None, annotations: bool = True, geometry: bool = False) -> None:
         self.items = list(items)
         self.channels, self.size, self.normalize, self.policy = channels, size, normalize, policy
-        self.annotations = annotations
+        self.annotations, self.geometry = annotations, geometry
 
     def __len__(self) -> int:
         return len(self.items)
@@ -125,7 +130,8 @@ class ExplainDataset(Dataset):
             mask = box = None
             if self.annotations:
                 mask, box = _annotations(path, loaded.spatial_shape, tuple(x.shape[1:]))
-            return {**record, "x": x, "mask": mask, "box": box, "original": tuple(loaded.spatial_shape)}
+            geometry = {k: loaded.meta.get(k) for k in GEOMETRY_KEYS} if self.geometry and loaded.is_3d else None
+            return {**record, "x": x, "mask": mask, "box": box, "original": tuple(loaded.spatial_shape), "geometry": geometry}
         except Exception as error:  # any decoding problem is this item's, not the run's
             text = one_line(error)
             return {**record, "error": text if item.path in text else f"{item.path}: {text}"}
@@ -151,7 +157,7 @@ def collate_by_shape(records: list[dict[str, Any]]) -> dict[str, Any]:
         has_box = any(m["box"] is not None for m in members)
         groups.append({
             "indices": [m["index"] for m in members], "paths": [m["path"] for m in members],
-            "originals": [m["original"] for m in members],
+            "originals": [m["original"] for m in members], "geometries": [m.get("geometry") for m in members],
             "x": torch.stack([m["x"] for m in members]),
             "masks": torch.stack([m["mask"] if m["mask"] is not None else torch.zeros(spatial, dtype=torch.bool)
                                   for m in members]) if has_mask else None,
