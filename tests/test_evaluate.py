@@ -84,6 +84,28 @@ def test_folder_items_turn_yolo_boxes_into_pixel_boxes(brain_mri):
         assert mask.shape == (1, 64, 64) and int(mask.sum()) == (box[2] - box[0]) * (box[3] - box[1])
 
 
+def test_folder_items_read_in_workers_equal_those_read_here_and_a_bad_file_is_reported(brain_mri, tmp_path):
+    import shutil
+
+    for c in ("glioma", "pituitary"):  # a small class-folder dataset of real MRI with YOLO boxes
+        (tmp_path / "data" / c).mkdir(parents=True)
+        for jpg in sorted((brain_mri / c).glob("*.jpg"))[:4]:
+            shutil.copy(jpg, tmp_path / "data" / c)
+            shutil.copy(jpg.with_suffix(".txt"), tmp_path / "data" / c)
+    broken = tmp_path / "data" / "glioma" / "zz_truncated.jpg"
+    broken.write_bytes(next((brain_mri / "glioma").glob("*.jpg")).read_bytes()[:300])
+    runs = {}
+    for workers in (0, 2):
+        bad: list = []
+        runs[workers] = (list(folder_items(tmp_path / "data", size=48, channels=1, bad=bad, workers=workers)), bad)
+    (here, bad_here), (there, bad_there) = runs[0], runs[2]
+    assert len(here) == 8 and [b[0] for b in bad_here] == [str(broken)]
+    assert bad_there == bad_here
+    for a, b in zip(here, there, strict=True):
+        assert a[0] == b[0] and a[2] == b[2]
+        assert torch.equal(a[1], b[1]) and torch.equal(a[3], b[3]) and torch.equal(a[4], b[4])
+
+
 def test_cli_on_phantoms(tmp_path):
     from medlens.cli import app
 

@@ -48,7 +48,7 @@ def stratified_subset(items: list, limit: int, seed: int) -> list:
 
 
 def _data(source: str, size, channels: int, limit: Optional[int], split: Optional[Path], part: str, seed: int, dims: int = 2,
-          bad: Optional[list] = None, preprocessing=None):
+          bad: Optional[list] = None, preprocessing=None, workers: int = 0):
     """Items for the runner: ``phantoms[:N[:SIZE[:DIMS]]]`` or a dataset folder / Decathlon / CSV."""
     from medlens.workflows.evaluate import folder_items, phantom_items
 
@@ -72,7 +72,8 @@ def _data(source: str, size, channels: int, limit: Optional[int], split: Optiona
             from medlens.data.datasets import index_source
 
             subset = stratified_subset(subset if subset is not None else index_source(source)[0], limit, seed)
-        return folder_items(source, size=size, channels=channels, items=subset, bad=bad, preprocessing=preprocessing)
+        return folder_items(source, size=size, channels=channels, items=subset, bad=bad, preprocessing=preprocessing,
+                            workers=workers)
     return itertools.islice(items, limit) if limit else items
 
 
@@ -101,6 +102,7 @@ def evaluate_command(
     baseline: str = typer.Option("zero", "--baseline", help="deletion baseline: zero, min, mean, blur"),
     road: bool = typer.Option(True, "--road/--no-road", help="run ROAD (noisy linear imputation)"),
     batch_size: int = typer.Option(8, "--batch-size", "-b"),
+    workers: int = typer.Option(0, "--workers", help="processes that read and prepare the images ahead of the model (same results)"),
     n_boot: int = typer.Option(1000, "--bootstrap", help="bootstrap resamples for the 95% CIs"),
     device: str = typer.Option("auto", "--device"),
     seed: int = typer.Option(0, "--seed"),
@@ -122,6 +124,8 @@ def evaluate_command(
     kwargs = parse_model_kwargs(model_kwargs)
     if limit is not None and limit < 1:
         fail(f"--limit {limit}: give a positive number of images (or leave --limit out for all)")
+    if workers < 0:
+        fail(f"--workers {workers}: must be 0 or more")
     if target not in ("label", "pred"):
         fail(f"--target {target!r}: use label or pred")
     if steps < 1:
@@ -161,7 +165,7 @@ def evaluate_command(
             pre = None  # a bare spec without --normalize: the former behaviour (z-score when --size is given)
         prepare_out_dir(out, overwrite, what="an evaluation")
         items = _data(data, shape if pre is None else pre.size, pre.channels if pre is not None else in_channels,
-                      limit, split, part, seed, dims, bad=bad, preprocessing=pre)
+                      limit, split, part, seed, dims, bad=bad, preprocessing=pre, workers=workers)
         result = evaluate(models, items, method, metric, out_dir=out, batch_size=batch_size, target=target, layer=layer,
                           method_options={m: opts for m in method}, steps=steps, baseline=baseline, road=road,
                           n_boot=n_boot, seed=seed)

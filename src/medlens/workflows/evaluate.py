@@ -96,7 +96,7 @@ def phantom_items(phantoms: Any) -> Iterator[Item]:
 def folder_items(source: str | Path, size: int | Sequence[int] | None = None, channels: int | None = None,
                  classes: Sequence[str] | None = None, items: Sequence[Any] | None = None,
                  mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
-                 bad: list[tuple[str, str]] | None = None, preprocessing: Any = None) -> Iterator[Item]:
+                 bad: list[tuple[str, str]] | None = None, preprocessing: Any = None, workers: int = 0) -> Iterator[Item]:
     """Items from a folder dataset (:mod:`medlens.data.datasets`): class folders with YOLO boxes,
     image+mask folders, Decathlon, or a CSV. Boxes (normalised x0, y0, x1, y1) become pixel boxes
     and a mask (their union) after resizing to ``size``; a Decathlon label becomes a foreground mask.
@@ -104,7 +104,8 @@ def folder_items(source: str | Path, size: int | Sequence[int] | None = None, ch
     read (a truncated file, a bad mask) is left out and, when ``bad`` is a list, appended to it as
     (path, reason); the others are still yielded. ``preprocessing`` (a
     :class:`medlens.data.prepare.Preprocessing`, e.g. a run folder's) replaces size, channels, mean
-    and std: images are then prepared exactly as in training (``none`` normalisation is honoured)."""
+    and std: images are then prepared exactly as in training (``none`` normalisation is honoured).
+    ``workers`` > 0 reads and prepares the items in that many DataLoader processes (in order)."""
     from medlens.data.datasets import MedicalDataset, eval_transforms, index_source
 
     index, names, _task = index_source(source, classes, bad=bad)
@@ -130,27 +131,59 @@ def folder_items(source: str | Path, size: int | Sequence[int] | None = None, ch
         transform = Compose([Resize(preprocessing.size)] if preprocessing.size is not None else [])
         channels = preprocessing.channels if preprocessing.channels is not None else channels
         normalise = Normalise(*preprocessing.mean_std()) if preprocessing.normalize != "none" else None
-    dataset = MedicalDataset(dataset_items, names, transform=transform, channels=channels)
-    for i in range(len(dataset)):
-        try:
-            sample = dataset[i]
-            if preprocessing is not None and normalise is not None:
-                sample = normalise(sample)
-        except (MedlensError, RuntimeError, OSError) as error:  # one bad item never stops the evaluation
+    dataset = _FolderItems(MedicalDataset(dataset_items, names, transform=transform, channels=channels),
+                           normalise if preprocessing is not None else None, ndim)
+    if workers > 0 and len(dataset) > 1:
+        samples = iter(torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=min(workers, len(dataset)),
+                                                   collate_fn=_as_is, prefetch_factor=4))
+    else:
+        samples = (dataset[i] for i in range(len(dataset)))
+    for sample in samples:
+        if isinstance(sample, _BadItem):  # one bad item never stops the evaluation
             if bad is not None:
-                bad.append((str(dataset_items[i].path), one_line(error)))
+                bad.append((sample.path, sample.reason))
             continue
+        yield sample
+
+
+@dataclass
+class _BadItem:
+    path: str
+    reason: str
+
+
+def _as_is(item: Any) -> Any:
+    return item
+
+
+class _FolderItems(torch.utils.data.Dataset):
+    """Folder items read, transformed and annotated, one per index: an :data:`Item`, or a
+    :class:`_BadItem` for one that cannot be read (so a DataLoader worker never raises)."""
+
+    def __init__(self, dataset: Any, normalise: Any, ndim: int) -> None:
+        self.dataset, self.normalise, self.ndim = dataset, normalise, ndim
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> Item | _BadItem:
+        try:
+            sample = self.dataset[i]
+            if self.normalise is not None:
+                sample = self.normalise(sample)
+        except (MedlensError, RuntimeError, OSError) as error:
+            return _BadItem(str(self.dataset.items[i].path), one_line(error))
         image = sample["image"].float()
         spatial = tuple(image.shape[1:])
         label = int(sample["label"]) if int(sample["label"]) >= 0 else None
         mask = (sample["mask"] > 0) if "mask" in sample else None
         box = None
-        if len(sample["boxes"]) and ndim == 2:
+        if len(sample["boxes"]) and self.ndim == 2:
             pix = pixel_boxes(sample["boxes"], spatial)  # (N, 4) x0, y0, x1, y1 normalised -> pixels
             union = boxes_to_masks(pix, spatial).any(dim=0)
             mask = union[None] if mask is None else mask
             box = torch.cat([pix[:, :2].amin(0), pix[:, 2:].amax(0)])
-        yield Path(sample["path"]).parent.name + "/" + Path(sample["path"]).stem, image, label, mask, box
+        return Path(sample["path"]).parent.name + "/" + Path(sample["path"]).stem, image, label, mask, box
 
 
 def _batches(data: Iterable[Item], batch_size: int) -> Iterator[list[Item]]:
