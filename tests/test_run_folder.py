@@ -109,6 +109,29 @@ def test_explain_and_evaluate_a_classifier_run_folder_match_its_validation_predi
     assert compared and all(a == b for a, b in compared)
 
 
+def test_medlens_run_on_a_classifier_run_folder_matches_its_validation_predictions(brain_run: Path, tmp_path: Path) -> None:
+    """``medlens run runs/X files`` with no preprocessing flags: the run's size, channels,
+    z-score and class names; the table's predictions equal validation_samples.csv."""
+    import pandas as pd
+
+    validation = _rows(brain_run / "validation_samples.csv")[:6]
+    out = tmp_path / "scale"
+    result = _run("run", brain_run, *[row["path"] for row in validation], "--out", out, "--overlays", "none", "--bootstrap", "10")
+    assert result.exit_code == 0, result.output
+    table = pd.read_parquet(out / "results").set_index("source")
+    for row in validation:
+        assert table.loc[row["path"], "prediction_name"] == row["predicted_class"]
+        assert max(table.loc[row["path"], "probabilities"]) == pytest.approx(float(row["confidence"]), abs=1e-4)  # csv: 4 decimals
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["config"]["preprocessing"]["normalize"] == "zscore" and manifest["config"]["size"] == [32, 32]
+    again = _run("run", brain_run, *[row["path"] for row in validation], "--out", out, "--overlays", "none",
+                 "--bootstrap", "10", "--resume")
+    assert again.exit_code == 0 and "0 part(s) computed" in again.output, again.output
+    changed = _run("run", brain_run, *[row["path"] for row in validation], "--out", out, "--overlays", "none",
+                   "--bootstrap", "10", "--resume", "--normalize", "imagenet")
+    assert changed.exit_code != 0 and "normalize" in changed.output
+
+
 def test_segmentation_run_folder_explained_with_predicted_regions(hippo_run: Path, tmp_path: Path) -> None:
     samples = _rows(hippo_run / "validation_samples.csv")
     assert {"dice_Anterior", "dice_Posterior"} <= set(samples[0])  # per-case, per-class Dice

@@ -13,15 +13,28 @@ from typing import Optional
 import typer
 
 from medlens.cli.app import app
-from medlens.cli.explain import fail, load_model, parse_options, parse_size
+from medlens.cli.explain import fail, load_model, load_source, parse_options, parse_size, split_model_inputs
 from medlens.errors import MedlensError, one_line
+
+
+def run_folder_preprocessing(folder: str):
+    """A run folder's preprocessing (size, channels, normalisation, class names) read from its
+    config, without building the network (a finished run is resumed without a model)."""
+    from medlens.models.run_folder import read_run, run_preprocessing
+
+    config, classes = read_run(folder)
+    pre = run_preprocessing(config, classes, source=str(Path(folder) / "config.yaml"))
+    count = (config.get("model") or {}).get("num_classes") or (len(classes) if classes else None)
+    if pre.class_names is None and count:
+        pre.class_names = [f"class {i}" for i in range(int(count))]
+    return pre
 
 
 @app.command("run")
 def run_command(
-    model: str = typer.Argument(..., help="model spec, e.g. torchvision:resnet18 or medlens.models:phantom_net"),
-    weights: str = typer.Argument(..., help="weights file, or 'none'"),
-    inputs: list[Path] = typer.Argument(..., help="files and folders (expanded recursively)"),
+    model: str = typer.Argument(..., help="a run folder of medlens train (runs/NAME: its network, weights, preprocessing), or a model spec, e.g. torchvision:resnet18"),
+    weights: Optional[str] = typer.Argument(None, help="weights file, or 'none' (not with a run folder unless other weights are wanted)"),
+    inputs: Optional[list[Path]] = typer.Argument(None, help="files and folders (expanded recursively)"),
     out: Path = typer.Option(..., "--out", "-o", help="run folder (results/, maps.zarr, manifest.json, summary.html)"),
     method: list[str] = typer.Option(["gradcam"], "--method", "-m", help="method; repeat for several"),
     layer: Optional[str] = typer.Option(None, "--layer", "-l"),
@@ -30,7 +43,7 @@ def run_command(
     in_channels: int = typer.Option(3, "--in-channels"),
     dims: int = typer.Option(2, "--dims"),
     size: Optional[str] = typer.Option(None, "--size", help="model input size, e.g. 224"),
-    normalize: str = typer.Option("none", "--normalize", help="none, imagenet or zscore"),
+    normalize: Optional[str] = typer.Option(None, "--normalize", help="none, imagenet, zscore or mean=a,b,c/std=d,e,f (default: the run folder's, else none)"),
     class_names: Optional[str] = typer.Option(None, "--class-names"),
     batch_size: int = typer.Option(8, "--batch-size", "-b"),
     workers: int = typer.Option(0, "--workers", help="DataLoader worker processes decoding inputs"),
@@ -52,21 +65,38 @@ def run_command(
     progress: bool = typer.Option(False, "--progress/--no-progress"),
 ) -> None:
     """Explain (and score) a dataset at scale: Parquet table, Zarr maps, resumable, multi-process."""
+    from medlens.data.prepare import parse_normalize
+    from medlens.models.run_folder import is_run_folder
     from medlens.workflows.dataset_run import run_dataset
 
+    weights, inputs = split_model_inputs(model, weights, inputs)
+    if not inputs:
+        fail("no inputs: give image, DICOM or NIfTI files or folders after the model")
     size_tuple = parse_size(size)
-    if size_tuple is not None and len(size_tuple) == 1:
-        size_tuple = size_tuple * dims
     opts = parse_options(option)
     try:
-        weights_id = weights
-        if Path(weights).is_file():
+        pre = run_folder_preprocessing(model) if is_run_folder(model) else None
+        if size_tuple is not None and len(size_tuple) == 1:
+            size_tuple = size_tuple * ((pre.dims if pre is not None else None) or dims)
+        if pre is not None:
+            pre = pre.override(size=size_tuple, **(parse_normalize(normalize) if normalize is not None else {}))
+        elif parse_normalize(normalize or "none")["normalize"] == "meanstd":  # checked before any file is read
+            from medlens.data.prepare import Preprocessing
+
+            pre = Preprocessing(size=size_tuple, dims=dims, **parse_normalize(normalize))
+        chosen = weights if weights is not None else (str(Path(model) / "best.safetensors") if is_run_folder(model) else "none")
+        weights_id = chosen
+        if Path(chosen).is_file():
             from medlens.io.store import sha256_file
 
-            weights_id = f"{weights}#{sha256_file(Path(weights))[:16]}"
-        factory = lambda: load_model(model, weights, num_classes, in_channels, dims, "cpu")  # noqa: E731
+            weights_id = f"{chosen}#{sha256_file(Path(chosen))[:16]}"
+        if is_run_folder(model):
+            factory = lambda: load_source(model, weights, num_classes, in_channels, dims, "cpu").model  # noqa: E731
+        else:
+            factory = lambda: load_model(model, weights, num_classes, in_channels, dims, "cpu")  # noqa: E731
         result = run_dataset(
-            factory, inputs, out, methods=method, target=target, layer=layer, size=size_tuple, normalize=normalize,
+            factory, inputs, out, methods=method, target=target, layer=layer, size=size_tuple, normalize=normalize or "none",
+            preprocessing=pre,
             batch_size=batch_size, workers=workers, shard_size=shard_size, map_dtype=map_dtype, overlays=overlays,
             deletion_steps=deletion_steps, resume=resume, devices=int(devices) if devices.isdigit() else devices,
             num_nodes=num_nodes, accelerator=accelerator, strategy=strategy, precision=precision,

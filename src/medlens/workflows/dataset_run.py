@@ -136,6 +136,14 @@ def inputs_stamp(paths: Sequence[str]) -> str:
     return hashlib.sha256("\0".join(f"{f}|{_stamp_of(f)}" for f in files).encode(errors="surrogateescape")).hexdigest()[:32]
 
 
+def _preprocessing_record(pre: Any) -> dict[str, Any]:
+    """The fields of a preprocessing record that change the model's inputs (for the manifest and
+    the resume check); a model's own transform is named by its type."""
+    return {"channels": pre.channels, "size": list(pre.size) if pre.size else None, "normalize": pre.normalize,
+            "mean": list(pre.mean) if pre.mean else None, "std": list(pre.std) if pre.std else None,
+            "source": pre.source, "model_transform": type(pre.model_transform).__name__ if pre.model_transform else None}
+
+
 def plan_items(inputs: Sequence[str | Path]):
     from medlens.workflows.stream import PlannedItem
     from medlens.io.loading import plan_inputs
@@ -199,6 +207,7 @@ def run_dataset(
     n_boot: int = 1000,
     ci: str = "percentile",
     nifti: bool = False,
+    preprocessing: Any = None,
     policy: Any = None,
     config_extra: dict[str, Any] | None = None,
     progress: bool = False,
@@ -207,6 +216,8 @@ def run_dataset(
     """Explain every input with every method and write the dataset-scale outputs to ``out_dir``.
 
     ``model_factory`` builds the model (on CPU, eval mode); each rank moves it to its device.
+    ``preprocessing`` (a :class:`medlens.data.prepare.Preprocessing`, e.g. a run folder's: size,
+    channels, normalisation, class names) replaces ``size`` and ``normalize``.
     With ``devices * num_nodes > 1`` the processes are started by Lightning Fabric (re-running
     the command line) or were started by torchrun / SLURM. Returns this rank's counts.
     """
@@ -222,6 +233,13 @@ def run_dataset(
         get_method(method, **(method_options or {}))
     if precision not in PRECISIONS:
         raise MedlensError(f"--precision {precision!r} not understood: use 32, bf16 or fp16")
+    if preprocessing is not None:
+        if preprocessing.slice_axis is not None:
+            raise MedlensError("a model trained on 2D slices of volumes: use medlens explain for its volumes "
+                               "(medlens run explains inputs whole)")
+        size, normalize = preprocessing.size, preprocessing.normalize
+        class_names = class_names or preprocessing.class_names
+        config_extra = {**(config_extra or {}), "preprocessing": _preprocessing_record(preprocessing)}
     started = time.perf_counter()
     _config = lambda paths: {  # noqa: E731
         "inputs": paths, "methods": list(methods), "target": str(target), "layer": layer,
@@ -294,7 +312,9 @@ def run_dataset(
     channels, _ = model_input_spec(model)
     from medlens.workflows.stream import ExplainDataset, make_loader
 
-    dataset = ExplainDataset(plan, channels, size, normalize, policy, geometry=nifti)
+    if preprocessing is not None and preprocessing.channels is None:
+        preprocessing = preprocessing.override(channels=channels)
+    dataset = ExplainDataset(plan, channels, size, normalize, policy, geometry=nifti, preprocessing=preprocessing)
     batches, owner = [], []
     for s in todo:
         positions = list(range(s * shard_size, min((s + 1) * shard_size, len(plan))))

@@ -96,6 +96,8 @@ GEOMETRY_KEYS = ("original_shape", "affine", "original_affine", "spacing")
 
 class ExplainDataset(Dataset):
     """Items of the plan, read and prepared for the model; a bad item gives an error record.
+    ``preprocessing`` (a :class:`medlens.data.prepare.Preprocessing`, e.g. a run folder's)
+    replaces ``channels``, ``size`` and ``normalize``.
 
     Each good item is ``{"index", "path", "x" (C, *S) float32, "mask" (*S) bool or None,
     "box" (2 nd,) long or None, "original" (the input's own spatial size), "geometry" (with
@@ -104,10 +106,11 @@ class ExplainDataset(Dataset):
     """
 
     def __init__(self, items: Sequence[PlannedItem], channels: int | None, size: Sequence[int] | None,
-                 normalize: str = "none", policy: Any = None, annotations: bool = True, geometry: bool = False) -> None:
+                 normalize: str = "none", policy: Any = None, annotations: bool = True, geometry: bool = False,
+                 preprocessing: Any = None) -> None:
         self.items = list(items)
         self.channels, self.size, self.normalize, self.policy = channels, size, normalize, policy
-        self.annotations, self.geometry = annotations, geometry
+        self.annotations, self.geometry, self.preprocessing = annotations, geometry, preprocessing
 
     def __len__(self) -> int:
         return len(self.items)
@@ -123,7 +126,7 @@ class ExplainDataset(Dataset):
 
             path = Path(item.path)
             loaded = read_image(path, policy=self.policy)
-            prepared = prepare(path, loaded, self.channels, self.size, self.normalize)
+            prepared = prepare(path, loaded, self.channels, self.size, self.normalize, preprocessing=self.preprocessing)
             x = prepared.tensor.float().contiguous()
             if not bool(torch.isfinite(x).all()):
                 return {**record, "error": f"{path}: image has NaN or Inf values"}
