@@ -50,11 +50,11 @@ def test_depth_zero_runs_inline():
 
 
 def test_background_writes_equal_inline_writes_on_real_brain_mri(brain_mri, grey_resnet, tmp_path):
-    files = [sorted((brain_mri / c).glob("*.jpg"))[i] for i in range(2) for c in ("glioma", "meningioma", "pituitary")]
+    files = [sorted((brain_mri / c).glob("*.jpg"))[i] for i in range(2) for c in ("glioma", "pituitary")]
     runs = {}
     for background in (True, False):
         out = tmp_path / f"out-{background}"
-        summary = explain_inputs(grey_resnet, files, out, ["gradcam", "saliency"], size=(96, 96), batch_size=4,
+        summary = explain_inputs(grey_resnet, files, out, ["gradcam", "saliency"], size=(64, 64), batch_size=3,
                                  progress=False, background_writes=background)
         assert not summary.bad
         runs[background] = (out, summary)
