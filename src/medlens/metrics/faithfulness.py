@@ -454,9 +454,12 @@ def faithfulness_metrics(
     Returns:
         ({column: (B,)}, {"deletion": Curve, "insertion": Curve, ...}).
     """
+    clean = all_class_logits(model, x, region, batch_size)  # the unperturbed step of both curves, scored once
     curves = {
-        "deletion": perturbation_curve(model, x, maps, targets, "deletion", "morf", baseline, steps, region=region, batch_size=batch_size),
-        "insertion": perturbation_curve(model, x, maps, targets, "insertion", "morf", "blur", steps, region=region, batch_size=batch_size),
+        "deletion": perturbation_curve(model, x, maps, targets, "deletion", "morf", baseline, steps, region=region,
+                                       batch_size=batch_size, clean_logits=clean),
+        "insertion": perturbation_curve(model, x, maps, targets, "insertion", "morf", "blur", steps, region=region,
+                                        batch_size=batch_size, clean_logits=clean),
     }
     cols = {"deletion_auc": curves["deletion"].auc, "insertion_auc": curves["insertion"].auc}
     if with_road:
