@@ -220,14 +220,16 @@ def main() -> None:
 
 
 def scale_rows(args, tmp: Path) -> list[tuple[str, str, str]]:
-    from medlens.data.phantoms import make_phantoms, write_phantoms
-
     store = args.phantoms or tmp
     folders = {}
     for n in (args.small, args.large):
         folders[n] = store / f"ph{n}"
-        if not folders[n].exists():
-            write_phantoms(folders[n], make_phantoms(n, args.phantom_size, seed=0))
+        if not folders[n].exists():  # in a child: the children timed below are forked from this process, and
+            # ru_maxrss keeps the high-water mark across exec, so a parent holding 10,000 phantoms inflates their peaks
+            subprocess.run([sys.executable, "-c", "import sys; from medlens.data.phantoms import make_phantoms, write_phantoms; "
+                            "write_phantoms(sys.argv[1], make_phantoms(int(sys.argv[2]), int(sys.argv[3]), seed=0))",
+                            str(folders[n]), str(n), str(args.phantom_size)], check=True,
+                           env=dict(os.environ, PYTHONPATH=str(ROOT / "src")))
     px = f"{args.phantom_size} px phantoms, phantom_net, batch 32, shard 256, 0 workers"
     s_small, rss_small, _, _ = child(folders[args.small], tmp / "small")
     s_large, rss_large, _, _ = child(folders[args.large], tmp / "large")
