@@ -289,8 +289,8 @@ def run_dataset(
     n_shards = math.ceil(len(plan) / shard_size) if plan else 0
     shard_paths = lambda s: [it.path for it in plan[s * shard_size : (s + 1) * shard_size]]  # noqa: E731
     finished = store.finished_parts()
-    changed = sorted(k for k, info in finished.items() if info.get("inputs", inputs_stamp(shard_paths(int(k))))
-                     != inputs_stamp(shard_paths(int(k))))
+    changed = sorted(k for k, info in finished.items()  # parts written before stamps existed are kept as they are
+                     if "inputs" in info and info["inputs"] != inputs_stamp(shard_paths(int(k))))
     if changed and rank == 0:
         print(f"medlens run: the inputs of {len(changed)} finished part(s) changed since they were written "
               f"(size or modification time); computing them again: {', '.join(changed[:5])}"
