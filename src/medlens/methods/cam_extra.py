@@ -13,6 +13,7 @@ batch gives exactly the maps of its images explained one by one.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -378,8 +379,10 @@ def _score_weights(logit: Tensor, live: Tensor) -> Tensor:
     return torch.softmax(torch.where(live.unsqueeze(2), logit, torch.full_like(logit, -math.inf)), dim=1)
 
 
-class _NoisyScoreOptions(ScoreCAM):
-    """Score-CAM's options plus the number of samples."""
+@dataclasses.dataclass
+class _Samples:
+    """Option ``num_samples`` (at least 1) of a method that averages over samples (mixed in
+    first; a dataclass, so the option is one of the method's fields)."""
 
     num_samples: int = 10
 
@@ -388,8 +391,20 @@ class _NoisyScoreOptions(ScoreCAM):
         require(self.num_samples >= 1, self.name, "num_samples", self.num_samples, "must be at least 1")
 
 
+@dataclasses.dataclass
+class _NoiseSamples(_Samples):
+    """Options ``std`` (>= 0) and ``seed`` of the Gaussian noise drawn for each sample."""
+
+    std: float = 1.0
+    seed: int = 0
+
+    def validate(self) -> None:
+        super().validate()
+        require(self.std >= 0, self.name, "std", self.std, "must be >= 0")
+
+
 @register
-class SSCAM(_NoisyScoreOptions):
+class SSCAM(_NoiseSamples, ScoreCAM):
     """SS-CAM (Wang et al., 2020, arXiv:2006.14255), as TorchCAM computes it: Score-CAM whose
     masks get Gaussian noise, w_c = softmax_c(mean_i Y(X * (H_c + delta_i))), delta_i ~ N(0, std^2)
     at input resolution, H_c the channel map normalised to [0, 1] at the layer and upsampled;
@@ -404,11 +419,6 @@ class SSCAM(_NoisyScoreOptions):
     name = "sscam"
     num_samples: int = 35
     std: float = 2.0
-    seed: int = 0
-
-    def validate(self) -> None:
-        super().validate()
-        require(self.std >= 0, self.name, "std", self.std, "must be >= 0")
 
     def layer_map(self, activation: Tensor, gradient: Tensor | None, ctx: Context, layer: str) -> Tensor:
         x = ctx.x
@@ -433,7 +443,7 @@ class SSCAM(_NoisyScoreOptions):
 
 
 @register
-class ISCAM(_NoisyScoreOptions):
+class ISCAM(_Samples, ScoreCAM):
     """IS-CAM (Naidu et al., 2020, arXiv:2010.03023), as TorchCAM computes it: Score-CAM with the
     masked input integrated along a path, w_c = softmax_c(mean_i Y(a_i X * H_c)) with
     a_i = sum_{j<=i} j / N, i = 1..N (TorchCAM's running coefficient), H_c the channel map
@@ -466,7 +476,7 @@ class ISCAM(_NoisyScoreOptions):
 
 
 @register
-class SmoothGradCAMpp(ActivationMethod):
+class SmoothGradCAMpp(_NoiseSamples, ActivationMethod):
     """Smooth Grad-CAM++ (Omeiza et al., 2019, arXiv:1908.01224), as TorchCAM computes it: the
     gradients g_i of ``num_samples`` noisy copies X + N(0, std^2) give the averages
     D2 = mean_i g_i^2 and D3 = mean_i g_i^3, alpha = D2 / (2 D2 + sum_s A(s) D3(s) + 1e-8) with
@@ -484,12 +494,6 @@ class SmoothGradCAMpp(ActivationMethod):
     name = "smoothgradcampp"
     num_samples: int = 4
     std: float = 0.3
-    seed: int = 0
-
-    def validate(self) -> None:
-        super().validate()
-        require(self.num_samples >= 1, self.name, "num_samples", self.num_samples, "must be at least 1")
-        require(self.std >= 0, self.name, "std", self.std, "must be >= 0")
 
     def layer_map(self, activation: Tensor, gradient: Tensor | None, ctx: Context, layer: str) -> Tensor:
         x = ctx.x
